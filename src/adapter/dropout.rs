@@ -1,0 +1,97 @@
+//! Seeded dropout on an adapter's input.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle::{Result, Tensor};
+
+use super::rng::{stream_seed, SeededRng};
+
+/// Inverted dropout whose masks come from the crate's seeded RNG.
+///
+/// Masks are counter-based: the `k`-th training call draws from a stream
+/// derived from `(seed, name, k)`. The whole state is therefore one counter,
+/// which [`SeededDropout::calls`] and [`SeededDropout::set_calls`] expose so a
+/// checkpoint can resume the exact same sequence of masks. Clones share the
+/// counter.
+#[derive(Clone, Debug)]
+pub struct SeededDropout {
+    p: f64,
+    stream: u64,
+    calls: Arc<AtomicU64>,
+}
+
+impl SeededDropout {
+    pub fn new(p: f64, seed: u64, name: &str) -> Self {
+        Self {
+            p,
+            stream: stream_seed(seed, &format!("{name}/dropout")),
+            calls: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// How many masks have been drawn.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn set_calls(&self, calls: u64) {
+        self.calls.store(calls, Ordering::Relaxed)
+    }
+
+    /// Applies dropout in training and is the identity otherwise.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(xs.clone());
+        }
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut rng = SeededRng::new(self.stream ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep_scale = (1.0 / (1.0 - self.p)) as f32;
+        let p = self.p as f32;
+        let mask: Vec<f32> = (0..xs.elem_count())
+            .map(|_| if rng.next_f32() < p { 0.0 } else { keep_scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs.mul(&mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Device;
+
+    #[test]
+    fn drops_about_p_and_rescales() -> Result<()> {
+        let d = SeededDropout::new(0.25, 9, "m");
+        let x = Tensor::ones((100, 100), candle::DType::F32, &Device::Cpu)?;
+        let y: Vec<f32> = d.forward_t(&x, true)?.flatten_all()?.to_vec1()?;
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!((2200..2800).contains(&zeros), "{zeros} zeros");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        // Eval is the identity and draws nothing.
+        assert_eq!(
+            d.forward_t(&x, false)?.to_vec2::<f32>()?,
+            x.to_vec2::<f32>()?
+        );
+        assert_eq!(d.calls(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn masks_replay_from_the_counter() -> Result<()> {
+        let x = Tensor::ones((8, 8), candle::DType::F32, &Device::Cpu)?;
+        let d = SeededDropout::new(0.5, 1, "m");
+        let first = d.forward_t(&x, true)?.to_vec2::<f32>()?;
+        let second = d.forward_t(&x, true)?.to_vec2::<f32>()?;
+        assert_ne!(first, second);
+        let resumed = SeededDropout::new(0.5, 1, "m");
+        resumed.set_calls(1);
+        assert_eq!(resumed.forward_t(&x, true)?.to_vec2::<f32>()?, second);
+        Ok(())
+    }
+}

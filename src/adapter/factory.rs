@@ -1,0 +1,257 @@
+//! The one place that decides which linear layer gets which adapter.
+
+use std::collections::BTreeSet;
+
+use candle::{Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::config::Method;
+use super::linear::AdaptedLinear;
+use super::peft::PeftAdapter;
+use super::registry::AdapterRegistry;
+use super::targets::{is_within, matches_target, ALL_LINEAR};
+
+/// What to adapt and how, like PEFT's `LoraConfig`.
+///
+/// A linear layer whose path matches one of `targets` (see
+/// [`matches_target`]) gets `method`. Otherwise, a linear layer inside one of
+/// `modules_to_save` (a task head such as `classifier`) is trained in full.
+/// Every other layer stays frozen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    pub method: Method,
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+}
+
+impl AdapterConfig {
+    pub fn new(method: Method, targets: &[&str]) -> Self {
+        Self {
+            method,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            modules_to_save: Vec::new(),
+        }
+    }
+
+    pub fn with_modules_to_save(mut self, modules: &[&str]) -> Self {
+        self.modules_to_save = modules.iter().map(|m| m.to_string()).collect();
+        self
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.method.validate()?;
+        if self.targets.is_empty() && !matches!(self.method, Method::Frozen) {
+            candle::bail!(
+                "adapter targets are empty: name at least one module (or \"{ALL_LINEAR}\")"
+            );
+        }
+        if let Some(t) = self.targets.iter().find(|t| t.is_empty()) {
+            candle::bail!("adapter target {t:?} is empty");
+        }
+        Ok(())
+    }
+
+    /// The method for the linear layer at `path`.
+    pub fn method_for(&self, path: &str) -> Method {
+        if self.targets.iter().any(|t| matches_target(path, t)) {
+            self.method.clone()
+        } else if self.modules_to_save.iter().any(|m| is_within(path, m)) {
+            Method::Full
+        } else {
+            Method::Frozen
+        }
+    }
+}
+
+enum Source {
+    Config(AdapterConfig),
+    Peft(PeftAdapter),
+    Frozen,
+}
+
+/// Builds every linear layer of a model, keyed by its full Hugging Face
+/// module path, and records the trainable ones in an [`AdapterRegistry`].
+///
+/// ```
+/// use candle::{DType, Device, Tensor};
+/// use candle_nn::Linear;
+/// use lora_mini::adapter::{AdapterConfig, LinearFactory, LoraMiniConfig, Method};
+///
+/// let config = AdapterConfig::new(Method::LoraMini(LoraMiniConfig::new(4, 8, 8)), &["query"]);
+/// let mut factory = LinearFactory::new(config)?;
+/// let w = || Tensor::zeros((16, 16), DType::F32, &Device::Cpu);
+/// let q = factory.build("layer.0.attention.self.query", &Linear::new(w()?, None))?;
+/// let k = factory.build("layer.0.attention.self.key", &Linear::new(w()?, None))?;
+/// assert_eq!((q.method_name(), k.method_name()), ("lora-mini", "frozen"));
+/// let registry = factory.finish()?;
+/// assert_eq!(registry.num_trainable(), 4 * (8 + 8));
+/// # Ok::<(), candle::Error>(())
+/// ```
+pub struct LinearFactory {
+    source: Source,
+    registry: AdapterRegistry,
+    used_targets: BTreeSet<String>,
+}
+
+impl LinearFactory {
+    pub fn new(config: AdapterConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self::with_source(Source::Config(config)))
+    }
+
+    /// Every layer frozen: plain inference.
+    pub fn frozen() -> Self {
+        Self::with_source(Source::Frozen)
+    }
+
+    /// LoRA layers from an imported PEFT adapter; other layers frozen.
+    pub fn from_peft(adapter: PeftAdapter) -> Self {
+        Self::with_source(Source::Peft(adapter))
+    }
+
+    fn with_source(source: Source) -> Self {
+        Self {
+            source,
+            registry: AdapterRegistry::new(),
+            used_targets: BTreeSet::new(),
+        }
+    }
+
+    /// The config this factory applies, when built from one.
+    pub fn config(&self) -> Option<&AdapterConfig> {
+        match &self.source {
+            Source::Config(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Wraps `base`, the pretrained layer at `path`.
+    pub fn build(&mut self, path: &str, base: &Linear) -> Result<AdaptedLinear> {
+        let layer = match &self.source {
+            Source::Frozen => AdaptedLinear::Frozen(base.clone()),
+            Source::Config(config) => {
+                for t in config.targets.iter().filter(|t| matches_target(path, t)) {
+                    self.used_targets.insert(t.clone());
+                }
+                AdaptedLinear::new(base, &config.method_for(path), path)?
+            }
+            Source::Peft(adapter) => match adapter.lora_linear(path, base)? {
+                Some(lora) => {
+                    self.used_targets.insert(path.to_string());
+                    AdaptedLinear::Lora(lora)
+                }
+                None if adapter.is_saved_module(path) => {
+                    let weight = adapter
+                        .saved_tensor(path, "weight")?
+                        .unwrap_or(base.weight().clone());
+                    let bias: Option<Tensor> = match adapter.saved_tensor(path, "bias")? {
+                        Some(b) => Some(b),
+                        None => base.bias().cloned(),
+                    };
+                    AdaptedLinear::Full(super::linear::FullLinear::new(&Linear::new(weight, bias))?)
+                }
+                None => AdaptedLinear::Frozen(base.clone()),
+            },
+        };
+        self.registry.register(path, &layer)?;
+        Ok(layer)
+    }
+
+    /// Loads the `(d_out, d_in)` weight (and bias) of the layer under `vb`
+    /// and wraps it; `path` is its full module path.
+    pub fn linear(
+        &mut self,
+        vb: VarBuilder,
+        path: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<AdaptedLinear> {
+        let weight = vb.get((d_out, d_in), "weight")?;
+        let bias = if bias {
+            Some(vb.get(d_out, "bias")?)
+        } else {
+            None
+        };
+        self.build(path, &Linear::new(weight, bias))
+    }
+
+    /// Registers a trainable tensor that is not a linear layer.
+    pub fn registry_mut(&mut self) -> &mut AdapterRegistry {
+        &mut self.registry
+    }
+
+    /// The registry, after checking that every target matched some layer (a
+    /// misspelt target would otherwise silently train nothing).
+    pub fn finish(self) -> Result<AdapterRegistry> {
+        match &self.source {
+            Source::Config(config) => {
+                let unused: Vec<&String> = config
+                    .targets
+                    .iter()
+                    .filter(|t| !self.used_targets.contains(*t))
+                    .collect();
+                if !unused.is_empty() {
+                    candle::bail!(
+                        "adapter targets {unused:?} matched no linear layer of the model"
+                    );
+                }
+            }
+            Source::Peft(adapter) => {
+                let missing: Vec<&String> = adapter
+                    .lora_modules()
+                    .filter(|p| !self.used_targets.contains(*p))
+                    .collect();
+                if !missing.is_empty() {
+                    candle::bail!(
+                        "PEFT adapter modules {missing:?} are not linear layers of the model"
+                    );
+                }
+            }
+            Source::Frozen => {}
+        }
+        Ok(self.registry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{LoraConfig, LoraMiniConfig};
+    use candle::{DType, Device};
+
+    fn base(d: usize) -> Linear {
+        Linear::new(
+            Tensor::zeros((d, d), DType::F32, &Device::Cpu).unwrap(),
+            None,
+        )
+    }
+
+    #[test]
+    fn targets_win_over_modules_to_save() -> Result<()> {
+        let config = AdapterConfig::new(Method::LoraMini(LoraMiniConfig::new(2, 4, 4)), &["dense"])
+            .with_modules_to_save(&["classifier"]);
+        assert_eq!(config.method_for("classifier.dense").scaling(), Some(8.0));
+        assert_eq!(config.method_for("classifier.out_proj"), Method::Full);
+        assert_eq!(
+            config.method_for("encoder.layer.0.attention.self.query"),
+            Method::Frozen
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_target_is_an_error_naming_it() -> Result<()> {
+        let mut f = LinearFactory::new(AdapterConfig::new(
+            Method::Lora(LoraConfig::new(2)),
+            &["query", "qeury"],
+        ))?;
+        f.build("l.0.query", &base(8))?;
+        let err = f.finish().unwrap_err().to_string();
+        assert!(err.contains("qeury") && !err.contains("\"query\""), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,278 @@
+//! The adapter file: one `.safetensors` with the trained tensors and the
+//! metadata needed to rebuild the adapter.
+//!
+//! # Format (version 1)
+//! * Tensors are named `<full module path>.<role>`, the module path being the
+//!   Hugging Face one (`roberta.encoder.layer.0.attention.self.query`). Roles:
+//!   `lora_mini_A_in`, `lora_mini_B_in` (LoRA-Mini), `lora_A`, `lora_B` (LoRA),
+//!   `weight`, `bias` (fully trained layers), and, only when saved with
+//!   [`SaveOptions::store_aux`], `lora_mini_A_aux`, `lora_mini_B_aux`.
+//!   Trainable tensors outside linear layers keep their own tensor name.
+//! * The safetensors `__metadata__` holds string keys:
+//!   `format` (`lora-mini-adapter`), `format_version` (`1`), `method`, `r`,
+//!   `a`, `b`, `alpha`, `scaling`, `seed`, `targets` (a JSON list),
+//!   `modules_to_save`, `base_model`, `base_revision`, `dtype`,
+//!   `crate_version`, `aux_checksum`, `aux_stored`, and `config`: the whole
+//!   [`AdapterConfig`] as JSON, which is what loading reads.
+//!
+//! The frozen auxiliary matrices are not stored by default: they are
+//! regenerated from the seed and the module paths. `aux_checksum` is a hash of
+//! the regenerated values; loading refuses a file whose checksum does not
+//! reproduce, since its inner matrices would be meaningless.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle::{DType, Device, Result, Tensor};
+
+use super::config::Method;
+use super::factory::AdapterConfig;
+use super::registry::AdapterRegistry;
+
+pub const FORMAT: &str = "lora-mini-adapter";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Options of [`save_adapter`].
+#[derive(Clone, Debug, Default)]
+pub struct SaveOptions {
+    /// Also store LoRA-Mini's frozen `A_aux` and `B_aux` (bigger files, but
+    /// readable without this crate's generator).
+    pub store_aux: bool,
+    /// Store trainable tensors in this dtype (e.g. `BF16` for the smallest
+    /// files); by default, their own.
+    pub dtype: Option<DType>,
+    /// Hub id or path of the base model.
+    pub base_model: Option<String>,
+    pub base_revision: Option<String>,
+}
+
+/// Writes the registry's trainable tensors and metadata to `path`, atomically
+/// (a crash mid-write leaves any earlier file intact).
+pub fn save_adapter(
+    path: impl AsRef<Path>,
+    registry: &AdapterRegistry,
+    config: &AdapterConfig,
+    options: &SaveOptions,
+) -> Result<()> {
+    let mut tensors = BTreeMap::new();
+    let mut dtype = None;
+    for (name, var) in registry.trainable() {
+        let t = match options.dtype {
+            Some(dt) => var.as_tensor().to_dtype(dt)?,
+            None => var.as_tensor().clone(),
+        };
+        dtype.get_or_insert(t.dtype());
+        tensors.insert(name, t);
+    }
+    if options.store_aux {
+        for (module, layer) in registry.modules() {
+            for (role, t) in layer.frozen_aux() {
+                tensors.insert(format!("{module}.{role}"), t.clone());
+            }
+        }
+    }
+    let mut meta: HashMap<String, String> = HashMap::new();
+    let mut put = |k: &str, v: String| {
+        meta.insert(k.to_string(), v);
+    };
+    put("format", FORMAT.to_string());
+    put("format_version", FORMAT_VERSION.to_string());
+    put("method", config.method.name().to_string());
+    match &config.method {
+        Method::LoraMini(c) => {
+            put("r", c.r.to_string());
+            put("a", c.a.to_string());
+            put("b", c.b.to_string());
+            put("alpha", c.alpha.to_string());
+            put("seed", c.seed.to_string());
+        }
+        Method::Lora(c) => {
+            put("r", c.r.to_string());
+            put("alpha", c.alpha.to_string());
+            put("seed", c.seed.to_string());
+        }
+        Method::Full | Method::Frozen => {}
+    }
+    if let Some(s) = config.method.scaling() {
+        put("scaling", s.to_string());
+    }
+    put("targets", json(&config.targets)?);
+    put("modules_to_save", json(&config.modules_to_save)?);
+    put("base_model", options.base_model.clone().unwrap_or_default());
+    put(
+        "base_revision",
+        options.base_revision.clone().unwrap_or_default(),
+    );
+    put(
+        "dtype",
+        dtype.map(|d| d.as_str().to_string()).unwrap_or_default(),
+    );
+    put("crate_version", env!("CARGO_PKG_VERSION").to_string());
+    put("aux_checksum", registry.aux_checksum()?.unwrap_or_default());
+    put("aux_stored", options.store_aux.to_string());
+    put("config", json(config)?);
+    write_safetensors_atomic(path.as_ref(), &tensors, meta)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(candle::Error::wrap)
+}
+
+/// An adapter file read from disk.
+#[derive(Clone, Debug)]
+pub struct AdapterFile {
+    pub path: PathBuf,
+    pub config: AdapterConfig,
+    /// Every `__metadata__` entry, as stored.
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl AdapterFile {
+    /// Reads and checks the header of an adapter file. Build the model with
+    /// [`AdapterFile::config`], then call [`AdapterFile::apply`].
+    pub fn read(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let ctx =
+            |e: &dyn std::fmt::Display| candle::Error::msg(format!("{}: {e}", path.display()));
+        let bytes = std::fs::read(&path).map_err(|e| ctx(&e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| ctx(&e))?;
+        let metadata: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        match metadata.get("format").map(String::as_str) {
+            Some(FORMAT) => {}
+            other => {
+                return Err(ctx(&format!(
+                    "not a lora-mini adapter (metadata format is {other:?}; a PEFT adapter folder is read with PeftAdapter::read)"
+                )))
+            }
+        }
+        let version: u32 = metadata
+            .get("format_version")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ctx(&"missing or invalid format_version"))?;
+        if version > FORMAT_VERSION {
+            return Err(ctx(&format!(
+                "format_version {version} is newer than this lora-mini supports ({FORMAT_VERSION})"
+            )));
+        }
+        let config: AdapterConfig = serde_json::from_str(
+            metadata
+                .get("config")
+                .ok_or_else(|| ctx(&"missing the `config` metadata entry"))?,
+        )
+        .map_err(|e| ctx(&format!("invalid `config` metadata: {e}")))?;
+        let tensors = candle::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| ctx(&e))?
+            .into_iter()
+            .collect();
+        Ok(Self {
+            path,
+            config,
+            metadata,
+            tensors,
+        })
+    }
+
+    /// Loads the trained tensors into the registry's `Var`s (casting to each
+    /// `Var`'s dtype). Refuses, naming the module, a missing tensor, a wrong
+    /// shape, a tensor for a module the model does not adapt, and frozen
+    /// matrices that do not reproduce.
+    pub fn apply(&self, registry: &AdapterRegistry) -> Result<()> {
+        let file = self.path.display();
+        let expected = self.metadata.get("aux_checksum").filter(|c| !c.is_empty());
+        let actual = registry.aux_checksum()?;
+        if expected != actual.as_ref() {
+            candle::bail!(
+                "{file}: the frozen auxiliary matrices do not reproduce (file checksum {}, regenerated {}): \
+                 the model's adapted modules, the seed, or the generator differ from the ones the adapter was trained with",
+                expected.map_or("none", |s| s.as_str()),
+                actual.as_deref().unwrap_or("none")
+            );
+        }
+        let trainable = registry.trainable();
+        let mut known: std::collections::BTreeSet<String> =
+            trainable.iter().map(|(n, _)| n.clone()).collect();
+        for (module, layer) in registry.modules() {
+            for (role, aux) in layer.frozen_aux() {
+                let name = format!("{module}.{role}");
+                if let Some(stored) = self.tensors.get(&name) {
+                    let same = stored.dims() == aux.dims()
+                        && stored
+                            .to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
+                            == aux.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    if !same {
+                        candle::bail!("{file}: stored {role} of module {module} differs from the regenerated one");
+                    }
+                }
+                known.insert(name);
+            }
+        }
+        if let Some(extra) = self.tensors.keys().find(|n| !known.contains(*n)) {
+            candle::bail!(
+                "{file}: tensor {extra} is for module {}, which this model does not have or does not adapt",
+                module_of(extra)
+            );
+        }
+        for (name, var) in &trainable {
+            let Some(t) = self.tensors.get(name) else {
+                candle::bail!("{file}: no tensor {name} for module {}", module_of(name));
+            };
+            if t.dims() != var.dims() {
+                candle::bail!(
+                    "{file}: tensor {name} of module {} has shape {:?}, the model expects {:?}",
+                    module_of(name),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+fn module_of(tensor_name: &str) -> &str {
+    tensor_name.rsplit_once('.').map_or(tensor_name, |(m, _)| m)
+}
+
+/// Writes `bytes` to a temporary sibling and renames it over `path`.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let ctx = |e: std::io::Error| candle::Error::msg(format!("writing {}: {e}", path.display()));
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(ctx)?;
+    }
+    let tmp = tmp_sibling(path);
+    let mut f = std::fs::File::create(&tmp).map_err(ctx)?;
+    f.write_all(bytes).map_err(ctx)?;
+    f.sync_all().map_err(ctx)?;
+    std::fs::rename(&tmp, path).map_err(ctx)
+}
+
+pub(crate) fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let tensors: Vec<(&String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n, t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes =
+        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+            .map_err(|e| candle::Error::msg(format!("serialising {}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+fn tmp_sibling(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}

@@ -1,0 +1,321 @@
+//! One type for every way a linear layer can be fine-tuned.
+
+use candle::{DType, Module, Result, Tensor, Var};
+use candle_nn::{Linear, ModuleT};
+
+use super::config::Method;
+use super::lora::LoraLinear;
+use super::lora_mini::LoraMiniLinear;
+
+/// `x·wᵀ + b` for inputs of shape `(.., d_in)`. Leading dimensions are folded
+/// into one so the CPU and CUDA backends run a plain 2-D matmul, which is much
+/// faster than a broadcast one.
+pub fn linear_fwd(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = xs.dims();
+    let ys = match dims.len() {
+        0 => candle::bail!("linear layer input must have at least one dimension"),
+        1 | 2 => {
+            let x2 = if dims.len() == 1 {
+                xs.unsqueeze(0)?
+            } else {
+                xs.clone()
+            };
+            let y = x2.matmul(&weight.t()?)?;
+            if dims.len() == 1 {
+                y.squeeze(0)?
+            } else {
+                y
+            }
+        }
+        _ => {
+            let d_in = dims[dims.len() - 1];
+            let rows = xs.elem_count() / d_in.max(1);
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
+            xs.contiguous()?
+                .reshape((rows, d_in))?
+                .matmul(&weight.t()?)?
+                .reshape(out_dims)?
+        }
+    };
+    match bias {
+        Some(b) => ys.broadcast_add(b),
+        None => Ok(ys),
+    }
+}
+
+/// `W + ΔW`, added in f32 so low-precision weights lose nothing extra.
+pub(crate) fn merged_weight(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
+    (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(weight.dtype())
+}
+
+pub(crate) fn plain_linear(weight: &Tensor, bias: Option<&Tensor>) -> Linear {
+    Linear::new(weight.clone(), bias.cloned())
+}
+
+/// A rank-`r` update `ΔW = scaling · b · a`, with `a: r x d_in` and
+/// `b: d_out x r`. LoRA-Mini's is `a = A_in·A_aux`, `b = B_aux·B_in`.
+#[derive(Clone, Debug)]
+pub struct LowRankUpdate {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scaling: f64,
+}
+
+impl LowRankUpdate {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scaling
+    }
+}
+
+/// Full fine-tuning of one layer: the weight and bias are trainable `Var`s.
+#[derive(Clone, Debug)]
+pub struct FullLinear {
+    weight: Var,
+    bias: Option<Var>,
+}
+
+impl FullLinear {
+    /// Copies `base`'s tensors into fresh trainable `Var`s.
+    pub fn new(base: &Linear) -> Result<Self> {
+        Ok(Self {
+            weight: Var::from_tensor(base.weight())?,
+            bias: base.bias().map(Var::from_tensor).transpose()?,
+        })
+    }
+
+    pub fn weight(&self) -> &Var {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
+    }
+
+    pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
+        let mut vars = vec![("weight", &self.weight)];
+        if let Some(b) = &self.bias {
+            vars.push(("bias", b));
+        }
+        vars
+    }
+}
+
+impl Module for FullLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        linear_fwd(
+            xs,
+            self.weight.as_tensor(),
+            self.bias.as_ref().map(|b| b.as_tensor()),
+        )
+    }
+}
+
+/// A linear layer under any fine-tuning method. Models hold this type for
+/// every linear they have, and a factory picks the variant per module path.
+///
+/// ```
+/// use candle::{Device, Tensor};
+/// use candle_nn::{Linear, ModuleT};
+/// use lora_mini::adapter::{AdaptedLinear, LoraMiniConfig, Method};
+///
+/// let base = Linear::new(Tensor::randn(0f32, 0.02, (96, 64), &Device::Cpu)?, None);
+/// let method = Method::LoraMini(LoraMiniConfig::new(8, 16, 16));
+/// let layer = AdaptedLinear::new(&base, &method, "encoder.layer.0.attention.self.query")?;
+/// assert_eq!(layer.num_trainable(), 8 * (16 + 16));
+/// let ys = layer.forward_t(&Tensor::ones((3, 64), candle::DType::F32, &Device::Cpu)?, true)?;
+/// assert_eq!(ys.dims(), &[3, 96]);
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub enum AdaptedLinear {
+    Frozen(Linear),
+    Full(FullLinear),
+    Lora(LoraLinear),
+    LoraMini(LoraMiniLinear),
+}
+
+impl AdaptedLinear {
+    /// Applies `method` to `base`; `path` is the module's full Hugging Face path.
+    pub fn new(base: &Linear, method: &Method, path: &str) -> Result<Self> {
+        let dtype = base.weight().dtype();
+        if !dtype.is_float() {
+            candle::bail!("module {path}: cannot fine-tune a weight of dtype {dtype:?}");
+        }
+        if base.weight().rank() != 2 {
+            candle::bail!(
+                "module {path}: weight must be 2-D, got shape {:?}",
+                base.weight().dims()
+            );
+        }
+        Ok(match method {
+            Method::Frozen => Self::Frozen(base.clone()),
+            Method::Full => Self::Full(FullLinear::new(base)?),
+            Method::Lora(c) => Self::Lora(LoraLinear::new(base, c, path)?),
+            Method::LoraMini(c) => Self::LoraMini(LoraMiniLinear::new(base, c, path)?),
+        })
+    }
+
+    /// The method's short name (`frozen`, `full`, `lora`, `lora-mini`).
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            Self::Frozen(_) => "frozen",
+            Self::Full(_) => "full",
+            Self::Lora(_) => "lora",
+            Self::LoraMini(_) => "lora-mini",
+        }
+    }
+
+    /// `(d_out, d_in)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        self.weight().dims2()
+    }
+
+    /// The current base weight `W` (the trained one for full fine-tuning,
+    /// never merged).
+    pub fn weight(&self) -> &Tensor {
+        match self {
+            Self::Frozen(l) => l.weight(),
+            Self::Full(f) => f.weight.as_tensor(),
+            Self::Lora(l) => l.weight(),
+            Self::LoraMini(l) => l.weight(),
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Frozen(l) => l.bias(),
+            Self::Full(f) => f.bias.as_ref().map(|b| b.as_tensor()),
+            Self::Lora(l) => l.bias(),
+            Self::LoraMini(l) => l.bias(),
+        }
+    }
+
+    /// The trainable tensors and their role names, in a fixed order. Adapter
+    /// files name each tensor `<module path>.<role>`.
+    pub fn trainable(&self) -> Vec<(&'static str, &Var)> {
+        match self {
+            Self::Frozen(_) => Vec::new(),
+            Self::Full(f) => f.vars(),
+            Self::Lora(l) => l.vars(),
+            Self::LoraMini(l) => l.vars(),
+        }
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The frozen tensors the adapter adds (LoRA-Mini's `A_aux` and `B_aux`).
+    pub fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
+        match self {
+            Self::LoraMini(l) => l.frozen_aux(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The low-rank update of the LoRA methods, as an exact LoRA pair.
+    pub fn low_rank(&self) -> Result<Option<LowRankUpdate>> {
+        Ok(match self {
+            Self::Lora(l) => Some(LowRankUpdate {
+                a: l.a().as_tensor().clone(),
+                b: l.b().as_tensor().clone(),
+                scaling: l.scaling(),
+            }),
+            Self::LoraMini(l) => Some(LowRankUpdate {
+                a: l.a_in().as_tensor().matmul(l.a_aux())?,
+                b: l.b_aux().matmul(l.b_in().as_tensor())?,
+                scaling: l.scaling(),
+            }),
+            _ => None,
+        })
+    }
+
+    /// The weight this layer computes with once its update is folded in:
+    /// `W + ΔW` for the low-rank methods, `W` otherwise.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match self.low_rank()? {
+            Some(update) => merged_weight(self.weight(), &update.delta_weight()?),
+            None => Ok(self.weight().clone()),
+        }
+    }
+
+    /// Folds the update into the weight (no-op for frozen and full layers).
+    pub fn merge(&mut self) -> Result<()> {
+        match self {
+            Self::Lora(l) => l.merge(),
+            Self::LoraMini(l) => l.merge(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Restores the unmerged weight exactly.
+    pub fn unmerge(&mut self) {
+        match self {
+            Self::Lora(l) => l.unmerge(),
+            Self::LoraMini(l) => l.unmerge(),
+            _ => {}
+        }
+    }
+
+    /// A plain `candle_nn::Linear` with the update folded in, for export or
+    /// inference without this crate's types.
+    pub fn to_merged_linear(&self) -> Result<Linear> {
+        Ok(Linear::new(self.merged_weight()?, self.bias().cloned()))
+    }
+
+    /// The base layer without any adapter.
+    pub fn base_linear(&self) -> Linear {
+        match self {
+            Self::Frozen(l) => l.clone(),
+            Self::Full(f) => plain_linear(f.weight.as_tensor(), self.bias()),
+            Self::Lora(l) => l.as_plain(),
+            Self::LoraMini(l) => l.as_plain(),
+        }
+    }
+
+    /// The layer's dropout-mask counter, for checkpoints.
+    pub fn dropout_calls(&self) -> Option<u64> {
+        match self {
+            Self::Lora(l) => l.dropout().map(|d| d.calls()),
+            Self::LoraMini(l) => l.dropout().map(|d| d.calls()),
+            _ => None,
+        }
+    }
+
+    pub fn set_dropout_calls(&self, calls: u64) {
+        let dropout = match self {
+            Self::Lora(l) => l.dropout(),
+            Self::LoraMini(l) => l.dropout(),
+            _ => None,
+        };
+        if let Some(d) = dropout {
+            d.set_calls(calls)
+        }
+    }
+}
+
+impl ModuleT for AdaptedLinear {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Frozen(l) => linear_fwd(xs, l.weight(), l.bias()),
+            Self::Full(f) => f.forward(xs),
+            Self::Lora(l) => l.forward_t(xs, train),
+            Self::LoraMini(l) => l.forward_t(xs, train),
+        }
+    }
+}
+
+impl AdaptedLinear {
+    /// The inference forward pass (no dropout); `ModuleT::forward_t` with
+    /// `train = true` is the training one. Like Candle's `Dropout`, the layer
+    /// implements `ModuleT` rather than `Module`, so training mode is never lost
+    /// behind a blanket impl.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ModuleT::forward_t(self, xs, false)
+    }
+}

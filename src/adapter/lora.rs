@@ -1,0 +1,200 @@
+//! Standard LoRA, the baseline LoRA-Mini is measured against.
+
+use candle::{Result, Tensor, Var};
+use candle_nn::{Linear, ModuleT};
+
+use super::config::{InnerInit, LoraConfig};
+use super::dropout::SeededDropout;
+use super::init::kaiming_uniform;
+use super::linear::{linear_fwd, merged_weight, plain_linear};
+
+/// A frozen linear layer plus `scaling · B · A · dropout(x)`, with
+/// `A: r x d_in` Kaiming-uniform and `B: d_out x r` zero (PEFT's defaults).
+///
+/// ```
+/// use candle::{Device, Module, Tensor};
+/// use candle_nn::Linear;
+/// use lora_mini::adapter::{LoraConfig, LoraLinear};
+///
+/// let w = Tensor::randn(0f32, 0.02, (64, 32), &Device::Cpu)?;
+/// let layer = LoraLinear::new(&Linear::new(w, None), &LoraConfig::new(8), "proj")?;
+/// assert_eq!(layer.num_trainable(), 8 * (64 + 32));
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LoraLinear {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    a: Var,
+    b: Var,
+    config: LoraConfig,
+    dropout: Option<SeededDropout>,
+    merged: Option<Tensor>,
+}
+
+impl LoraLinear {
+    /// Wraps `base` (kept frozen) with a freshly initialised adapter.
+    pub fn new(base: &Linear, config: &LoraConfig, path: &str) -> Result<Self> {
+        config.validate()?;
+        let (d_out, d_in) = base.weight().dims2()?;
+        let (dtype, device) = (base.weight().dtype(), base.weight().device());
+        let a = kaiming_uniform(
+            config.seed,
+            &format!("{path}/A"),
+            config.r,
+            d_in,
+            dtype,
+            device,
+        )?;
+        let b = match config.inner_init {
+            InnerInit::ZeroB => Tensor::zeros((d_out, config.r), dtype, device)?,
+            InnerInit::Kaiming => kaiming_uniform(
+                config.seed,
+                &format!("{path}/B"),
+                d_out,
+                config.r,
+                dtype,
+                device,
+            )?,
+        };
+        Self::from_factors(base, &a, &b, config, path)
+    }
+
+    /// Wraps `base` with given factors `A: r x d_in` and `B: d_out x r`, e.g.
+    /// read from a PEFT adapter. Shapes are checked against the base layer.
+    pub fn from_factors(
+        base: &Linear,
+        a: &Tensor,
+        b: &Tensor,
+        config: &LoraConfig,
+        path: &str,
+    ) -> Result<Self> {
+        config.validate()?;
+        let weight = base.weight().clone();
+        let (d_out, d_in) = weight.dims2()?;
+        let r = config.r;
+        if a.dims() != [r, d_in] || b.dims() != [d_out, r] {
+            candle::bail!(
+                "module {path}: LoRA factors A {:?} and B {:?} do not fit a {d_out}x{d_in} layer at r={r} \
+                 (expected A [{r}, {d_in}] and B [{d_out}, {r}])",
+                a.dims(),
+                b.dims()
+            );
+        }
+        let dtype = weight.dtype();
+        let dropout =
+            (config.dropout > 0.0).then(|| SeededDropout::new(config.dropout, config.seed, path));
+        Ok(Self {
+            name: path.to_string(),
+            bias: base.bias().cloned(),
+            a: Var::from_tensor(&a.to_dtype(dtype)?.to_device(weight.device())?)?,
+            b: Var::from_tensor(&b.to_dtype(dtype)?.to_device(weight.device())?)?,
+            weight,
+            config: config.clone(),
+            dropout,
+            merged: None,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.config.scaling()
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+
+    pub fn dropout(&self) -> Option<&SeededDropout> {
+        self.dropout.as_ref()
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.a.elem_count() + self.b.elem_count()
+    }
+
+    /// `(A, scaling·B)`: `ΔW = B_eff·A_eff`.
+    pub fn effective_factors(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.a.as_tensor().clone(),
+            (self.b.as_tensor() * self.scaling())?,
+        ))
+    }
+
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let (a, b) = self.effective_factors()?;
+        b.matmul(&a)
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged.is_none() {
+            self.merged = Some(merged_weight(&self.weight, &self.delta_weight()?)?);
+        }
+        Ok(())
+    }
+
+    pub fn unmerge(&mut self) {
+        self.merged = None;
+    }
+
+    pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
+        vec![("lora_A", &self.a), ("lora_B", &self.b)]
+    }
+
+    pub(crate) fn as_plain(&self) -> Linear {
+        plain_linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+impl ModuleT for LoraLinear {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(merged) = &self.merged {
+            if train {
+                candle::bail!("module {} is merged: unmerge it before training", self.name);
+            }
+            return linear_fwd(xs, merged, self.bias.as_ref());
+        }
+        let base = linear_fwd(xs, &self.weight, self.bias.as_ref())?;
+        let adapter_in = match &self.dropout {
+            Some(d) => d.forward_t(xs, train)?,
+            None => xs.clone(),
+        };
+        let h = linear_fwd(&adapter_in, self.a.as_tensor(), None)?;
+        let h = linear_fwd(&h, &(self.b.as_tensor() * self.scaling())?, None)?;
+        base + h
+    }
+}
+
+impl LoraLinear {
+    /// The inference forward pass (no dropout); `ModuleT::forward_t` with
+    /// `train = true` is the training one. Like Candle's `Dropout`, the layer
+    /// implements `ModuleT` rather than `Module`, so training mode is never lost
+    /// behind a blanket impl.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ModuleT::forward_t(self, xs, false)
+    }
+}

@@ -1,0 +1,255 @@
+//! The LoRA-Mini layer.
+
+use candle::{Result, Tensor, Var};
+use candle_nn::{Linear, ModuleT};
+
+use super::config::{InnerInit, LoraMiniConfig};
+use super::dropout::SeededDropout;
+use super::init::{kaiming_uniform, kaiming_uniform_values};
+use super::linear::{linear_fwd, merged_weight, plain_linear};
+
+/// A frozen linear layer plus a LoRA-Mini update:
+/// `y = W x + b + scaling · B_aux · B_in · A_in · A_aux · dropout(x)`.
+///
+/// * `A_aux: a x d_in` and `B_aux: d_out x b` are frozen, Kaiming-uniform, and
+///   regenerated bit-for-bit from `(seed, module path)`, so adapter files need
+///   not store them;
+/// * `A_in: r x a` (Kaiming) and `B_in: b x r` (zero by default) are trained:
+///   `r·(a+b)` parameters, whatever the layer's width.
+///
+/// The forward pass first materialises `A_eff = A_in·A_aux` (`r x d_in`) and
+/// `B_eff = scaling·B_aux·B_in` (`d_out x r`), then applies `x → A_eff → B_eff`:
+/// the per-token work equals LoRA's at rank `r`.
+///
+/// ```
+/// use candle::{DType, Device, Module, Tensor};
+/// use candle_nn::Linear;
+/// use lora_mini::adapter::{LoraMiniConfig, LoraMiniLinear};
+///
+/// let w = Tensor::randn(0f32, 0.02, (256, 128), &Device::Cpu)?;
+/// let layer = LoraMiniLinear::new(&Linear::new(w, None), &LoraMiniConfig::new(4, 16, 16), "proj")?;
+/// assert_eq!(layer.num_trainable(), 4 * (16 + 16));
+/// let x = Tensor::randn(0f32, 1.0, (2, 7, 128), &Device::Cpu)?;
+/// assert_eq!(layer.forward(&x)?.dims(), &[2, 7, 256]);
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct LoraMiniLinear {
+    name: String,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    a_aux: Tensor,
+    b_aux: Tensor,
+    a_in: Var,
+    b_in: Var,
+    config: LoraMiniConfig,
+    dropout: Option<SeededDropout>,
+    merged: Option<Tensor>,
+}
+
+/// The stream names of the two frozen matrices of module `path`.
+pub fn aux_stream_names(path: &str) -> (String, String) {
+    (format!("{path}/A_aux"), format!("{path}/B_aux"))
+}
+
+/// The frozen `(A_aux, B_aux)` values of module `path`, row-major f32, exactly
+/// as [`LoraMiniLinear::new`] draws them.
+pub fn aux_values(
+    config: &LoraMiniConfig,
+    path: &str,
+    d_in: usize,
+    d_out: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (a_name, b_name) = aux_stream_names(path);
+    (
+        kaiming_uniform_values(config.seed, &a_name, config.a, d_in),
+        kaiming_uniform_values(config.seed, &b_name, d_out, config.b),
+    )
+}
+
+impl LoraMiniLinear {
+    /// Wraps `base` (kept frozen). `path` is the module's full Hugging Face
+    /// path; it names the RNG streams, so keep it stable.
+    pub fn new(base: &Linear, config: &LoraMiniConfig, path: &str) -> Result<Self> {
+        config.validate()?;
+        let weight = base.weight().clone();
+        let (d_out, d_in) = weight.dims2()?;
+        let (dtype, device) = (weight.dtype(), weight.device().clone());
+        let (a_vals, b_vals) = aux_values(config, path, d_in, d_out);
+        let a_aux = Tensor::from_vec(a_vals, (config.a, d_in), &device)?.to_dtype(dtype)?;
+        let b_aux = Tensor::from_vec(b_vals, (d_out, config.b), &device)?.to_dtype(dtype)?;
+        let seed = config.seed;
+        let a_in = kaiming_uniform(
+            seed,
+            &format!("{path}/A_in"),
+            config.r,
+            config.a,
+            dtype,
+            &device,
+        )?;
+        let b_in = match config.inner_init {
+            InnerInit::ZeroB => Tensor::zeros((config.b, config.r), dtype, &device)?,
+            InnerInit::Kaiming => kaiming_uniform(
+                seed,
+                &format!("{path}/B_in"),
+                config.b,
+                config.r,
+                dtype,
+                &device,
+            )?,
+        };
+        let dropout =
+            (config.dropout > 0.0).then(|| SeededDropout::new(config.dropout, seed, path));
+        Ok(Self {
+            name: path.to_string(),
+            weight,
+            bias: base.bias().cloned(),
+            a_aux,
+            b_aux,
+            a_in: Var::from_tensor(&a_in)?,
+            b_in: Var::from_tensor(&b_in)?,
+            config: config.clone(),
+            dropout,
+            merged: None,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> &LoraMiniConfig {
+        &self.config
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.config.scaling()
+    }
+
+    /// The frozen base weight `W` (unmerged).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn a_aux(&self) -> &Tensor {
+        &self.a_aux
+    }
+
+    pub fn b_aux(&self) -> &Tensor {
+        &self.b_aux
+    }
+
+    pub fn a_in(&self) -> &Var {
+        &self.a_in
+    }
+
+    pub fn b_in(&self) -> &Var {
+        &self.b_in
+    }
+
+    pub fn dropout(&self) -> Option<&SeededDropout> {
+        self.dropout.as_ref()
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.a_in.elem_count() + self.b_in.elem_count()
+    }
+
+    /// `(A_eff, B_eff) = (A_in·A_aux, scaling·B_aux·B_in)`, of shapes
+    /// `r x d_in` and `d_out x r`: an exact rank-`r` LoRA pair with
+    /// `ΔW = B_eff·A_eff`. Differentiable with respect to `A_in` and `B_in`.
+    pub fn effective_factors(&self) -> Result<(Tensor, Tensor)> {
+        let a_eff = self.a_in.as_tensor().matmul(&self.a_aux)?;
+        let b_eff = (self.b_aux.matmul(self.b_in.as_tensor())? * self.scaling())?;
+        Ok((a_eff, b_eff))
+    }
+
+    /// The scaled update `ΔW` (`d_out x d_in`).
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        let (a_eff, b_eff) = self.effective_factors()?;
+        b_eff.matmul(&a_eff)
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged.is_some()
+    }
+
+    /// Folds `ΔW` into the weight for inference at no extra latency. The
+    /// original `W` is kept, so [`Self::unmerge`] restores it bit for bit.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged.is_none() {
+            self.merged = Some(merged_weight(&self.weight, &self.delta_weight()?)?);
+        }
+        Ok(())
+    }
+
+    pub fn unmerge(&mut self) {
+        self.merged = None;
+    }
+
+    /// The reference path: four thin matmuls on every token. Mathematically
+    /// equal to the forward pass, and kept for tests and benchmarks only.
+    pub fn forward_unfused(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let base = linear_fwd(xs, &self.weight, self.bias.as_ref())?;
+        let xs = self.adapter_input(xs, train)?;
+        let h = linear_fwd(&xs, &self.a_aux, None)?;
+        let h = linear_fwd(&h, self.a_in.as_tensor(), None)?;
+        let h = linear_fwd(&h, self.b_in.as_tensor(), None)?;
+        let h = linear_fwd(&h, &self.b_aux, None)?;
+        base + (h * self.scaling())?
+    }
+
+    fn adapter_input(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.dropout {
+            Some(d) => d.forward_t(xs, train),
+            None => Ok(xs.clone()),
+        }
+    }
+
+    pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
+        vec![
+            ("lora_mini_A_in", &self.a_in),
+            ("lora_mini_B_in", &self.b_in),
+        ]
+    }
+
+    pub(crate) fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("lora_mini_A_aux", &self.a_aux),
+            ("lora_mini_B_aux", &self.b_aux),
+        ]
+    }
+
+    pub(crate) fn as_plain(&self) -> Linear {
+        plain_linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+impl ModuleT for LoraMiniLinear {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(merged) = &self.merged {
+            if train {
+                candle::bail!("module {} is merged: unmerge it before training", self.name);
+            }
+            return linear_fwd(xs, merged, self.bias.as_ref());
+        }
+        let base = linear_fwd(xs, &self.weight, self.bias.as_ref())?;
+        let (a_eff, b_eff) = self.effective_factors()?;
+        let h = linear_fwd(&self.adapter_input(xs, train)?, &a_eff, None)?;
+        base + linear_fwd(&h, &b_eff, None)?
+    }
+}
+
+impl LoraMiniLinear {
+    /// The inference forward pass (no dropout); `ModuleT::forward_t` with
+    /// `train = true` is the training one. Like Candle's `Dropout`, the layer
+    /// implements `ModuleT` rather than `Module`, so training mode is never lost
+    /// behind a blanket impl.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        ModuleT::forward_t(self, xs, false)
+    }
+}

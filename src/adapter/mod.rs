@@ -1,0 +1,28 @@
+//! The adapter core: LoRA-Mini, LoRA, full fine-tuning and frozen linears
+//! behind one type, their seeded initialisation, the registry of trainable
+//! tensors, and adapter files (our own format and PEFT's).
+//!
+//! This module depends on Candle alone, so a user who only wants to adapt
+//! their own model gets nothing else.
+
+pub mod config;
+pub mod dropout;
+pub mod factory;
+pub mod file;
+pub mod init;
+pub mod linear;
+pub mod lora;
+pub mod lora_mini;
+pub mod peft;
+pub mod registry;
+pub mod rng;
+pub mod targets;
+
+pub use config::{InnerInit, LoraConfig, LoraMiniConfig, Method};
+pub use factory::{AdapterConfig, LinearFactory};
+pub use file::{save_adapter, AdapterFile, SaveOptions};
+pub use linear::{AdaptedLinear, FullLinear, LowRankUpdate};
+pub use lora::LoraLinear;
+pub use lora_mini::LoraMiniLinear;
+pub use peft::{export_peft, PeftAdapter, PeftExportOptions};
+pub use registry::AdapterRegistry;

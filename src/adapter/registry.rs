@@ -1,0 +1,150 @@
+//! The ordered registry of everything a run trains.
+
+use std::collections::BTreeMap;
+
+use candle::{Result, Var};
+
+use super::linear::AdaptedLinear;
+use super::lora_mini::aux_values;
+use super::rng::fnv1a64_extend;
+
+/// Every trainable tensor of a model, keyed by full Hugging Face name.
+///
+/// Adapted linear layers are kept by module path (a clone shares the layer's
+/// `Var`s, so training the model trains what the registry sees); other
+/// trainable tensors (embeddings or norms under full fine-tuning) are kept by
+/// tensor name. Iteration is sorted by name, so optimiser state, gradient
+/// norms and files never depend on hash order.
+///
+/// ```
+/// use candle::{Device, Tensor};
+/// use candle_nn::Linear;
+/// use lora_mini::adapter::{AdaptedLinear, AdapterRegistry, LoraMiniConfig, Method};
+///
+/// let mut registry = AdapterRegistry::new();
+/// for path in ["layer.1.query", "layer.0.query"] {
+///     let base = Linear::new(Tensor::zeros((32, 32), candle::DType::F32, &Device::Cpu)?, None);
+///     let layer = AdaptedLinear::new(&base, &Method::LoraMini(LoraMiniConfig::new(2, 8, 8)), path)?;
+///     registry.register(path, &layer)?;
+/// }
+/// let names: Vec<String> = registry.trainable().into_iter().map(|(n, _)| n).collect();
+/// assert_eq!(names[0], "layer.0.query.lora_mini_A_in");
+/// assert_eq!(registry.num_trainable(), 2 * 2 * (8 + 8));
+/// # Ok::<(), candle::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct AdapterRegistry {
+    modules: BTreeMap<String, AdaptedLinear>,
+    extra: BTreeMap<String, Var>,
+}
+
+impl AdapterRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records an adapted layer under its module path. Frozen layers hold
+    /// nothing trainable and are skipped.
+    pub fn register(&mut self, path: &str, layer: &AdaptedLinear) -> Result<()> {
+        if matches!(layer, AdaptedLinear::Frozen(_)) {
+            return Ok(());
+        }
+        if self.modules.contains_key(path) {
+            candle::bail!("module {path} is registered twice");
+        }
+        self.modules.insert(path.to_string(), layer.clone());
+        Ok(())
+    }
+
+    /// Records a trainable tensor that is not part of a linear layer, under
+    /// its full tensor name (e.g. `bert.embeddings.word_embeddings.weight`).
+    pub fn register_var(&mut self, name: &str, var: &Var) -> Result<()> {
+        if self.extra.contains_key(name) {
+            candle::bail!("trainable tensor {name} is registered twice");
+        }
+        self.extra.insert(name.to_string(), var.clone());
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty() && self.extra.is_empty()
+    }
+
+    pub fn module(&self, path: &str) -> Option<&AdaptedLinear> {
+        self.modules.get(path)
+    }
+
+    /// The adapted (non-frozen) layers, sorted by path.
+    pub fn modules(&self) -> impl Iterator<Item = (&str, &AdaptedLinear)> {
+        self.modules.iter().map(|(p, l)| (p.as_str(), l))
+    }
+
+    /// Trainable tensors outside linear layers, sorted by name.
+    pub fn extra_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.extra.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Every trainable tensor with its full name, sorted by name.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut all: BTreeMap<String, Var> = self
+            .extra
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        for (path, layer) in &self.modules {
+            for (role, var) in layer.trainable() {
+                all.insert(format!("{path}.{role}"), var.clone());
+            }
+        }
+        all.into_iter().collect()
+    }
+
+    /// The trainable `Var`s in registry order, ready for an optimiser.
+    pub fn vars(&self) -> Vec<Var> {
+        self.trainable().into_iter().map(|(_, v)| v).collect()
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// A checksum of every LoRA-Mini module's frozen `A_aux` and `B_aux` as
+    /// the seeded generator produces them (in f32, before any dtype cast), or
+    /// `None` when there are none. Adapter files carry it so that loading can
+    /// prove the regenerated matrices are the ones the adapter was trained with.
+    pub fn aux_checksum(&self) -> Result<Option<String>> {
+        let mut hash = None;
+        for (path, layer) in &self.modules {
+            if let AdaptedLinear::LoraMini(l) = layer {
+                let (d_out, d_in) = l.weight().dims2()?;
+                let (a, b) = aux_values(l.config(), path, d_in, d_out);
+                let mut h = hash.unwrap_or(0xCBF2_9CE4_8422_2325);
+                h = fnv1a64_extend(h, path.as_bytes());
+                for dim in [l.config().a, d_in, d_out, l.config().b] {
+                    h = fnv1a64_extend(h, &(dim as u64).to_le_bytes());
+                }
+                for v in a.iter().chain(b.iter()) {
+                    h = fnv1a64_extend(h, &v.to_bits().to_le_bytes());
+                }
+                hash = Some(h);
+            }
+        }
+        Ok(hash.map(|h| format!("fnv1a64:{h:016x}")))
+    }
+
+    /// Dropout-mask counters of every adapted layer, for checkpoints.
+    pub fn dropout_state(&self) -> BTreeMap<String, u64> {
+        self.modules
+            .iter()
+            .filter_map(|(p, l)| l.dropout_calls().map(|c| (p.clone(), c)))
+            .collect()
+    }
+
+    pub fn set_dropout_state(&self, state: &BTreeMap<String, u64>) {
+        for (path, calls) in state {
+            if let Some(layer) = self.modules.get(path) {
+                layer.set_dropout_calls(*calls);
+            }
+        }
+    }
+}
