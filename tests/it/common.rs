@@ -1,0 +1,102 @@
+use candle::{DType, Device, Result, Tensor};
+use candle_nn::Linear;
+use lora_mini::adapter::rng::SeededRng;
+
+/// A deterministic tensor with entries uniform in [-scale, scale).
+pub fn uniform(seed: u64, dims: &[usize], scale: f64, dtype: DType) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let values = SeededRng::new(seed).uniform_symmetric_f32(n, scale);
+    Tensor::from_vec(values, dims, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// A random "pretrained" linear layer `d_in -> d_out`.
+pub fn base_linear(
+    seed: u64,
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    dtype: DType,
+) -> Result<Linear> {
+    let w = uniform(seed, &[d_out, d_in], 1.0 / (d_in as f64).sqrt(), dtype)?;
+    let b = if bias {
+        Some(uniform(seed + 1, &[d_out], 0.1, dtype)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}
+
+pub fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The path of ../shared from the crate root (tests run there).
+pub fn shared(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared")
+        .join(rel)
+}
+
+use lora_mini::adapter::{AdaptedLinear, AdapterConfig, AdapterRegistry, LinearFactory};
+
+/// A toy model: two "layers" of query/value/dense projections and a
+/// classifier, built through the factory with fixed pretrained weights.
+pub struct ToyModel {
+    pub layers: Vec<(String, AdaptedLinear)>,
+    pub registry: AdapterRegistry,
+}
+
+pub const TOY_PATHS: [(&str, usize, usize); 7] = [
+    ("roberta.encoder.layer.0.attention.self.query", 32, 32),
+    ("roberta.encoder.layer.0.attention.self.value", 32, 32),
+    ("roberta.encoder.layer.0.intermediate.dense", 32, 64),
+    ("roberta.encoder.layer.1.attention.self.query", 32, 32),
+    ("roberta.encoder.layer.1.attention.self.value", 32, 32),
+    ("classifier.dense", 32, 32),
+    ("classifier.out_proj", 32, 2),
+];
+
+impl ToyModel {
+    pub fn build(config: AdapterConfig) -> Result<Self> {
+        Self::build_with(LinearFactory::new(config)?)
+    }
+
+    pub fn build_with(mut factory: LinearFactory) -> Result<Self> {
+        let mut layers = Vec::new();
+        for (i, (path, d_in, d_out)) in TOY_PATHS.iter().enumerate() {
+            let base = base_linear(100 + i as u64, *d_in, *d_out, true, DType::F32)?;
+            layers.push((path.to_string(), factory.build(path, &base)?));
+        }
+        Ok(Self {
+            layers,
+            registry: factory.finish()?,
+        })
+    }
+
+    /// Every layer's output on a fixed input, concatenated.
+    pub fn outputs(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for (_, layer) in &self.layers {
+            let d_in = layer.dims()?.1;
+            out.extend(values(&layer.forward(&x.narrow(1, 0, d_in)?)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Sets every trainable tensor to fresh random values, as training would.
+    pub fn perturb(&self, seed: u64) -> Result<()> {
+        for (i, (_, var)) in self.registry.trainable().iter().enumerate() {
+            let t = uniform(seed + i as u64, var.dims(), 0.2, var.dtype())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}

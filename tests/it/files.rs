@@ -1,0 +1,205 @@
+//! Adapter files: round trips, options and clear refusals.
+
+use candle::{DType, Device, Result};
+use lora_mini::adapter::{
+    save_adapter, AdapterConfig, AdapterFile, LoraConfig, LoraMiniConfig, Method, SaveOptions,
+};
+
+use crate::common::{uniform, ToyModel};
+
+fn mini(seed: u64) -> AdapterConfig {
+    let method = Method::LoraMini(LoraMiniConfig {
+        seed,
+        ..LoraMiniConfig::new(4, 8, 8)
+    });
+    AdapterConfig::new(method, &["query", "value", "dense"]).with_modules_to_save(&["classifier"])
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lora-mini-it-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn round_trip_reproduces_the_trained_model() -> Result<()> {
+    let trained = ToyModel::build(mini(3))?;
+    trained.perturb(1)?;
+    let x = uniform(2, &[5, 64], 1.0, DType::F32)?;
+    let path = tmp("round_trip.safetensors");
+    let options = SaveOptions {
+        base_model: Some("roberta-base".into()),
+        ..Default::default()
+    };
+    save_adapter(&path, &trained.registry, &mini(3), &options)?;
+
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+    assert_eq!(file.config, mini(3));
+    for (key, value) in [
+        ("method", "lora-mini"),
+        ("r", "4"),
+        ("a", "8"),
+        ("b", "8"),
+        ("seed", "3"),
+        ("scaling", "4"),
+        ("dtype", "f32"),
+        ("base_model", "roberta-base"),
+        ("aux_stored", "false"),
+    ] {
+        assert_eq!(
+            file.metadata.get(key).map(String::as_str),
+            Some(value),
+            "{key}"
+        );
+    }
+    assert!(file.metadata["aux_checksum"].starts_with("fnv1a64:"));
+    assert!(!file.tensors.keys().any(|k| k.contains("aux")));
+    assert!(file
+        .tensors
+        .contains_key("roberta.encoder.layer.0.attention.self.query.lora_mini_A_in"));
+    assert!(file.tensors.contains_key("classifier.out_proj.weight"));
+
+    let fresh = ToyModel::build(file.config.clone())?;
+    assert_ne!(fresh.outputs(&x)?, trained.outputs(&x)?);
+    file.apply(&fresh.registry)?;
+    assert_eq!(fresh.outputs(&x)?, trained.outputs(&x)?);
+    Ok(())
+}
+
+#[test]
+fn stored_aux_and_bf16_options() -> Result<()> {
+    let trained = ToyModel::build(mini(4))?;
+    trained.perturb(5)?;
+    let plain = tmp("plain.safetensors");
+    let with_aux = tmp("aux.safetensors");
+    let bf16 = tmp("bf16.safetensors");
+    save_adapter(&plain, &trained.registry, &mini(4), &SaveOptions::default())?;
+    save_adapter(
+        &with_aux,
+        &trained.registry,
+        &mini(4),
+        &SaveOptions {
+            store_aux: true,
+            ..Default::default()
+        },
+    )?;
+    save_adapter(
+        &bf16,
+        &trained.registry,
+        &mini(4),
+        &SaveOptions {
+            dtype: Some(DType::BF16),
+            ..Default::default()
+        },
+    )?;
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    assert!(size(&with_aux) > size(&plain));
+    assert!(size(&bf16) < size(&plain));
+
+    let file = AdapterFile::read(&with_aux, &Device::Cpu)?;
+    assert!(file
+        .tensors
+        .contains_key("classifier.dense.lora_mini_B_aux"));
+    let fresh = ToyModel::build(mini(4))?;
+    file.apply(&fresh.registry)?;
+
+    let file = AdapterFile::read(&bf16, &Device::Cpu)?;
+    assert_eq!(file.metadata["dtype"], "bf16");
+    let fresh = ToyModel::build(mini(4))?;
+    file.apply(&fresh.registry)?;
+    let x = uniform(6, &[3, 64], 1.0, DType::F32)?;
+    let (a, b) = (fresh.outputs(&x)?, trained.outputs(&x)?);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.05, "bf16 round trip drifted by {worst}");
+    Ok(())
+}
+
+#[test]
+fn refuses_mismatched_models_naming_the_module() -> Result<()> {
+    let trained = ToyModel::build(mini(7))?;
+    let path = tmp("mismatch.safetensors");
+    save_adapter(&path, &trained.registry, &mini(7), &SaveOptions::default())?;
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+
+    // Another seed: the frozen matrices do not reproduce.
+    let err = file
+        .apply(&ToyModel::build(mini(8))?.registry)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not reproduce"), "{err}");
+
+    // Fewer adapted modules: the file holds tensors the model cannot take.
+    let mut narrow = mini(7);
+    narrow.targets = vec!["query".into(), "dense".into()];
+    let narrow_model = ToyModel::build(narrow)?;
+    let mut tampered = file.clone();
+    tampered.metadata.insert(
+        "aux_checksum".into(),
+        narrow_model.registry.aux_checksum()?.unwrap(),
+    );
+    let err = tampered
+        .apply(&narrow_model.registry)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("module roberta.encoder.layer.0.attention.self.value"),
+        "{err}"
+    );
+
+    // A tensor of the wrong shape.
+    let mut wrong = file.clone();
+    let name = "roberta.encoder.layer.1.attention.self.value.lora_mini_A_in";
+    wrong
+        .tensors
+        .insert(name.into(), uniform(1, &[4, 9], 1.0, DType::F32)?);
+    let err = wrong
+        .apply(&ToyModel::build(mini(7))?.registry)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("roberta.encoder.layer.1.attention.self.value") && err.contains("[4, 9]"),
+        "{err}"
+    );
+
+    // A missing tensor.
+    let mut missing = file.clone();
+    missing.tensors.remove("classifier.out_proj.bias");
+    let err = missing
+        .apply(&ToyModel::build(mini(7))?.registry)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("classifier.out_proj"), "{err}");
+
+    // Not an adapter file at all.
+    let weights = crate::common::shared("models/all-MiniLM-L6-v2/model.safetensors");
+    let err = AdapterFile::read(&weights, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not a lora-mini adapter") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn lora_and_full_adapters_round_trip_too() -> Result<()> {
+    for method in [Method::Lora(LoraConfig::new(2)), Method::Full] {
+        let config = AdapterConfig::new(method, &["query"]).with_modules_to_save(&["classifier"]);
+        let trained = ToyModel::build(config.clone())?;
+        trained.perturb(9)?;
+        let path = tmp(&format!("{}.safetensors", config.method.name()));
+        save_adapter(&path, &trained.registry, &config, &SaveOptions::default())?;
+        let file = AdapterFile::read(&path, &Device::Cpu)?;
+        assert!(file.metadata["aux_checksum"].is_empty());
+        let fresh = ToyModel::build(file.config.clone())?;
+        file.apply(&fresh.registry)?;
+        let x = uniform(10, &[2, 64], 1.0, DType::F32)?;
+        assert_eq!(fresh.outputs(&x)?, trained.outputs(&x)?);
+    }
+    Ok(())
+}
