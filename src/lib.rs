@@ -1,3 +1,5 @@
 #![doc = include_str!("../README.md")]
 
 pub mod adapter;
+#[cfg(feature = "cli")]
+pub mod cli;

@@ -1,1 +1,9 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = lora_mini::cli::Cli::parse();
+    if let Err(message) = lora_mini::cli::run(cli) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}

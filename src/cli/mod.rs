@@ -1,0 +1,34 @@
+//! The `lora-mini` command line. `main.rs` only parses and dispatches; each
+//! subcommand lives in its own file.
+
+pub mod demo;
+
+use clap::{Parser, Subcommand};
+
+/// LoRA-Mini parameter-efficient fine-tuning on Candle.
+///
+/// LoRA-Mini trains only small inner matrices between frozen, seeded random
+/// projections: r·(a+b) parameters per adapted layer.
+#[derive(Debug, Parser)]
+#[command(name = "lora-mini", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
+    /// save, reload and export them (the default job; see README.md).
+    Demo(demo::DemoArgs),
+}
+
+/// A message for the user; the binary prints it and exits with status 1.
+pub type CliError = String;
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Demo(args) => demo::run(&args),
+    }
+}
