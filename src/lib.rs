@@ -3,3 +3,5 @@
 pub mod adapter;
 #[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "hub")]
+pub mod hub;

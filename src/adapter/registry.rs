@@ -148,3 +148,33 @@ impl AdapterRegistry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{LoraMiniConfig, Method};
+    use candle::{DType, Device, Tensor};
+    use candle_nn::Linear;
+
+    #[test]
+    fn aux_checksum_is_pinned() -> Result<()> {
+        // Saved adapters regenerate A_aux and B_aux and compare this checksum:
+        // a change here means every adapter file ever written stops loading.
+        let base = Linear::new(Tensor::zeros((8, 16), DType::F32, &Device::Cpu)?, None);
+        let config = LoraMiniConfig {
+            seed: 1,
+            ..LoraMiniConfig::new(2, 4, 3)
+        };
+        let layer = AdaptedLinear::new(
+            &base,
+            &Method::LoraMini(config),
+            "encoder.layer.0.attention.self.query",
+        )?;
+        let mut registry = AdapterRegistry::new();
+        registry.register("encoder.layer.0.attention.self.query", &layer)?;
+        assert_eq!(registry.aux_checksum()?.as_deref(), Some(PINNED));
+        Ok(())
+    }
+
+    const PINNED: &str = "fnv1a64:99617ac44d1ccbee";
+}

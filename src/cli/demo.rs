@@ -130,7 +130,7 @@ impl DemoConfig {
         if c.target_rank == 0 {
             return Err("target_rank must be at least 1".into());
         }
-        if !(c.lr > 0.0) {
+        if !c.lr.is_finite() || c.lr <= 0.0 {
             return Err(format!("lr must be positive, got {}", c.lr));
         }
         Ok(c)

@@ -126,7 +126,7 @@ fn merge_and_unmerge_preserve_outputs() -> Result<()> {
 
 /// Analytic gradients against central finite differences, in f64.
 fn check_gradients(layer: &AdaptedLinear, x: &Tensor) -> Result<()> {
-    let probe = uniform(11, &layer.forward(x)?.dims().to_vec(), 1.0, DType::F64)?;
+    let probe = uniform(11, layer.forward(x)?.dims(), 1.0, DType::F64)?;
     let loss = |layer: &AdaptedLinear| -> Result<Tensor> {
         (layer.forward_t(x, false)? * &probe)?.sum_all()
     };
