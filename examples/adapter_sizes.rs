@@ -40,7 +40,7 @@ fn main() -> Result<()> {
         "roberta-base shapes from {}, dense+attention, 2 labels\n",
         config_json.display()
     );
-    println!("{:<44} {:>12} {:>12}", "adapter", "trainable", "bytes");
+    println!("{:<54} {:>12} {:>12}", "adapter", "trainable", "bytes");
     for (name, config) in [("LoRA-Mini r=8 a=b=64", &mini), ("LoRA r=8", &lora)] {
         let registry = roberta_base::registry(&config_json, 2, config.clone())?;
         let n = registry.num_trainable();
@@ -68,7 +68,7 @@ fn main() -> Result<()> {
                 out.join(format!("{}-{label}.safetensors", config.method.name()).replace(' ', ""));
             save_adapter(&path, &registry, config, &options)?;
             println!(
-                "{:<44} {:>12} {:>12}",
+                "{:<54} {:>12} {:>12}",
                 format!("{name}, lora-mini file, {label}"),
                 n,
                 size(&path)
@@ -77,7 +77,7 @@ fn main() -> Result<()> {
         let peft_dir = out.join(format!("peft-{}", config.method.name()));
         export_peft(&registry, &peft_options, &peft_dir)?;
         println!(
-            "{:<44} {:>12} {:>12}",
+            "{:<54} {:>12} {:>12}",
             format!("{name}, PEFT export (f32)"),
             n,
             size(&peft_dir.join(lora_mini::adapter::peft::WEIGHTS_FILE))

@@ -49,10 +49,6 @@ pub(crate) fn merged_weight(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
     (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(weight.dtype())
 }
 
-pub(crate) fn plain_linear(weight: &Tensor, bias: Option<&Tensor>) -> Linear {
-    Linear::new(weight.clone(), bias.cloned())
-}
-
 /// A rank-`r` update `ΔW = scaling · b · a`, with `a: r x d_in` and
 /// `b: d_out x r`. LoRA-Mini's is `a = A_in·A_aux`, `b = B_aux·B_in`.
 #[derive(Clone, Debug)]
@@ -272,7 +268,7 @@ impl AdaptedLinear {
     pub fn base_linear(&self) -> Linear {
         match self {
             Self::Frozen(l) => l.clone(),
-            Self::Full(f) => plain_linear(f.weight.as_tensor(), self.bias()),
+            Self::Full(f) => Linear::new(f.weight.as_tensor().clone(), self.bias().cloned()),
             Self::Lora(l) => l.as_plain(),
             Self::LoraMini(l) => l.as_plain(),
         }

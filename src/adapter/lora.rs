@@ -5,8 +5,8 @@ use candle_nn::{Linear, ModuleT};
 
 use super::config::{InnerInit, LoraConfig};
 use super::dropout::SeededDropout;
+use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use super::linear::{linear_fwd, merged_weight, plain_linear};
 
 /// A frozen linear layer plus `scaling · B · A · dropout(x)`, with
 /// `A: r x d_in` Kaiming-uniform and `B: d_out x r` zero (PEFT's defaults).
@@ -23,14 +23,10 @@ use super::linear::{linear_fwd, merged_weight, plain_linear};
 /// ```
 #[derive(Clone, Debug)]
 pub struct LoraLinear {
-    name: String,
-    weight: Tensor,
-    bias: Option<Tensor>,
+    host: AdapterHost,
     a: Var,
     b: Var,
     config: LoraConfig,
-    dropout: Option<SeededDropout>,
-    merged: Option<Tensor>,
 }
 
 impl LoraLinear {
@@ -82,23 +78,17 @@ impl LoraLinear {
                 b.dims()
             );
         }
-        let dtype = weight.dtype();
-        let dropout =
-            (config.dropout > 0.0).then(|| SeededDropout::new(config.dropout, config.seed, path));
+        let (dtype, device) = (weight.dtype(), weight.device());
         Ok(Self {
-            name: path.to_string(),
-            bias: base.bias().cloned(),
-            a: Var::from_tensor(&a.to_dtype(dtype)?.to_device(weight.device())?)?,
-            b: Var::from_tensor(&b.to_dtype(dtype)?.to_device(weight.device())?)?,
-            weight,
+            a: Var::from_tensor(&a.to_dtype(dtype)?.to_device(device)?)?,
+            b: Var::from_tensor(&b.to_dtype(dtype)?.to_device(device)?)?,
+            host: AdapterHost::new(base, config.dropout, config.seed, path),
             config: config.clone(),
-            dropout,
-            merged: None,
         })
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.host.name
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -110,11 +100,11 @@ impl LoraLinear {
     }
 
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        &self.host.weight
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+        self.host.bias.as_ref()
     }
 
     pub fn a(&self) -> &Var {
@@ -126,7 +116,7 @@ impl LoraLinear {
     }
 
     pub fn dropout(&self) -> Option<&SeededDropout> {
-        self.dropout.as_ref()
+        self.host.dropout.as_ref()
     }
 
     pub fn num_trainable(&self) -> usize {
@@ -147,18 +137,20 @@ impl LoraLinear {
     }
 
     pub fn is_merged(&self) -> bool {
-        self.merged.is_some()
+        self.host.is_merged()
     }
 
+    /// Folds `ΔW` into the weight; [`Self::unmerge`] restores `W` exactly.
     pub fn merge(&mut self) -> Result<()> {
-        if self.merged.is_none() {
-            self.merged = Some(merged_weight(&self.weight, &self.delta_weight()?)?);
+        if !self.is_merged() {
+            let delta = self.delta_weight()?;
+            self.host.merge(&delta)?;
         }
         Ok(())
     }
 
     pub fn unmerge(&mut self) {
-        self.merged = None;
+        self.host.unmerge()
     }
 
     pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
@@ -166,26 +158,13 @@ impl LoraLinear {
     }
 
     pub(crate) fn as_plain(&self) -> Linear {
-        plain_linear(&self.weight, self.bias.as_ref())
+        self.host.as_plain()
     }
 }
 
 impl ModuleT for LoraLinear {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(merged) = &self.merged {
-            if train {
-                candle::bail!("module {} is merged: unmerge it before training", self.name);
-            }
-            return linear_fwd(xs, merged, self.bias.as_ref());
-        }
-        let base = linear_fwd(xs, &self.weight, self.bias.as_ref())?;
-        let adapter_in = match &self.dropout {
-            Some(d) => d.forward_t(xs, train)?,
-            None => xs.clone(),
-        };
-        let h = linear_fwd(&adapter_in, self.a.as_tensor(), None)?;
-        let h = linear_fwd(&h, &(self.b.as_tensor() * self.scaling())?, None)?;
-        base + h
+        self.host.forward_t(xs, train, || self.effective_factors())
     }
 }
 

@@ -5,8 +5,9 @@ use candle_nn::{Linear, ModuleT};
 
 use super::config::{InnerInit, LoraMiniConfig};
 use super::dropout::SeededDropout;
+use super::host::AdapterHost;
 use super::init::{kaiming_uniform, kaiming_uniform_values};
-use super::linear::{linear_fwd, merged_weight, plain_linear};
+use super::linear::linear_fwd;
 
 /// A frozen linear layer plus a LoRA-Mini update:
 /// `y = W x + b + scaling · B_aux · B_in · A_in · A_aux · dropout(x)`.
@@ -35,16 +36,12 @@ use super::linear::{linear_fwd, merged_weight, plain_linear};
 /// ```
 #[derive(Clone, Debug)]
 pub struct LoraMiniLinear {
-    name: String,
-    weight: Tensor,
-    bias: Option<Tensor>,
+    host: AdapterHost,
     a_aux: Tensor,
     b_aux: Tensor,
     a_in: Var,
     b_in: Var,
     config: LoraMiniConfig,
-    dropout: Option<SeededDropout>,
-    merged: Option<Tensor>,
 }
 
 /// The stream names of the two frozen matrices of module `path`.
@@ -72,9 +69,8 @@ impl LoraMiniLinear {
     /// path; it names the RNG streams, so keep it stable.
     pub fn new(base: &Linear, config: &LoraMiniConfig, path: &str) -> Result<Self> {
         config.validate()?;
-        let weight = base.weight().clone();
-        let (d_out, d_in) = weight.dims2()?;
-        let (dtype, device) = (weight.dtype(), weight.device().clone());
+        let (d_out, d_in) = base.weight().dims2()?;
+        let (dtype, device) = (base.weight().dtype(), base.weight().device().clone());
         let (a_vals, b_vals) = aux_values(config, path, d_in, d_out);
         let a_aux = Tensor::from_vec(a_vals, (config.a, d_in), &device)?.to_dtype(dtype)?;
         let b_aux = Tensor::from_vec(b_vals, (d_out, config.b), &device)?.to_dtype(dtype)?;
@@ -98,24 +94,18 @@ impl LoraMiniLinear {
                 &device,
             )?,
         };
-        let dropout =
-            (config.dropout > 0.0).then(|| SeededDropout::new(config.dropout, seed, path));
         Ok(Self {
-            name: path.to_string(),
-            weight,
-            bias: base.bias().cloned(),
+            host: AdapterHost::new(base, config.dropout, seed, path),
             a_aux,
             b_aux,
             a_in: Var::from_tensor(&a_in)?,
             b_in: Var::from_tensor(&b_in)?,
             config: config.clone(),
-            dropout,
-            merged: None,
         })
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.host.name
     }
 
     pub fn config(&self) -> &LoraMiniConfig {
@@ -128,11 +118,11 @@ impl LoraMiniLinear {
 
     /// The frozen base weight `W` (unmerged).
     pub fn weight(&self) -> &Tensor {
-        &self.weight
+        &self.host.weight
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
+        self.host.bias.as_ref()
     }
 
     pub fn a_aux(&self) -> &Tensor {
@@ -152,7 +142,7 @@ impl LoraMiniLinear {
     }
 
     pub fn dropout(&self) -> Option<&SeededDropout> {
-        self.dropout.as_ref()
+        self.host.dropout.as_ref()
     }
 
     pub fn num_trainable(&self) -> usize {
@@ -175,39 +165,33 @@ impl LoraMiniLinear {
     }
 
     pub fn is_merged(&self) -> bool {
-        self.merged.is_some()
+        self.host.is_merged()
     }
 
     /// Folds `ΔW` into the weight for inference at no extra latency. The
     /// original `W` is kept, so [`Self::unmerge`] restores it bit for bit.
     pub fn merge(&mut self) -> Result<()> {
-        if self.merged.is_none() {
-            self.merged = Some(merged_weight(&self.weight, &self.delta_weight()?)?);
+        if !self.is_merged() {
+            let delta = self.delta_weight()?;
+            self.host.merge(&delta)?;
         }
         Ok(())
     }
 
     pub fn unmerge(&mut self) {
-        self.merged = None;
+        self.host.unmerge()
     }
 
     /// The reference path: four thin matmuls on every token. Mathematically
     /// equal to the forward pass, and kept for tests and benchmarks only.
     pub fn forward_unfused(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let base = linear_fwd(xs, &self.weight, self.bias.as_ref())?;
-        let xs = self.adapter_input(xs, train)?;
+        let base = self.host.base_forward(xs)?;
+        let xs = self.host.adapter_input(xs, train)?;
         let h = linear_fwd(&xs, &self.a_aux, None)?;
         let h = linear_fwd(&h, self.a_in.as_tensor(), None)?;
         let h = linear_fwd(&h, self.b_in.as_tensor(), None)?;
         let h = linear_fwd(&h, &self.b_aux, None)?;
         base + (h * self.scaling())?
-    }
-
-    fn adapter_input(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        match &self.dropout {
-            Some(d) => d.forward_t(xs, train),
-            None => Ok(xs.clone()),
-        }
     }
 
     pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
@@ -225,22 +209,13 @@ impl LoraMiniLinear {
     }
 
     pub(crate) fn as_plain(&self) -> Linear {
-        plain_linear(&self.weight, self.bias.as_ref())
+        self.host.as_plain()
     }
 }
 
 impl ModuleT for LoraMiniLinear {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if let Some(merged) = &self.merged {
-            if train {
-                candle::bail!("module {} is merged: unmerge it before training", self.name);
-            }
-            return linear_fwd(xs, merged, self.bias.as_ref());
-        }
-        let base = linear_fwd(xs, &self.weight, self.bias.as_ref())?;
-        let (a_eff, b_eff) = self.effective_factors()?;
-        let h = linear_fwd(&self.adapter_input(xs, train)?, &a_eff, None)?;
-        base + linear_fwd(&h, &b_eff, None)?
+        self.host.forward_t(xs, train, || self.effective_factors())
     }
 }
 

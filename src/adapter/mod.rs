@@ -9,6 +9,7 @@ pub mod config;
 pub mod dropout;
 pub mod factory;
 pub mod file;
+mod host;
 pub mod init;
 pub mod linear;
 pub mod lora;

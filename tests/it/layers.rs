@@ -205,15 +205,18 @@ fn one_step_moves_every_trainable_and_no_frozen_tensor() -> Result<()> {
         let AdaptedLinear::LoraMini(mini) = &layer else {
             unreachable!()
         };
-        let frozen: Vec<Vec<f32>> = [
-            mini.weight(),
-            mini.bias().unwrap(),
-            mini.a_aux(),
-            mini.b_aux(),
-        ]
-        .into_iter()
-        .map(values)
-        .collect::<Result<_>>()?;
+        let frozen_values = || -> Result<Vec<Vec<f32>>> {
+            [
+                mini.weight(),
+                mini.bias().unwrap(),
+                mini.a_aux(),
+                mini.b_aux(),
+            ]
+            .into_iter()
+            .map(values)
+            .collect()
+        };
+        let frozen = frozen_values()?;
         let trainable: Vec<Vec<f32>> = layer
             .trainable()
             .iter()
@@ -226,15 +229,7 @@ fn one_step_moves_every_trainable_and_no_frozen_tensor() -> Result<()> {
             .collect();
         let mut opt = candle_nn::AdamW::new_lr(vars, 1e-3)?;
         opt.backward_step(&candle_nn::loss::mse(&layer.forward_t(&x, true)?, &target)?)?;
-        let frozen_after: Vec<Vec<f32>> = [
-            mini.weight(),
-            mini.bias().unwrap(),
-            mini.a_aux(),
-            mini.b_aux(),
-        ]
-        .into_iter()
-        .map(values)
-        .collect::<Result<_>>()?;
+        let frozen_after = frozen_values()?;
         for (b, a) in frozen.iter().zip(&frozen_after) {
             assert!(
                 b.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits()),
