@@ -5,3 +5,4 @@ pub mod adapter;
 pub mod cli;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod models;

@@ -68,3 +68,37 @@ mod tests {
         assert_eq!(a[..5], kaiming_uniform_values(1, "m.A_aux", 1, 5)[..]);
     }
 }
+
+/// `n` values from `N(0, std²)` (Box–Muller on the stream `name`), as
+/// transformers initialises a new task head's weights.
+pub fn normal_values(seed: u64, name: &str, n: usize, std: f64) -> Vec<f32> {
+    let mut rng = SeededRng::for_stream(seed, name);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // 1 - u lies in (0, 1], so the log is finite.
+        let radius = (-2.0 * (1.0 - rng.next_f64()).ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * rng.next_f64();
+        out.push((radius * angle.cos() * std) as f32);
+        out.push((radius * angle.sin() * std) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod normal_tests {
+    use super::normal_values;
+
+    #[test]
+    fn normal_values_have_the_asked_spread() {
+        let v = normal_values(1, "head", 20_001, 0.02);
+        assert_eq!(v.len(), 20_001);
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let std =
+            (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        assert!(
+            mean.abs() < 1e-3 && (std - 0.02).abs() < 1e-3,
+            "mean {mean} std {std}"
+        );
+    }
+}

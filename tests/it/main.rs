@@ -1,5 +1,7 @@
 //! Integration tests, in one binary to save link time.
 
+#[cfg(feature = "data")]
+mod bert;
 mod common;
 mod files;
 mod layers;

@@ -1,0 +1,471 @@
+//! BERT (Hugging Face `BertModel` / `BertForSequenceClassification` layout)
+//! with every linear layer built through the adapter factory.
+
+use candle::{DType, Module, Result, Tensor, D};
+use candle_nn::{Embedding, ModuleT, VarBuilder};
+use serde::Deserialize;
+
+use super::ops::{softmax_last_dim, Activation, LayerNorm};
+use crate::adapter::dropout::SeededDropout;
+use crate::adapter::{AdaptedLinear, LinearFactory};
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_init_range() -> f64 {
+    0.02
+}
+
+/// The fields of a Hugging Face BERT `config.json` this crate reads; others
+/// are ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    #[serde(default = "default_init_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+impl BertConfig {
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: Self = serde_json::from_str(text)
+            .map_err(|e| candle::Error::msg(format!("BERT config: {e}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            candle::bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if let Some(kind) = self
+            .position_embedding_type
+            .as_deref()
+            .filter(|k| *k != "absolute")
+        {
+            candle::bail!("position_embedding_type {kind:?} is not supported (only \"absolute\")");
+        }
+        Activation::from_hf(&self.hidden_act)?;
+        Ok(())
+    }
+}
+
+/// How position ids are numbered: BERT counts from 0; RoBERTa counts
+/// non-padding tokens from `padding_idx + 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Positions {
+    FromZero,
+    AfterPadding { padding_idx: u32 },
+}
+
+/// Word, position and token-type embeddings, summed and normalised.
+#[derive(Clone, Debug)]
+pub struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+    dropout: SeededDropout,
+    positions: Positions,
+}
+
+impl Embeddings {
+    pub fn new(
+        config: &BertConfig,
+        vb: VarBuilder,
+        positions: Positions,
+        seed: u64,
+        path: &str,
+    ) -> Result<Self> {
+        let h = config.hidden_size;
+        let emb = |name: &str, n: usize| -> Result<Embedding> {
+            Ok(Embedding::new(vb.pp(name).get((n, h), "weight")?, h))
+        };
+        Ok(Self {
+            word: emb("word_embeddings", config.vocab_size)?,
+            position: emb("position_embeddings", config.max_position_embeddings)?,
+            token_type: emb("token_type_embeddings", config.type_vocab_size)?,
+            norm: LayerNorm::load(vb.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            dropout: SeededDropout::new(config.hidden_dropout_prob, seed, path),
+            positions,
+        })
+    }
+
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let position_ids = match self.positions {
+            Positions::FromZero => Tensor::arange(0u32, t as u32, input_ids.device())?
+                .broadcast_as((b, t))?
+                .contiguous()?,
+            Positions::AfterPadding { padding_idx } => {
+                // transformers: cumsum(mask) * mask + padding_idx, mask = ids != pad.
+                let mask = input_ids.ne(padding_idx)?.to_dtype(DType::U32)?;
+                let ids: Vec<Vec<u32>> = mask.to_vec2()?;
+                let numbered: Vec<u32> = ids
+                    .iter()
+                    .flat_map(|row| {
+                        let mut count = 0;
+                        row.iter()
+                            .map(move |&m| {
+                                count += m;
+                                count * m + padding_idx
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                Tensor::from_vec(numbered, (b, t), input_ids.device())?
+            }
+        };
+        let token_types = match token_type_ids {
+            Some(ids) => ids.clone(),
+            None => input_ids.zeros_like()?,
+        };
+        let xs = ((self.word.forward(input_ids)? + self.position.forward(&position_ids)?)?
+            + self.token_type.forward(&token_types)?)?;
+        self.dropout.forward_t(&self.norm.forward(&xs)?, train)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SelfAttention {
+    query: AdaptedLinear,
+    key: AdaptedLinear,
+    value: AdaptedLinear,
+    output: AdaptedLinear,
+    norm: LayerNorm,
+    probs_dropout: SeededDropout,
+    output_dropout: SeededDropout,
+    heads: usize,
+}
+
+impl SelfAttention {
+    fn forward_t(&self, xs: &Tensor, mask: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, t, h) = xs.dims3()?;
+        let head_dim = h / self.heads;
+        let split = |x: Tensor| -> Result<Tensor> {
+            x.reshape((b, t, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.query.forward_t(xs, train)?)?;
+        let k = split(self.key.forward_t(xs, train)?)?;
+        let v = split(self.value.forward_t(xs, train)?)?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = self
+            .probs_dropout
+            .forward_t(&softmax_last_dim(&scores)?, train)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let out = self
+            .output_dropout
+            .forward_t(&self.output.forward_t(&context, train)?, train)?;
+        self.norm.forward(&(out + xs)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    attention: SelfAttention,
+    intermediate: AdaptedLinear,
+    output: AdaptedLinear,
+    norm: LayerNorm,
+    dropout: SeededDropout,
+    act: Activation,
+}
+
+impl Layer {
+    fn new(
+        config: &BertConfig,
+        vb: VarBuilder,
+        f: &mut LinearFactory,
+        path: &str,
+        seed: u64,
+    ) -> Result<Self> {
+        let h = config.hidden_size;
+        let ff = config.intermediate_size;
+        let eps = config.layer_norm_eps;
+        let mut lin = |sub: &str, d_in: usize, d_out: usize| {
+            f.linear(vb.pp(sub), &format!("{path}.{sub}"), d_in, d_out, true)
+        };
+        let attention = SelfAttention {
+            query: lin("attention.self.query", h, h)?,
+            key: lin("attention.self.key", h, h)?,
+            value: lin("attention.self.value", h, h)?,
+            output: lin("attention.output.dense", h, h)?,
+            norm: LayerNorm::load(vb.pp("attention.output.LayerNorm"), h, eps)?,
+            probs_dropout: SeededDropout::new(
+                config.attention_probs_dropout_prob,
+                seed,
+                &format!("{path}.attention.self"),
+            ),
+            output_dropout: SeededDropout::new(
+                config.hidden_dropout_prob,
+                seed,
+                &format!("{path}.attention.output"),
+            ),
+            heads: config.num_attention_heads,
+        };
+        Ok(Self {
+            attention,
+            intermediate: lin("intermediate.dense", h, ff)?,
+            output: lin("output.dense", ff, h)?,
+            norm: LayerNorm::load(vb.pp("output.LayerNorm"), h, eps)?,
+            dropout: SeededDropout::new(
+                config.hidden_dropout_prob,
+                seed,
+                &format!("{path}.output"),
+            ),
+            act: Activation::from_hf(&config.hidden_act)?,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, mask: &Tensor, train: bool) -> Result<Tensor> {
+        let attended = self.attention.forward_t(xs, mask, train)?;
+        let hidden = self
+            .act
+            .forward(&self.intermediate.forward_t(&attended, train)?)?;
+        let out = self
+            .dropout
+            .forward_t(&self.output.forward_t(&hidden, train)?, train)?;
+        self.norm.forward(&(out + attended)?)
+    }
+}
+
+/// `(B, T)` 0/1 mask to the additive `(B, 1, 1, T)` form: 0 where attended,
+/// the dtype's lowest value where masked (as transformers does).
+pub fn additive_mask(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    let keep = attention_mask.to_dtype(DType::F32)?;
+    let masked = ((keep - 1.0)? * -(f32::MIN as f64))?;
+    masked.reshape((b, 1, 1, t))?.to_dtype(dtype)
+}
+
+/// The BERT encoder stack with embeddings and (optionally) the pooler.
+#[derive(Clone, Debug)]
+pub struct BertModel {
+    pub embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Option<AdaptedLinear>,
+}
+
+impl BertModel {
+    /// Builds the model under `vb` (at the `bert` level); `path` is the HF
+    /// module prefix of its layers (`bert` inside a task model).
+    pub fn new(
+        config: &BertConfig,
+        vb: VarBuilder,
+        factory: &mut LinearFactory,
+        path: &str,
+        with_pooler: bool,
+        positions: Positions,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        let join = |s: &str| {
+            if path.is_empty() {
+                s.to_string()
+            } else {
+                format!("{path}.{s}")
+            }
+        };
+        let embeddings = Embeddings::new(
+            config,
+            vb.pp("embeddings"),
+            positions,
+            seed,
+            &join("embeddings"),
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let sub = format!("encoder.layer.{i}");
+                Layer::new(config, vb.pp(&sub), factory, &join(&sub), seed)
+            })
+            .collect::<Result<_>>()?;
+        let h = config.hidden_size;
+        let pooler = if with_pooler {
+            Some(factory.linear(vb.pp("pooler.dense"), &join("pooler.dense"), h, h, true)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embeddings,
+            layers,
+            pooler,
+        })
+    }
+
+    /// The last hidden state `(B, T, hidden)`.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mut xs = self
+            .embeddings
+            .forward_t(input_ids, token_type_ids, train)?;
+        let mask = match attention_mask {
+            Some(m) => additive_mask(m, xs.dtype())?,
+            None => Tensor::zeros(
+                (input_ids.dim(0)?, 1, 1, input_ids.dim(1)?),
+                xs.dtype(),
+                xs.device(),
+            )?,
+        };
+        for layer in &self.layers {
+            xs = layer.forward_t(&xs, &mask, train)?;
+        }
+        Ok(xs)
+    }
+
+    /// `tanh(pooler.dense(hidden[:, 0]))`.
+    pub fn pool(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(pooler) = &self.pooler else {
+            candle::bail!("this BERT was built without its pooler");
+        };
+        pooler
+            .forward_t(&hidden.narrow(1, 0, 1)?.squeeze(1)?, train)?
+            .tanh()
+    }
+}
+
+/// Mean of the hidden states over attended tokens (sentence-transformers'
+/// pooling), `(B, hidden)`.
+pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask
+        .to_dtype(hidden.dtype())?
+        .unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    summed.broadcast_div(&mask.sum(1)?)
+}
+
+/// `BertForSequenceClassification`: pooler, dropout, then `classifier`.
+/// `num_labels = 1` is regression (MSE), otherwise classification
+/// (cross-entropy).
+#[derive(Clone, Debug)]
+pub struct BertForSequenceClassification {
+    pub bert: BertModel,
+    dropout: SeededDropout,
+    classifier: AdaptedLinear,
+    num_labels: usize,
+}
+
+impl BertForSequenceClassification {
+    /// `vb` is the checkpoint root (holding `bert.*` and `classifier.*`).
+    pub fn new(
+        config: &BertConfig,
+        num_labels: usize,
+        vb: VarBuilder,
+        factory: &mut LinearFactory,
+        seed: u64,
+    ) -> Result<Self> {
+        let bert = BertModel::new(
+            config,
+            vb.pp("bert"),
+            factory,
+            "bert",
+            true,
+            Positions::FromZero,
+            seed,
+        )?;
+        let p = config
+            .classifier_dropout
+            .unwrap_or(config.hidden_dropout_prob);
+        let classifier = factory.linear(
+            vb.pp("classifier"),
+            "classifier",
+            config.hidden_size,
+            num_labels,
+            true,
+        )?;
+        Ok(Self {
+            bert,
+            dropout: SeededDropout::new(p, seed, "classifier"),
+            classifier,
+            num_labels,
+        })
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.num_labels
+    }
+
+    /// Logits `(B, num_labels)`.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let hidden = self
+            .bert
+            .forward_t(input_ids, token_type_ids, attention_mask, train)?;
+        let pooled = self
+            .dropout
+            .forward_t(&self.bert.pool(&hidden, train)?, train)?;
+        self.classifier.forward_t(&pooled, train)
+    }
+}
+
+/// The loss transformers uses for sequence classification: MSE against float
+/// targets `(B,)` when `num_labels == 1`, else cross-entropy against `u32`
+/// class ids `(B,)`.
+pub fn sequence_classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    if logits.dim(1)? == 1 {
+        candle_nn::loss::mse(&logits.squeeze(1)?, &labels.to_dtype(logits.dtype())?)
+    } else {
+        let log_probs = logits.broadcast_sub(&logsumexp(logits)?)?;
+        let picked = log_probs.gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+        picked.mean_all()?.neg()
+    }
+}
+
+fn logsumexp(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    xs.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
+}

@@ -1,0 +1,7 @@
+//! Transformer models whose linear layers can carry adapters: each linear is
+//! built by the [`LinearFactory`](crate::adapter::LinearFactory) under its full
+//! Hugging Face module path. Every op on the training path has a backward.
+
+pub mod bert;
+pub mod loader;
+pub mod ops;
