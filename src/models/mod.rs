@@ -5,3 +5,4 @@
 pub mod bert;
 pub mod loader;
 pub mod ops;
+pub mod roberta;

@@ -6,4 +6,5 @@ mod common;
 mod files;
 mod layers;
 mod peft;
+mod roberta;
 mod shapes;
