@@ -5,4 +5,6 @@
 pub mod bert;
 pub mod loader;
 pub mod ops;
+pub mod presets;
 pub mod roberta;
+pub mod shapes;

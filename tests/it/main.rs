@@ -5,6 +5,7 @@ mod bert;
 mod common;
 mod files;
 mod layers;
+mod params;
 mod peft;
 mod roberta;
 mod shapes;

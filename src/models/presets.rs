@@ -1,0 +1,79 @@
+//! Model families, their adapter target presets and their task heads.
+
+use candle::Result;
+
+/// A supported model family, from `config.json`'s `model_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    Roberta,
+    T5,
+}
+
+impl Family {
+    pub fn from_model_type(model_type: &str) -> Result<Self> {
+        Ok(match model_type {
+            "bert" => Self::Bert,
+            "roberta" | "xlm-roberta" => Self::Roberta,
+            "t5" | "mt5" => Self::T5,
+            other => candle::bail!("unsupported model_type {other:?} (bert, roberta, t5)"),
+        })
+    }
+
+    /// Reads `model_type` from a `config.json` text.
+    pub fn from_config_json(text: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| candle::Error::msg(format!("config.json: {e}")))?;
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some(t) => Self::from_model_type(t),
+            None => candle::bail!("config.json has no model_type"),
+        }
+    }
+
+    /// The task head's final layer, trained in full like PEFT's
+    /// `modules_to_save` (T5 has no separate head).
+    pub fn head_modules(&self) -> Vec<String> {
+        match self {
+            Self::Bert => vec!["classifier".into()],
+            Self::Roberta => vec!["classifier.out_proj".into()],
+            Self::T5 => Vec::new(),
+        }
+    }
+}
+
+/// Adapter targets: a preset name (`dense`, `attention`, `dense+attention`)
+/// or a comma-separated list of module names. `gated` says whether a T5
+/// model's FFN is gated (`wi_0`, `wi_1`) or not (`wi`).
+///
+/// | preset | BERT / RoBERTa | T5 |
+/// | --- | --- | --- |
+/// | `dense` | every `dense` (attention output, intermediate, output, BERT's pooler, RoBERTa's `classifier.dense`) | `wi` (or `wi_0`, `wi_1`), `wo`, `lm_head` |
+/// | `attention` | `query`, `key`, `value` | `q`, `k`, `v` in self- and cross-attention |
+/// | `dense+attention` | both | both |
+pub fn resolve_targets(family: Family, spec: &str, gated: bool) -> Result<Vec<String>> {
+    let dense: Vec<&str> = match (family, gated) {
+        (Family::T5, false) => vec!["wi", "wo", "lm_head"],
+        (Family::T5, true) => vec!["wi_0", "wi_1", "wo", "lm_head"],
+        _ => vec!["dense"],
+    };
+    let attention: Vec<&str> = match family {
+        Family::T5 => vec!["q", "k", "v"],
+        _ => vec!["query", "key", "value"],
+    };
+    let names: Vec<&str> = match spec.trim() {
+        "dense" => dense,
+        "attention" => attention,
+        "dense+attention" | "attention+dense" => dense.into_iter().chain(attention).collect(),
+        list => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect(),
+    };
+    if names.is_empty() {
+        candle::bail!(
+            "no adapter targets in {spec:?}: use dense, attention, dense+attention or a comma list"
+        );
+    }
+    Ok(names.into_iter().map(String::from).collect())
+}
