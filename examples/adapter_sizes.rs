@@ -8,16 +8,30 @@
 //! a=b=64 and with LoRA r=8, trains the classifier in full, and writes each
 //! adapter file variant to a temporary folder to measure its size.
 
-#[path = "support/roberta_base.rs"]
-mod roberta_base;
+use std::path::{Path, PathBuf};
 
-use std::path::PathBuf;
-
-use candle::{DType, Result};
+use candle::{DType, Device, Result, Tensor};
+use candle_nn::Linear;
 use lora_mini::adapter::{
-    export_peft, save_adapter, AdapterConfig, LoraConfig, LoraMiniConfig, Method,
-    PeftExportOptions, SaveOptions,
+    export_peft, save_adapter, AdapterConfig, AdapterRegistry, LinearFactory, LoraConfig,
+    LoraMiniConfig, Method, PeftExportOptions, SaveOptions,
 };
+use lora_mini::models::bert::BertConfig;
+use lora_mini::models::presets::Family;
+use lora_mini::models::shapes::encoder_classifier;
+
+/// Every linear layer of the model, with zero weights of the true shapes,
+/// built through the factory.
+fn registry(config_json: &Path, config: AdapterConfig) -> Result<AdapterRegistry> {
+    let bert = BertConfig::from_json(&std::fs::read_to_string(config_json)?)?;
+    let mut factory = LinearFactory::new(config)?;
+    for l in encoder_classifier(Family::Roberta, &bert, 2).linears {
+        let weight = Tensor::zeros((l.d_out, l.d_in), DType::F32, &Device::Cpu)?;
+        let bias = Tensor::zeros(l.d_out, DType::F32, &Device::Cpu)?;
+        factory.build(&l.path, &Linear::new(weight, Some(bias)))?;
+    }
+    factory.finish()
+}
 
 fn main() -> Result<()> {
     let config_json = std::env::args()
@@ -42,7 +56,7 @@ fn main() -> Result<()> {
     );
     println!("{:<54} {:>12} {:>12}", "adapter", "trainable", "bytes");
     for (name, config) in [("LoRA-Mini r=8 a=b=64", &mini), ("LoRA r=8", &lora)] {
-        let registry = roberta_base::registry(&config_json, 2, config.clone())?;
+        let registry = registry(&config_json, config.clone())?;
         let n = registry.num_trainable();
         let mut variants = vec![
             ("f32", SaveOptions::default()),

@@ -3,6 +3,7 @@
 pub mod adapter;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod models;

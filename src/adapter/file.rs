@@ -168,7 +168,7 @@ impl AdapterFile {
         )
         .map_err(|e| ctx(&format!("invalid `config` metadata: {e}")))?;
         let tensors = candle::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| ctx(&e))?
+            .map_err(|e| ctx(&crate::error::message(&e)))?
             .into_iter()
             .collect();
         Ok(Self {

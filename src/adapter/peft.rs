@@ -108,8 +108,13 @@ impl PeftAdapter {
                 weights_path.display()
             );
         }
-        let tensors = candle::safetensors::load(&weights_path, device)
-            .map_err(|e| candle::Error::msg(format!("{}: {e}", weights_path.display())))?;
+        let tensors = candle::safetensors::load(&weights_path, device).map_err(|e| {
+            candle::Error::msg(format!(
+                "{}: {}",
+                weights_path.display(),
+                crate::error::message(&e)
+            ))
+        })?;
         let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
         let mut saved = BTreeMap::new();
         for (name, tensor) in tensors {

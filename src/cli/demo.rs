@@ -153,14 +153,17 @@ struct MethodResult {
 /// Runs the demo and prints its report.
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let c = DemoConfig::resolve(args)?;
-    let (base, inputs) = load_layer(&c).map_err(|e| e.to_string())?;
-    let (d_out, d_in) = base.weight().dims2().map_err(|e| e.to_string())?;
+    let (base, inputs) = load_layer(&c).map_err(|e| crate::error::message(&e))?;
+    let (d_out, d_in) = base
+        .weight()
+        .dims2()
+        .map_err(|e| crate::error::message(&e))?;
     println!(
         "layer {} of {} ({d_out}x{d_in}); {TRAIN_TOKENS} training and {HELD_OUT_TOKENS} held-out tokens",
         c.module,
         c.model_dir.display()
     );
-    let task = Task::new(&base, inputs, &c).map_err(|e| e.to_string())?;
+    let task = Task::new(&base, inputs, &c).map_err(|e| crate::error::message(&e))?;
 
     let mini = LoraMiniConfig {
         seed: c.seed,
@@ -196,7 +199,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         let config = AdapterConfig::new(method, &[c.module.as_str()]);
         let (result, registry) = task
             .fit(&name, &base, &config, &c)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::error::message(&e))?;
         if name.starts_with("LoRA-Mini") && trained_mini.is_none() {
             trained_mini = Some((config, registry));
         }
@@ -225,7 +228,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     );
 
     let (config, registry) = trained_mini.ok_or("no LoRA-Mini run")?;
-    save_and_check(&c, &task, &base, &config, &registry).map_err(|e| e.to_string())?;
+    save_and_check(&c, &task, &base, &config, &registry).map_err(|e| crate::error::message(&e))?;
     let json =
         serde_json::to_string_pretty(&serde_json::json!({ "config": c, "results": results }))
             .map_err(|e| e.to_string())?;

@@ -2,6 +2,7 @@
 //! subcommand lives in its own file.
 
 pub mod demo;
+pub mod params;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,9 @@ pub enum Command {
     /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
     /// save, reload and export them (the default job; see README.md).
     Demo(demo::DemoArgs),
+    /// Count trainable and total parameters for a model config, task and
+    /// adapter, without loading weights.
+    Params(params::ParamsArgs),
 }
 
 /// A message for the user; the binary prints it and exits with status 1.
@@ -30,5 +34,6 @@ pub type CliError = String;
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Params(args) => params::run(&args),
     }
 }

@@ -30,7 +30,13 @@ impl Checkpoint {
             );
         }
         let tensors = candle::safetensors::load(&weights, device)
-            .map_err(|e| candle::Error::msg(format!("{}: {e}", weights.display())))?
+            .map_err(|e| {
+                candle::Error::msg(format!(
+                    "{}: {}",
+                    weights.display(),
+                    crate::error::message(&e)
+                ))
+            })?
             .into_iter()
             .filter(|(name, _)| !name.ends_with("position_ids"))
             .collect();

@@ -2,10 +2,11 @@
 
 #[cfg(feature = "data")]
 mod bert;
+#[cfg(feature = "cli")]
+mod cli;
 mod common;
 mod files;
 mod layers;
 mod params;
 mod peft;
 mod roberta;
-mod shapes;

@@ -72,6 +72,16 @@ fn counts_quoted_in_the_issue() -> Result<()> {
         modules_to_save: family.head_modules(),
     };
     assert_eq!(shapes.count(&lora)?.trainable, 898_562);
+    // The adapter-file figures of the adapter-core issue (a=b=64, classifier head in full).
+    assert_eq!(
+        mini_count("roberta-base", 2, "dense+attention", 8, 64, 64)?.0,
+        76_290
+    );
+    let lora_da = AdapterConfig {
+        targets: resolve_targets(family, "dense+attention", false)?,
+        ..lora
+    };
+    assert_eq!(shapes.count(&lora_da)?.trainable, 1_340_930);
     // Totals: the models' well-known sizes, heads included, tied weights once.
     assert_eq!(
         mini_count("roberta-base", 2, "dense", 8, 16, 16)?.1,
