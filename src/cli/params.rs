@@ -10,7 +10,8 @@ use crate::adapter::targets::ALL_LINEAR;
 use crate::adapter::{AdapterConfig, LoraConfig, LoraMiniConfig, Method};
 use crate::models::bert::BertConfig;
 use crate::models::presets::{resolve_targets, Family};
-use crate::models::shapes::{encoder_classifier, t5_conditional_generation, T5Shape};
+use crate::models::shapes::{encoder_classifier, t5_conditional_generation};
+use crate::models::t5::T5Config;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
@@ -83,8 +84,7 @@ pub fn run(args: &ParamsArgs) -> Result<(), CliError> {
     let labels = task_labels(&args.task)?;
     let (shapes, gated) = match (family, labels) {
         (Family::T5, None) => {
-            let c: T5Shape =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let c = T5Config::from_json(&text).map_err(err)?;
             (t5_conditional_generation(&c), c.is_gated())
         }
         (Family::T5, Some(_)) => {

@@ -8,3 +8,4 @@ pub mod ops;
 pub mod presets;
 pub mod roberta;
 pub mod shapes;
+pub mod t5;

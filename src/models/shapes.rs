@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::bert::BertConfig;
 use super::presets::Family;
+use super::t5::T5Config;
 use crate::adapter::{AdapterConfig, Method};
 
 /// One linear layer: `d_in -> d_out` at `path`.
@@ -155,44 +156,9 @@ pub fn encoder_classifier(family: Family, config: &BertConfig, num_labels: usize
     }
 }
 
-/// The T5 fields shape counting needs.
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct T5Shape {
-    pub vocab_size: usize,
-    pub d_model: usize,
-    pub d_kv: usize,
-    pub d_ff: usize,
-    pub num_heads: usize,
-    pub num_layers: usize,
-    #[serde(default)]
-    pub num_decoder_layers: Option<usize>,
-    #[serde(default = "default_buckets")]
-    pub relative_attention_num_buckets: usize,
-    #[serde(default = "default_ff_proj")]
-    pub feed_forward_proj: String,
-    #[serde(default = "default_true")]
-    pub tie_word_embeddings: bool,
-}
-
-fn default_buckets() -> usize {
-    32
-}
-fn default_ff_proj() -> String {
-    "relu".into()
-}
-fn default_true() -> bool {
-    true
-}
-
-impl T5Shape {
-    pub fn is_gated(&self) -> bool {
-        self.feed_forward_proj.starts_with("gated-")
-    }
-}
-
 /// The shapes of `T5ForConditionalGeneration`. With tied embeddings
 /// `lm_head` is the shared embedding matrix, counted once (as a linear).
-pub fn t5_conditional_generation(c: &T5Shape) -> ModelShapes {
+pub fn t5_conditional_generation(c: &T5Config) -> ModelShapes {
     let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
     let mut linears = Vec::new();
     let attention = |linears: &mut Vec<LinearShape>, p: String| {
@@ -237,7 +203,7 @@ pub fn t5_conditional_generation(c: &T5Shape) -> ModelShapes {
         );
         ffn(&mut linears, format!("encoder.block.{i}.layer.1"));
     }
-    let dec = c.num_decoder_layers.unwrap_or(c.num_layers);
+    let dec = c.decoder_layers();
     for i in 0..dec {
         attention(
             &mut linears,

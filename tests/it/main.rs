@@ -10,3 +10,4 @@ mod layers;
 mod params;
 mod peft;
 mod roberta;
+mod t5;

@@ -6,9 +6,8 @@ use lora_mini::adapter::{AdapterConfig, LinearFactory, LoraConfig, LoraMiniConfi
 use lora_mini::models::bert::{BertConfig, BertForSequenceClassification};
 use lora_mini::models::loader::Checkpoint;
 use lora_mini::models::presets::{resolve_targets, Family};
-use lora_mini::models::shapes::{
-    encoder_classifier, t5_conditional_generation, ModelShapes, T5Shape,
-};
+use lora_mini::models::shapes::{encoder_classifier, t5_conditional_generation, ModelShapes};
+use lora_mini::models::t5::T5Config;
 
 use crate::common::shared;
 
@@ -17,7 +16,7 @@ fn model(name: &str, num_labels: usize) -> Result<(Family, ModelShapes, bool)> {
     let family = Family::from_config_json(&text)?;
     Ok(match family {
         Family::T5 => {
-            let c: T5Shape = serde_json::from_str(&text).map_err(candle::Error::wrap)?;
+            let c = T5Config::from_json(&text)?;
             (family, t5_conditional_generation(&c), c.is_gated())
         }
         _ => (
