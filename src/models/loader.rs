@@ -1,4 +1,4 @@
-//! Reading Hugging Face checkpoints from a local folder.
+//! Reading Hugging Face checkpoints from a local folder or the hub.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,32 +14,107 @@ pub struct Checkpoint {
     pub tensors: HashMap<String, Tensor>,
 }
 
+/// The local folder of a checkpoint named by `spec`: `spec` itself when it is
+/// a folder, otherwise a hub model id whose `config.json`, weights
+/// (`model.safetensors`, or `pytorch_model.bin`) and `tokenizer.json` (when
+/// present) are fetched through the hub cache. `HF_HOME` and `HF_HUB_OFFLINE`
+/// are honoured.
+pub fn resolve_checkpoint_dir(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    fetch_from_hub(spec, revision)
+}
+
+#[cfg(feature = "hub")]
+fn fetch_from_hub(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
+    use crate::hub::{fetch, HubOptions};
+    use hf_hub::RepoType;
+    let options = HubOptions::from_env();
+    let config = fetch(&options, repo, RepoType::Model, revision, "config.json")?;
+    if fetch(
+        &options,
+        repo,
+        RepoType::Model,
+        revision,
+        "model.safetensors",
+    )
+    .is_err()
+    {
+        fetch(
+            &options,
+            repo,
+            RepoType::Model,
+            revision,
+            "pytorch_model.bin",
+        )
+        .map_err(|e| {
+            candle::Error::msg(format!(
+                "{repo}: neither model.safetensors nor pytorch_model.bin: {}",
+                crate::error::message(&e)
+            ))
+        })?;
+    }
+    // Optional: not every checkpoint ships a fast tokenizer.
+    let _ = fetch(&options, repo, RepoType::Model, revision, "tokenizer.json");
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+#[cfg(not(feature = "hub"))]
+fn fetch_from_hub(repo: &str, _revision: Option<&str>) -> Result<PathBuf> {
+    candle::bail!("{repo} is not a folder, and this build lacks the `hub` feature to download it")
+}
+
 impl Checkpoint {
-    /// Reads `config.json` and `model.safetensors`, dropping buffers that are
-    /// not parameters (`*.position_ids`).
+    /// Reads `config.json` and `model.safetensors` (or `pytorch_model.bin`),
+    /// dropping buffers that are not parameters (`*.position_ids`). A
+    /// non-float parameter is an error naming it.
     pub fn read_dir(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let config_path = dir.join("config.json");
         let config_json = std::fs::read_to_string(&config_path)
             .map_err(|e| candle::Error::msg(format!("reading {}: {e}", config_path.display())))?;
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            candle::bail!(
-                "{} not found (pytorch_model.bin checkpoints must be converted to safetensors)",
-                weights.display()
-            );
-        }
-        let tensors = candle::safetensors::load(&weights, device)
-            .map_err(|e| {
+        let safetensors = dir.join("model.safetensors");
+        let bin = dir.join("pytorch_model.bin");
+        let (file, raw): (PathBuf, Vec<(String, Tensor)>) = if safetensors.exists() {
+            let t = candle::safetensors::load(&safetensors, device).map_err(|e| {
                 candle::Error::msg(format!(
                     "{}: {}",
-                    weights.display(),
+                    safetensors.display(),
                     crate::error::message(&e)
                 ))
-            })?
-            .into_iter()
-            .filter(|(name, _)| !name.ends_with("position_ids"))
-            .collect();
+            })?;
+            (safetensors, t.into_iter().collect())
+        } else if bin.exists() {
+            let t = candle::pickle::read_all(&bin).map_err(|e| {
+                candle::Error::msg(format!("{}: {}", bin.display(), crate::error::message(&e)))
+            })?;
+            let t = t
+                .into_iter()
+                .map(|(n, t)| Ok((n, t.to_device(device)?)))
+                .collect::<Result<_>>()?;
+            (bin, t)
+        } else {
+            candle::bail!(
+                "{} holds neither model.safetensors nor pytorch_model.bin",
+                dir.display()
+            );
+        };
+        let mut tensors = HashMap::new();
+        for (name, tensor) in raw {
+            if name.ends_with("position_ids") {
+                continue;
+            }
+            if !tensor.dtype().is_float() {
+                candle::bail!(
+                    "{}: tensor {name} has dtype {:?}, expected a float type",
+                    file.display(),
+                    tensor.dtype()
+                );
+            }
+            tensors.insert(name, tensor);
+        }
         Ok(Self {
             dir,
             config_json,
@@ -81,9 +156,7 @@ impl Checkpoint {
     pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_tensors(self.tensors.clone(), dtype, device)
     }
-}
 
-impl Checkpoint {
     /// Adds a linear layer the checkpoint lacks (a new task head), initialised
     /// as transformers does: weights `N(0, std²)` from the seeded generator,
     /// zero bias. Returns whether it was missing; says so in one line.

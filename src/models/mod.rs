@@ -9,3 +9,4 @@ pub mod presets;
 pub mod roberta;
 pub mod shapes;
 pub mod t5;
+pub mod task;

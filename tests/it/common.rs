@@ -100,3 +100,76 @@ impl ToyModel {
         Ok(())
     }
 }
+
+/// Every tensor of a BERT-layout encoder under `root` (`bert` or `roberta`)
+/// with `[vocab, hidden, intermediate, layers, max_positions, type_vocab]`,
+/// plus the `head` linears `(path, d_in, d_out)`. Weights are spread wider than
+/// transformers' init so that outputs depend on the input.
+pub fn random_encoder(
+    root: &str,
+    [v, h, ff, layers, p, types]: [usize; 6],
+    head: &[(&str, usize, usize)],
+) -> Result<std::collections::HashMap<String, Tensor>> {
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        (
+            format!("{root}.embeddings.word_embeddings.weight"),
+            vec![v, h],
+        ),
+        (
+            format!("{root}.embeddings.position_embeddings.weight"),
+            vec![p, h],
+        ),
+        (
+            format!("{root}.embeddings.token_type_embeddings.weight"),
+            vec![types, h],
+        ),
+    ];
+    let mut linears: Vec<(String, usize, usize)> = head
+        .iter()
+        .map(|(n, i, o)| (n.to_string(), *i, *o))
+        .collect();
+    let mut norms = vec![format!("{root}.embeddings.LayerNorm")];
+    for i in 0..layers {
+        let l = format!("{root}.encoder.layer.{i}");
+        for (m, d_in, d_out) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", h, ff),
+            ("output.dense", ff, h),
+        ] {
+            linears.push((format!("{l}.{m}"), d_in, d_out));
+        }
+        norms.push(format!("{l}.attention.output.LayerNorm"));
+        norms.push(format!("{l}.output.LayerNorm"));
+    }
+    for (name, d_in, d_out) in linears {
+        shapes.push((format!("{name}.weight"), vec![d_out, d_in]));
+        shapes.push((format!("{name}.bias"), vec![d_out]));
+    }
+    let mut tensors = std::collections::HashMap::new();
+    for (i, (name, dims)) in shapes.into_iter().enumerate() {
+        let fan_in = *dims.last().unwrap() as f64;
+        tensors.insert(
+            name,
+            uniform(500 + i as u64, &dims, 1.5 / fan_in.sqrt(), DType::F32)?,
+        );
+    }
+    for (i, norm) in norms.into_iter().enumerate() {
+        tensors.insert(
+            format!("{norm}.weight"),
+            (uniform(900 + i as u64, &[h], 0.3, DType::F32)? + 1.0)?,
+        );
+        tensors.insert(
+            format!("{norm}.bias"),
+            uniform(950 + i as u64, &[h], 0.3, DType::F32)?,
+        );
+    }
+    Ok(tensors)
+}
+
+/// An error's text without Candle's backtrace.
+pub fn message(e: candle::Error) -> String {
+    lora_mini::error::message(&e)
+}

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod files;
 mod layers;
+mod loading;
 mod params;
 mod peft;
 mod roberta;

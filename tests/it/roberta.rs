@@ -8,7 +8,7 @@ use lora_mini::adapter::LinearFactory;
 use lora_mini::models::bert::BertConfig;
 use lora_mini::models::roberta::RobertaForSequenceClassification;
 
-use crate::common::{max_abs_diff, uniform};
+use crate::common::{max_abs_diff, random_encoder};
 
 const CONFIG: &str = r#"{
   "model_type": "roberta", "vocab_size": 60, "hidden_size": 32, "num_hidden_layers": 2,
@@ -18,64 +18,13 @@ const CONFIG: &str = r#"{
   "pad_token_id": 1, "position_embedding_type": "absolute"
 }"#;
 
-/// Every tensor of a RobertaForSequenceClassification of `CONFIG`, with a
-/// wider spread than transformers' init so outputs depend on the input.
+/// Every tensor of a RobertaForSequenceClassification of `CONFIG`.
 pub fn random_roberta(num_labels: usize) -> Result<HashMap<String, Tensor>> {
-    let (v, h, ff, p) = (60, 32, 64, 40);
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        (
-            "roberta.embeddings.word_embeddings.weight".into(),
-            vec![v, h],
-        ),
-        (
-            "roberta.embeddings.position_embeddings.weight".into(),
-            vec![p, h],
-        ),
-        (
-            "roberta.embeddings.token_type_embeddings.weight".into(),
-            vec![1, h],
-        ),
-        ("classifier.dense.weight".into(), vec![h, h]),
-        ("classifier.dense.bias".into(), vec![h]),
-        ("classifier.out_proj.weight".into(), vec![num_labels, h]),
-        ("classifier.out_proj.bias".into(), vec![num_labels]),
+    let head = [
+        ("classifier.dense", 32, 32),
+        ("classifier.out_proj", 32, num_labels),
     ];
-    let mut norms = vec!["roberta.embeddings.LayerNorm".to_string()];
-    for i in 0..2 {
-        let l = format!("roberta.encoder.layer.{i}");
-        for (m, d_in, d_out) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", h, ff),
-            ("output.dense", ff, h),
-        ] {
-            shapes.push((format!("{l}.{m}.weight"), vec![d_out, d_in]));
-            shapes.push((format!("{l}.{m}.bias"), vec![d_out]));
-        }
-        norms.push(format!("{l}.attention.output.LayerNorm"));
-        norms.push(format!("{l}.output.LayerNorm"));
-    }
-    let mut tensors = HashMap::new();
-    for (i, (name, dims)) in shapes.into_iter().enumerate() {
-        let fan_in = *dims.last().unwrap() as f64;
-        tensors.insert(
-            name,
-            uniform(500 + i as u64, &dims, 1.5 / fan_in.sqrt(), DType::F32)?,
-        );
-    }
-    for (i, norm) in norms.into_iter().enumerate() {
-        tensors.insert(
-            format!("{norm}.weight"),
-            (uniform(900 + i as u64, &[h], 0.3, DType::F32)? + 1.0)?,
-        );
-        tensors.insert(
-            format!("{norm}.bias"),
-            uniform(950 + i as u64, &[h], 0.3, DType::F32)?,
-        );
-    }
-    Ok(tensors)
+    random_encoder("roberta", [60, 32, 64, 2, 40, 1], &head)
 }
 
 #[test]
@@ -104,5 +53,52 @@ fn logits_match_candle_transformers_xlm_roberta() -> Result<()> {
     assert!(err < 1e-4, "{err}");
     // The logits depend on the input (the spread is wide enough to matter).
     assert!(max_abs_diff(&a.narrow(0, 0, 1)?, &a.narrow(0, 1, 1)?)? > 1e-2);
+    Ok(())
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient() -> Result<()> {
+    use lora_mini::adapter::{AdapterConfig, InnerInit, LoraMiniConfig, Method};
+    use lora_mini::models::bert::sequence_classification_loss;
+    use lora_mini::models::presets::{resolve_targets, Family};
+    let dev = Device::Cpu;
+    let method = Method::LoraMini(LoraMiniConfig {
+        inner_init: InnerInit::Kaiming,
+        ..LoraMiniConfig::new(2, 8, 8)
+    });
+    let adapter = AdapterConfig {
+        method,
+        targets: resolve_targets(Family::Roberta, "dense+attention", false)?,
+        modules_to_save: Family::Roberta.head_modules(),
+    };
+    let mut factory = LinearFactory::new(adapter)?;
+    let vb = candle_nn::VarBuilder::from_tensors(random_roberta(1)?, DType::F32, &dev);
+    let model = RobertaForSequenceClassification::new(
+        &BertConfig::from_json(CONFIG)?,
+        1,
+        vb,
+        &mut factory,
+        1,
+    )?;
+    let registry = factory.finish()?;
+    // 2 layers x 6 modules + classifier.dense, plus out_proj in full.
+    assert_eq!(registry.num_trainable(), 13 * 2 * 16 + 32 + 1);
+    let ids = Tensor::new(&[[0u32, 17, 42, 8, 33, 2], [0, 25, 9, 2, 1, 1]], &dev)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &dev)?;
+    // num_labels = 1 is regression: MSE against float targets.
+    let logits = model.forward_t(&ids, Some(&mask), true)?;
+    let loss = sequence_classification_loss(&logits, &Tensor::new(&[3.5f32, 0.5], &dev)?)?;
+    let grads = loss.backward()?;
+    for (name, var) in registry.trainable() {
+        let g = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("{name}: no gradient"))
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        assert!(
+            g.iter().all(|x| x.is_finite()) && g.iter().any(|x| *x != 0.0),
+            "{name}"
+        );
+    }
     Ok(())
 }

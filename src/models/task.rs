@@ -1,0 +1,129 @@
+//! Loading a task model of any supported family from a checkpoint.
+
+use std::path::PathBuf;
+
+use candle::{DType, Device, Result};
+
+use super::bert::{BertConfig, BertForSequenceClassification};
+use super::loader::{resolve_checkpoint_dir, Checkpoint};
+use super::presets::Family;
+use super::roberta::RobertaForSequenceClassification;
+use super::t5::{T5Config, T5ForConditionalGeneration};
+use crate::adapter::{AdapterRegistry, LinearFactory};
+
+/// A model with its task head.
+#[derive(Clone, Debug)]
+pub enum TaskModel {
+    Bert(BertForSequenceClassification),
+    Roberta(RobertaForSequenceClassification),
+    T5(T5ForConditionalGeneration),
+}
+
+/// A loaded model, the registry of what it trains, and where it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    pub model: TaskModel,
+    pub registry: AdapterRegistry,
+    pub family: Family,
+    pub dir: PathBuf,
+}
+
+/// Loads the checkpoint `spec` (a folder or a hub id) as a task model:
+/// `num_labels` outputs for BERT and RoBERTa, conditional generation for T5.
+/// Tensor names are accepted with or without the `bert.` / `roberta.` /
+/// `transformer.` prefix; a missing task head is initialised as transformers
+/// does, and said so. Every linear layer goes through `factory`.
+pub fn load_task_model(
+    spec: &str,
+    revision: Option<&str>,
+    num_labels: Option<usize>,
+    mut factory: LinearFactory,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<LoadedModel> {
+    let dir = resolve_checkpoint_dir(spec, revision)?;
+    let mut ckpt = Checkpoint::read_dir(&dir, device)?;
+    let family = Family::from_config_json(&ckpt.config_json).map_err(|e| in_dir(&dir, e))?;
+    let labels = |family: Family| {
+        num_labels.ok_or_else(|| {
+            candle::Error::msg(format!(
+                "a {family:?} model needs a number of labels for its head"
+            ))
+        })
+    };
+    let model = match family {
+        Family::Bert | Family::Roberta => {
+            let config = BertConfig::from_json(&ckpt.config_json).map_err(|e| in_dir(&dir, e))?;
+            let n = labels(family)?;
+            let (h, std) = (config.hidden_size, config.initializer_range);
+            if family == Family::Bert {
+                ckpt = ckpt.with_prefix("bert", &["embeddings", "encoder", "pooler"]);
+                ckpt.init_missing_linear("bert.pooler.dense", h, h, std, seed)?;
+                ckpt.init_missing_linear("classifier", h, n, std, seed)?;
+                let vb = ckpt.var_builder(dtype, device);
+                TaskModel::Bert(BertForSequenceClassification::new(
+                    &config,
+                    n,
+                    vb,
+                    &mut factory,
+                    seed,
+                )?)
+            } else {
+                ckpt = ckpt.with_prefix("roberta", &["embeddings", "encoder", "pooler"]);
+                ckpt.init_missing_linear("classifier.dense", h, h, std, seed)?;
+                ckpt.init_missing_linear("classifier.out_proj", h, n, std, seed)?;
+                let vb = ckpt.var_builder(dtype, device);
+                TaskModel::Roberta(RobertaForSequenceClassification::new(
+                    &config,
+                    n,
+                    vb,
+                    &mut factory,
+                    seed,
+                )?)
+            }
+        }
+        Family::T5 => {
+            let config = T5Config::from_json(&ckpt.config_json).map_err(|e| in_dir(&dir, e))?;
+            ckpt.tensors = ckpt
+                .tensors
+                .into_iter()
+                .map(|(n, t)| {
+                    (
+                        n.strip_prefix("transformer.")
+                            .map(String::from)
+                            .unwrap_or(n),
+                        t,
+                    )
+                })
+                .collect();
+            if !ckpt.tensors.contains_key("shared.weight") {
+                if let Some(t) = ckpt.tensors.get("encoder.embed_tokens.weight").cloned() {
+                    ckpt.tensors.insert("shared.weight".into(), t);
+                }
+            }
+            let vb = ckpt.var_builder(dtype, device);
+            TaskModel::T5(T5ForConditionalGeneration::new(
+                &config,
+                vb,
+                &mut factory,
+                seed,
+            )?)
+        }
+    };
+    let registry = factory.finish()?;
+    Ok(LoadedModel {
+        model,
+        registry,
+        family,
+        dir,
+    })
+}
+
+fn in_dir(dir: &std::path::Path, e: candle::Error) -> candle::Error {
+    candle::Error::msg(format!(
+        "{}: {}",
+        dir.join("config.json").display(),
+        crate::error::message(&e)
+    ))
+}
