@@ -879,13 +879,17 @@ impl T5ForConditionalGeneration {
                 }
             }
             candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let best_candidate = candidates.first().map_or(f64::NEG_INFINITY, |c| c.0);
             let mut next = Vec::with_capacity(num_beams);
-            for (score, bi, tok) in candidates.into_iter().take(2 * num_beams) {
+            for (rank, (score, bi, tok)) in candidates.into_iter().take(2 * num_beams).enumerate() {
                 let mut tokens = beams[bi].0.clone();
                 tokens.push(tok);
                 if tok == eos {
-                    finished.push((tokens, score));
-                } else if next.len() < num_beams {
+                    // As transformers: an end is only kept from the top num_beams.
+                    if rank < num_beams {
+                        finished.push((tokens, score));
+                    }
+                } else {
                     next.push((tokens, score, bi));
                 }
                 if next.len() == num_beams {
@@ -904,25 +908,30 @@ impl T5ForConditionalGeneration {
             )?;
             cache.select(&rows)?;
             beams = next.into_iter().map(|(t, s, _)| (t, s)).collect();
-            let best_running = beams
-                .iter()
-                .map(|(_, s)| *s)
-                .fold(f64::NEG_INFINITY, f64::max);
             if finished.len() == num_beams {
+                // transformers' length counts the start token: step + 1 here.
                 let worst = finished
                     .iter()
                     .map(|(t, s)| norm(t.len(), *s))
                     .fold(f64::INFINITY, f64::min);
-                if norm(step + 1, best_running) <= worst {
+                if worst >= norm(step + 1, best_candidate) {
                     break;
                 }
             }
         }
+        // Unfinished beams are scored with the start token in their length,
+        // finished ones with their end token, as transformers does.
         let best = finished
             .into_iter()
-            .chain(beams.into_iter().filter(|(_, s)| s.is_finite()))
-            .max_by(|a, b| norm(a.0.len(), a.1).total_cmp(&norm(b.0.len(), b.1)));
-        Ok(best.map(|(t, _)| t).unwrap_or_default())
+            .map(|(t, s)| (norm(t.len(), s), t))
+            .chain(
+                beams
+                    .into_iter()
+                    .filter(|(_, s)| s.is_finite())
+                    .map(|(t, s)| (norm(t.len() + 1, s), t)),
+            )
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(best.map(|(_, t)| t).unwrap_or_default())
     }
 }
 

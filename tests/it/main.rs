@@ -6,6 +6,7 @@ mod bert;
 mod cli;
 mod common;
 mod files;
+mod golden;
 mod layers;
 mod loading;
 mod params;
