@@ -26,6 +26,9 @@ pub struct LoadedModel {
     pub registry: AdapterRegistry,
     pub family: Family,
     pub dir: PathBuf,
+    /// The weights the model was built from, under the task model's names
+    /// (prefixes added, a new head included).
+    pub checkpoint: Checkpoint,
 }
 
 /// Loads the checkpoint `spec` (a folder or a hub id) as a task model:
@@ -117,6 +120,7 @@ pub fn load_task_model(
         registry,
         family,
         dir,
+        checkpoint: ckpt,
     })
 }
 
@@ -126,4 +130,62 @@ fn in_dir(dir: &std::path::Path, e: candle::Error) -> candle::Error {
         dir.join("config.json").display(),
         crate::error::message(&e)
     ))
+}
+
+impl LoadedModel {
+    /// The full weights with every adapter folded in, under Hugging Face
+    /// names, and the matching `config.json` text. A T5 `lm_head` that is
+    /// tied to the embeddings but carries an update is untied: the merged
+    /// head gets the `d_model^-0.5` scale folded in and the config says
+    /// `tie_word_embeddings: false`, so the logits are unchanged.
+    pub fn merged_weights(
+        &self,
+    ) -> Result<(std::collections::HashMap<String, candle::Tensor>, String)> {
+        let mut tensors = self.checkpoint.tensors.clone();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&self.checkpoint.config_json).map_err(candle::Error::wrap)?;
+        for (path, layer) in self.registry.modules() {
+            let mut weight = layer.merged_weight()?;
+            if let (TaskModel::T5(t5), "lm_head") = (&self.model, path) {
+                if t5.config().tie_word_embeddings {
+                    weight = (weight * (t5.config().d_model as f64).powf(-0.5))?;
+                    config["tie_word_embeddings"] = serde_json::Value::Bool(false);
+                }
+            }
+            tensors.insert(format!("{path}.weight"), weight);
+            if let Some(bias) = layer.bias() {
+                tensors.insert(format!("{path}.bias"), bias.clone());
+            }
+        }
+        for (name, var) in self.registry.extra_vars() {
+            tensors.insert(name.to_string(), var.as_tensor().clone());
+        }
+        let config = serde_json::to_string_pretty(&config).map_err(candle::Error::wrap)?;
+        Ok((tensors, config))
+    }
+
+    /// Writes [`Self::merged_weights`] as a checkpoint folder
+    /// (`config.json`, `model.safetensors`, and `tokenizer.json` when the
+    /// source had one) that loads without this crate's adapters.
+    pub fn save_merged(&self, out: impl AsRef<std::path::Path>) -> Result<()> {
+        let out = out.as_ref();
+        let (tensors, config) = self.merged_weights()?;
+        std::fs::create_dir_all(out)
+            .map_err(|e| candle::Error::msg(format!("creating {}: {e}", out.display())))?;
+        let tensors: std::collections::BTreeMap<String, candle::Tensor> =
+            tensors.into_iter().collect();
+        let metadata = [("format".to_string(), "pt".to_string())].into();
+        crate::adapter::file::write_safetensors_atomic(
+            &out.join("model.safetensors"),
+            &tensors,
+            metadata,
+        )?;
+        crate::adapter::file::write_atomic(&out.join("config.json"), config.as_bytes())?;
+        let tokenizer = self.dir.join("tokenizer.json");
+        if tokenizer.exists() {
+            std::fs::copy(&tokenizer, out.join("tokenizer.json"))
+                .map_err(|e| candle::Error::msg(format!("copying {}: {e}", tokenizer.display())))?;
+        }
+        Ok(())
+    }
 }

@@ -9,6 +9,7 @@ mod files;
 mod golden;
 mod layers;
 mod loading;
+mod merged;
 mod params;
 mod peft;
 mod roberta;
