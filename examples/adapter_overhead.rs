@@ -68,10 +68,15 @@ fn main() -> Result<()> {
             }
         }
     }
+    // Ratios are taken within each round, then their median: drift between
+    // rounds cancels out.
+    let ratios: Vec<f64> = (0..times.len())
+        .map(|i| median(times[i].iter().zip(&times[1]).map(|(t, lora)| t / lora).collect()))
+        .collect();
     let medians: Vec<f64> = times.into_iter().map(median).collect();
     println!("forward+backward, 768x768, 4096 tokens, median of {rounds} interleaved rounds");
-    for ((name, _), m) in variants.iter().zip(&medians) {
-        println!("{name:<42} {m:>8.1} ms   {:>5.3}x LoRA", m / medians[1]);
+    for (((name, _), m), r) in variants.iter().zip(&medians).zip(&ratios) {
+        println!("{name:<42} {m:>8.1} ms   {r:>5.3}x LoRA");
     }
     Ok(())
 }
