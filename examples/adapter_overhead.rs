@@ -71,7 +71,15 @@ fn main() -> Result<()> {
     // Ratios are taken within each round, then their median: drift between
     // rounds cancels out.
     let ratios: Vec<f64> = (0..times.len())
-        .map(|i| median(times[i].iter().zip(&times[1]).map(|(t, lora)| t / lora).collect()))
+        .map(|i| {
+            median(
+                times[i]
+                    .iter()
+                    .zip(&times[1])
+                    .map(|(t, lora)| t / lora)
+                    .collect(),
+            )
+        })
         .collect();
     let medians: Vec<f64> = times.into_iter().map(median).collect();
     println!("forward+backward, 768x768, 4096 tokens, median of {rounds} interleaved rounds");

@@ -6,4 +6,5 @@ pub mod cli;
 pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod metrics;
 pub mod models;

@@ -10,6 +10,7 @@ mod golden;
 mod layers;
 mod loading;
 mod merged;
+mod metrics;
 mod params;
 mod peft;
 mod roberta;
