@@ -160,15 +160,17 @@ pub fn bleu_from_stats(stats: &BleuStats) -> Bleu {
         return result(0.0, precisions);
     }
     let mut smooth = 1.0;
-    for n in 0..MAX_ORDER {
-        if stats.total[n] == 0 {
+    for ((precision, &total), &correct) in
+        precisions.iter_mut().zip(&stats.total).zip(&stats.correct)
+    {
+        if total == 0 {
             break;
         }
-        precisions[n] = if stats.correct[n] == 0 {
+        *precision = if correct == 0 {
             smooth *= 2.0;
-            100.0 / (smooth * stats.total[n] as f64)
+            100.0 / (smooth * total as f64)
         } else {
-            100.0 * stats.correct[n] as f64 / stats.total[n] as f64
+            100.0 * correct as f64 / total as f64
         };
     }
     let log = |p: f64| if p == 0.0 { -9_999_999_999.0 } else { p.ln() };
