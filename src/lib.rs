@@ -3,6 +3,7 @@
 pub mod adapter;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod data;
 pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;

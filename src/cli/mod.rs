@@ -3,6 +3,7 @@
 
 pub mod demo;
 pub mod params;
+pub mod score;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,9 @@ pub enum Command {
     /// Count trainable and total parameters for a model config, task and
     /// adapter, without loading weights.
     Params(params::ParamsArgs),
+    /// Score a predictions file against references with the task's official
+    /// metrics (sacreBLEU, rouge-score, scikit-learn and scipy definitions).
+    Score(score::ScoreArgs),
 }
 
 /// A message for the user; the binary prints it and exits with status 1.
@@ -35,5 +39,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Params(args) => params::run(&args),
+        Command::Score(args) => score::run(&args),
     }
 }

@@ -55,22 +55,6 @@ pub struct ParamsArgs {
     pub json: bool,
 }
 
-/// Output labels of a task's head; `None` for sequence-to-sequence tasks.
-/// (The data layer's task registry supersedes this when it lands.)
-fn task_labels(task: &str) -> Result<Option<usize>, CliError> {
-    Ok(match task {
-        "cola" | "sst2" | "mrpc" | "qqp" | "qnli" | "rte" | "wnli" => Some(2),
-        "mnli" => Some(3),
-        "stsb" => Some(1),
-        "wmt16-en-ro" => None,
-        other => {
-            return Err(format!(
-                "unknown task {other:?}: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli or wmt16-en-ro"
-            ))
-        }
-    })
-}
-
 pub fn run(args: &ParamsArgs) -> Result<(), CliError> {
     let path = if args.model.is_dir() {
         args.model.join("config.json")
@@ -81,7 +65,7 @@ pub fn run(args: &ParamsArgs) -> Result<(), CliError> {
         std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let err = |e: candle::Error| format!("{}: {}", path.display(), crate::error::message(&e));
     let family = Family::from_config_json(&text).map_err(err)?;
-    let labels = task_labels(&args.task)?;
+    let labels = crate::data::task(&args.task)?.num_labels();
     let (shapes, gated) = match (family, labels) {
         (Family::T5, None) => {
             let c = T5Config::from_json(&text).map_err(err)?;

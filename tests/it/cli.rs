@@ -88,11 +88,79 @@ fn params_errors_name_the_problem_without_a_backtrace() {
 
 #[test]
 fn every_subcommand_explains_itself() {
-    for sub in ["demo", "params"] {
+    for sub in ["demo", "params", "score"] {
         let (ok, stdout, _) = lora_mini(&[sub, "--help"]);
         assert!(
             ok && stdout.contains("Usage: lora-mini") && stdout.contains("Example"),
             "{stdout}"
         );
     }
+}
+
+#[test]
+fn score_prints_sacrebleu_scale_json_and_names_count_mismatches() {
+    let (ok, stdout, stderr) = lora_mini(&[
+        "score",
+        "--task",
+        "wmt16-en-ro",
+        "--predictions",
+        "tests/fixtures/metrics/hyp.newstest2016.ro",
+        "--references",
+        "../shared/data/wmt16_en_ro/newsdev2016_newstest2016/newstest2016-enro.ro",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/metrics/metrics.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let expected = &fixture["newstest2016"]["ro"];
+    assert!(
+        (v["bleu"].as_f64().unwrap() - expected["bleu"]["score"].as_f64().unwrap()).abs() < 0.01
+    );
+    assert!(
+        (v["bleu_2"].as_f64().unwrap() - expected["bleu"]["precisions"][1].as_f64().unwrap()).abs()
+            < 0.01
+    );
+    assert!(
+        (v["rougeL"].as_f64().unwrap() - expected["rouge"]["rougeL"].as_f64().unwrap()).abs()
+            < 1e-9
+    );
+
+    let (ok, _, stderr) = lora_mini(&[
+        "score",
+        "--task",
+        "wmt16-en-ro",
+        "--predictions",
+        "tests/fixtures/metrics/hyp.newstest2016.ro",
+        "--references",
+        "../shared/data/wmt16_en_ro/newsdev2016_newstest2016/PROVENANCE.txt",
+    ]);
+    assert!(!ok && stderr.contains("1999 predictions"), "{stderr}");
+}
+
+#[test]
+fn score_reports_undefined_correlations_as_null_with_a_warning() {
+    let dir = std::env::temp_dir().join(format!("lora-mini-score-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let preds = dir.join("constant.txt");
+    std::fs::write(&preds, "2.5\n".repeat(1500)).unwrap();
+    let (ok, stdout, stderr) = lora_mini(&[
+        "score",
+        "--task",
+        "stsb",
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--references",
+        "../shared/data/glue/STS-B/dev.tsv",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), r#"{"pearson":null,"spearman":null}"#);
+    assert!(stderr.contains("warning: pearson is undefined"), "{stderr}");
 }

@@ -5,6 +5,8 @@ mod bert;
 #[cfg(feature = "cli")]
 mod cli;
 mod common;
+#[cfg(feature = "data")]
+mod data;
 mod files;
 mod golden;
 mod layers;
