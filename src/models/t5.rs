@@ -863,6 +863,7 @@ impl T5ForConditionalGeneration {
             .map(|i| (Vec::new(), if i == 0 { 0.0 } else { f64::NEG_INFINITY }))
             .collect();
         let mut finished: Vec<(Vec<u32>, f64)> = Vec::new();
+        let mut done = false;
         let norm = |len: usize, score: f64| score / (len as f64).powf(length_penalty);
         for step in 0..max_new_tokens {
             let last: Vec<u32> = beams
@@ -915,12 +916,17 @@ impl T5ForConditionalGeneration {
                     .map(|(t, s)| norm(t.len(), *s))
                     .fold(f64::INFINITY, f64::min);
                 if worst >= norm(step + 1, best_candidate) {
+                    done = true;
                     break;
                 }
             }
         }
-        // Unfinished beams are scored with the start token in their length,
-        // finished ones with their end token, as transformers does.
+        // When the search ran out of steps rather than finishing, the running
+        // beams compete too, scored with the start token in their length
+        // (finished ones count their end token), as transformers does.
+        if done {
+            beams.clear();
+        }
         let best = finished
             .into_iter()
             .map(|(t, s)| (norm(t.len(), s), t))
