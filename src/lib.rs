@@ -9,3 +9,4 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod models;
+pub mod train;

@@ -4,6 +4,7 @@
 pub mod demo;
 pub mod params;
 pub mod score;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune a model on a task from a TOML config (full, LoRA or
+    /// LoRA-Mini).
+    Train(train::TrainArgs),
     /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
     /// save, reload and export them (the default job; see README.md).
     Demo(demo::DemoArgs),
@@ -37,6 +41,7 @@ pub type CliError = String;
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Train(args) => train::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Params(args) => params::run(&args),
         Command::Score(args) => score::run(&args),

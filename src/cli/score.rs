@@ -10,8 +10,9 @@ use serde_json::Value;
 use super::CliError;
 use crate::data::error::{lines, read_text};
 use crate::data::examples::parse_label;
-use crate::data::{read_glue_tsv, task, Label, Metric, Task, TaskKind};
+use crate::data::{read_glue_tsv, task, Label, Task, TaskKind};
 use crate::metrics;
+use crate::train::eval::score_labels;
 
 /// Options of `lora-mini score`.
 #[derive(Debug, Args)]
@@ -72,62 +73,6 @@ fn labels_of(task: &Task, path: &Path, rows: &[String]) -> Result<Vec<Label>, Cl
             parse_label(task, r).map_err(|m| format!("{}:{}: {m}", path.display(), i + 1))
         })
         .collect()
-}
-
-/// The task's metrics for predicted against gold labels; `None` where a
-/// metric is undefined.
-pub fn score_labels(
-    task: &Task,
-    predictions: &[Label],
-    references: &[Label],
-) -> BTreeMap<String, Option<f64>> {
-    let classes = |ls: &[Label]| -> Vec<usize> {
-        ls.iter()
-            .map(|l| {
-                if let Label::Class(c) = l {
-                    *c
-                } else {
-                    usize::MAX
-                }
-            })
-            .collect()
-    };
-    let scores = |ls: &[Label]| -> Vec<f64> {
-        ls.iter()
-            .map(|l| match l {
-                Label::Score(s) => *s as f64,
-                Label::Class(c) => *c as f64,
-            })
-            .collect()
-    };
-    let mut out = BTreeMap::new();
-    for metric in task.metrics {
-        let (name, value) = match metric {
-            Metric::Accuracy => (
-                "accuracy",
-                metrics::accuracy(&classes(predictions), &classes(references)),
-            ),
-            Metric::F1 => (
-                "f1",
-                metrics::f1_binary(&classes(predictions), &classes(references)),
-            ),
-            Metric::Mcc => (
-                "mcc",
-                metrics::matthews_corrcoef(&classes(predictions), &classes(references)),
-            ),
-            Metric::Pearson => (
-                "pearson",
-                metrics::pearson(&scores(predictions), &scores(references)),
-            ),
-            Metric::Spearman => (
-                "spearman",
-                metrics::spearman(&scores(predictions), &scores(references)),
-            ),
-            Metric::Bleu | Metric::Rouge => continue,
-        };
-        out.insert(name.to_string(), value);
-    }
-    out
 }
 
 pub fn run(args: &ScoreArgs) -> Result<(), CliError> {

@@ -1,0 +1,381 @@
+//! The training config (TOML): model, task and data, adapter, optimisation
+//! and run settings. Unknown keys and out-of-range values are errors naming
+//! the key and its line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::ScheduleKind;
+use crate::adapter::InnerInit;
+
+fn d_main() -> String {
+    "main".into()
+}
+fn d_f32() -> String {
+    "f32".into()
+}
+fn d_len() -> usize {
+    128
+}
+fn d_direction() -> String {
+    "en-ro".into()
+}
+fn d_targets() -> String {
+    "dense+attention".into()
+}
+fn d_r() -> usize {
+    8
+}
+fn d_ab() -> usize {
+    64
+}
+fn d_alpha() -> f64 {
+    16.0
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_one() -> usize {
+    1
+}
+fn d_batch() -> usize {
+    32
+}
+fn d_lr() -> f64 {
+    5e-4
+}
+fn d_wd() -> f64 {
+    0.01
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_warmup() -> f64 {
+    0.06
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_device() -> String {
+    "auto".into()
+}
+fn d_out() -> PathBuf {
+    PathBuf::from("runs/train")
+}
+fn d_log() -> usize {
+    10
+}
+fn d_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A local checkpoint folder or a hub model id.
+    pub source: String,
+    #[serde(default = "d_main")]
+    pub revision: String,
+    /// `f32`, `bf16` or `f16`.
+    #[serde(default = "d_f32")]
+    pub dtype: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    pub name: String,
+    /// `hub`, or a local folder: GLUE's `<TASK>/` (train.tsv, dev.tsv) or the
+    /// WMT16 folder (newsdev2016 trains, newstest2016 evaluates).
+    pub data: String,
+    #[serde(default)]
+    pub max_train_examples: Option<usize>,
+    #[serde(default)]
+    pub max_dev_examples: Option<usize>,
+    #[serde(default = "d_len")]
+    pub max_len: usize,
+    #[serde(default = "d_len")]
+    pub max_target_len: usize,
+    /// `en-ro` or `ro-en`.
+    #[serde(default = "d_direction")]
+    pub direction: String,
+    /// The source prefix (T5); by default T5's for the direction.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `full`, `lora` or `lora-mini`.
+    pub method: String,
+    /// A preset (`dense`, `attention`, `dense+attention`) or a comma list.
+    #[serde(default = "d_targets")]
+    pub targets: String,
+    #[serde(default = "d_r")]
+    pub r: usize,
+    #[serde(default = "d_ab")]
+    pub a: usize,
+    #[serde(default = "d_ab")]
+    pub b: usize,
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub inner_init: InnerInit,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    #[serde(default = "d_one")]
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (overrides epochs when smaller).
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_b1")]
+    pub beta1: f64,
+    #[serde(default = "d_b2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// Global gradient-norm clipping; 0 disables it.
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// `auto`, `cpu`, `cuda` or `metal`.
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default = "d_out")]
+    pub output_dir: PathBuf,
+    /// Evaluate every this many steps; 0 evaluates at the end of each epoch.
+    #[serde(default)]
+    pub eval_every: usize,
+    #[serde(default = "d_log")]
+    pub log_every: usize,
+    /// Stop (and evaluate) once this many minutes have passed.
+    #[serde(default)]
+    pub time_budget_minutes: Option<f64>,
+    #[serde(default = "d_true")]
+    pub bucket_by_length: bool,
+}
+
+/// The whole config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub task: TaskSection,
+    pub adapter: AdapterSection,
+    pub optim: OptimSection,
+    pub run: RunSection,
+}
+
+/// The 1-based line of `key` in `[section]` of a TOML text, if written there.
+fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if current == section && t.split('=').next().map(str::trim) == Some(key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+impl TrainConfig {
+    /// Reads a config, applies `--set section.key=value` overrides, and
+    /// validates it. Errors name the file, the key and its line.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        // Parse once as written, for one-line errors with line and column.
+        let here = |e: toml::de::Error| match e.span() {
+            Some(span) => {
+                let line = text[..span.start].matches('\n').count() + 1;
+                let column = span.start - text[..span.start].rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!(
+                    "{}:{line}:{column}: {}",
+                    path.display(),
+                    e.message().trim().replace('\n', " ")
+                )
+            }
+            None => format!(
+                "{}: {}",
+                path.display(),
+                e.message().trim().replace('\n', " ")
+            ),
+        };
+        let _: TrainConfig = toml::from_str(&text).map_err(here)?;
+        let mut table: toml::Table = text.parse().map_err(here)?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| format!("--set {o:?}: expected section.key=value"))?;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            let [section, field] = parts[..] else {
+                return Err(format!(
+                    "--set {o:?}: the key must be section.key, e.g. optim.lr"
+                ));
+            };
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|t| t.get("v").cloned())
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| format!("--set {o:?}: {section} is not a section"))?
+                .insert(field.to_string(), value);
+        }
+        let config: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| format!("{} with --set overrides: {e}", path.display()))?;
+        config.validate().map_err(|(section, key, message)| {
+            match line_of(&text, section, key) {
+                Some(line) => format!("{}:{line}: {section}.{key}: {message}", path.display()),
+                None => format!("{}: {section}.{key}: {message}", path.display()),
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Range checks: `(section, key, message)` of the first problem.
+    pub fn validate(&self) -> Result<(), (&'static str, &'static str, String)> {
+        let a = &self.adapter;
+        let o = &self.optim;
+        if crate::data::task(&self.task.name).is_err() {
+            return Err(("task", "name", format!("unknown task {:?}", self.task.name)));
+        }
+        if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return Err((
+                "model",
+                "dtype",
+                format!("{:?} is not f32, bf16 or f16", self.model.dtype),
+            ));
+        }
+        if !matches!(a.method.as_str(), "full" | "lora" | "lora-mini") {
+            return Err((
+                "adapter",
+                "method",
+                format!("{:?} is not full, lora or lora-mini", a.method),
+            ));
+        }
+        if a.r == 0 {
+            return Err(("adapter", "r", "must be at least 1".into()));
+        }
+        if a.method == "lora-mini" && a.a == 0 {
+            return Err(("adapter", "a", "must be at least 1".into()));
+        }
+        if a.method == "lora-mini" && a.b == 0 {
+            return Err(("adapter", "b", "must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&a.dropout) {
+            return Err((
+                "adapter",
+                "dropout",
+                format!("{} is not in [0, 1)", a.dropout),
+            ));
+        }
+        if !o.lr.is_finite() || o.lr <= 0.0 {
+            return Err(("optim", "lr", format!("{} must be positive", o.lr)));
+        }
+        if o.batch_size == 0 {
+            return Err(("optim", "batch_size", "must be at least 1".into()));
+        }
+        if o.grad_accum == 0 {
+            return Err(("optim", "grad_accum", "must be at least 1".into()));
+        }
+        if o.epochs == 0 && o.max_steps.is_none() {
+            return Err((
+                "optim",
+                "epochs",
+                "must be at least 1 (or set max_steps)".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&o.warmup_ratio) {
+            return Err((
+                "optim",
+                "warmup_ratio",
+                format!("{} is not in [0, 1)", o.warmup_ratio),
+            ));
+        }
+        if o.weight_decay < 0.0 {
+            return Err(("optim", "weight_decay", "must not be negative".into()));
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            return Err((
+                "optim",
+                if (0.0..1.0).contains(&o.beta1) {
+                    "beta2"
+                } else {
+                    "beta1"
+                },
+                "must be in [0, 1)".into(),
+            ));
+        }
+        if self.task.max_len < 2 {
+            return Err(("task", "max_len", "must be at least 2".into()));
+        }
+        if !matches!(self.task.direction.as_str(), "en-ro" | "ro-en") {
+            return Err((
+                "task",
+                "direction",
+                format!("{:?} is not en-ro or ro-en", self.task.direction),
+            ));
+        }
+        if !matches!(self.run.device.as_str(), "auto" | "cpu" | "cuda" | "metal") {
+            return Err((
+                "run",
+                "device",
+                format!("{:?} is not auto, cpu, cuda or metal", self.run.device),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_key_lines_by_section() {
+        let text = "[model]\nsource = \"x\"\n[optim]\nlr = 0\n";
+        assert_eq!(line_of(text, "optim", "lr"), Some(4));
+        assert_eq!(line_of(text, "model", "lr"), None);
+    }
+}

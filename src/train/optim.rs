@@ -1,0 +1,259 @@
+//! AdamW with per-parameter weight decay, f32 moments and master weights,
+//! and state that saves and loads.
+//!
+//! candle-nn's `AdamW` applies one weight decay to every parameter, keeps its
+//! moments in the parameter's dtype and hides its state, so it can neither
+//! follow Hugging Face's convention (no decay on biases and norm weights) nor
+//! be checkpointed.
+
+use std::collections::BTreeMap;
+
+use candle::backprop::GradStore;
+use candle::{DType, Result, Tensor, Var};
+
+/// AdamW's hyper-parameters (the learning rate comes with each step).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// Hugging Face's rule: biases and layer-norm weights get no weight decay.
+pub fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias")
+        || name.contains("LayerNorm")
+        || name.contains("layer_norm")
+        || name.ends_with("norm.weight"))
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    /// f32 copy of the parameter when it is not f32 itself.
+    master: Option<Tensor>,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+/// AdamW over named `Var`s (e.g. `AdapterRegistry::trainable()`).
+pub struct AdamW {
+    config: AdamWConfig,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, var)| {
+                let master = (var.dtype() != DType::F32)
+                    .then(|| var.as_tensor().to_dtype(DType::F32))
+                    .transpose()?;
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Ok(Slot {
+                    decay: decays(&name),
+                    name,
+                    var,
+                    master,
+                    m: zeros.clone(),
+                    v: zeros,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config,
+            slots,
+            step: 0,
+        })
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// One update with learning rate `lr` from `grads`, each gradient first
+    /// multiplied by `grad_scale` (for clipping). Parameters without a
+    /// gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        let by_name: BTreeMap<String, Tensor> = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                grads
+                    .get(s.var.as_tensor())
+                    .map(|g| (s.name.clone(), g.clone()))
+            })
+            .collect();
+        self.step_with(&by_name, lr, grad_scale)
+    }
+
+    /// [`Self::step`] with gradients by parameter name (e.g. accumulated
+    /// over several micro-batches).
+    pub fn step_with(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
+        self.step += 1;
+        let c = &self.config;
+        let t = self.step as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        for slot in &mut self.slots {
+            let Some(g) = grads.get(&slot.name) else {
+                continue;
+            };
+            let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+            slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&slot.m / bc1)? / ((&slot.v / bc2)?.sqrt()? + c.eps)?)?;
+            let param = match &slot.master {
+                Some(m) => m.clone(),
+                None => slot.var.as_tensor().clone(),
+            };
+            let decayed = if slot.decay && c.weight_decay > 0.0 {
+                (&param * (1.0 - lr * c.weight_decay))?
+            } else {
+                param
+            };
+            let next = (decayed - (update * lr)?)?;
+            match &mut slot.master {
+                Some(m) => {
+                    slot.var.set(&next.to_dtype(slot.var.dtype())?)?;
+                    *m = next;
+                }
+                None => slot.var.set(&next)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Moments (and master weights) by parameter name, for checkpoints.
+    pub fn state(&self) -> (u64, BTreeMap<String, Tensor>) {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.insert(format!("{}.exp_avg", s.name), s.m.clone());
+            out.insert(format!("{}.exp_avg_sq", s.name), s.v.clone());
+            if let Some(m) = &s.master {
+                out.insert(format!("{}.master", s.name), m.clone());
+            }
+        }
+        (self.step, out)
+    }
+
+    /// Restores [`Self::state`]; a missing or misshapen entry is an error
+    /// naming the parameter.
+    pub fn load_state(&mut self, step: u64, state: &BTreeMap<String, Tensor>) -> Result<()> {
+        for s in &mut self.slots {
+            let get = |suffix: &str| -> Result<Tensor> {
+                let key = format!("{}.{suffix}", s.name);
+                let t = state
+                    .get(&key)
+                    .ok_or_else(|| candle::Error::msg(format!("optimizer state has no {key}")))?;
+                if t.dims() != s.var.dims() {
+                    candle::bail!(
+                        "optimizer state {key} has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        s.var.dims()
+                    );
+                }
+                t.to_dtype(DType::F32)?.to_device(s.var.device())
+            };
+            s.m = get("exp_avg")?;
+            s.v = get("exp_avg_sq")?;
+            if s.master.is_some() {
+                s.master = Some(get("master")?);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// The global L2 norm of the gradients of `vars`.
+pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+    let mut total = 0f64;
+    for (_, v) in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+        }
+    }
+    Ok(total.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::Device;
+
+    #[test]
+    fn matches_the_adamw_update_rule_and_skips_decay_on_biases() -> Result<()> {
+        let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[0.5f32], &Device::Cpu)?)?;
+        let mut opt = AdamW::new(
+            vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())],
+            AdamWConfig::default(),
+        )?;
+        let loss = ((w.as_tensor() * 3.0)?.sum_all()? + (b.as_tensor() * 2.0)?.sum_all()?)?;
+        opt.step(&loss.backward()?, 0.1, 1.0)?;
+        // Step 1: m̂ = g, v̂ = g², update = g/(|g|+eps) ≈ sign(g).
+        let w1: Vec<f32> = w.as_tensor().to_vec1()?;
+        assert!(
+            (w1[0] - (1.0 * (1.0 - 0.1 * 0.01) - 0.1)).abs() < 1e-6,
+            "{w1:?}"
+        );
+        assert!((w1[1] - (-2.0 * (1.0 - 0.1 * 0.01) - 0.1)).abs() < 1e-6);
+        let b1: Vec<f32> = b.as_tensor().to_vec1()?;
+        assert!(
+            (b1[0] - (0.5 - 0.1)).abs() < 1e-6,
+            "bias must not decay: {b1:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn state_round_trips() -> Result<()> {
+        let make = || -> Result<(Var, AdamW)> {
+            let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu)?)?;
+            let opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default())?;
+            Ok((w, opt))
+        };
+        let (w, mut a) = make()?;
+        for _ in 0..3 {
+            let loss = w.as_tensor().sqr()?.sum_all()?;
+            a.step(&loss.backward()?, 0.05, 1.0)?;
+        }
+        let (w2, mut b) = make()?;
+        w2.set(w.as_tensor())?;
+        let (step, state) = a.state();
+        b.load_state(step, &state)?;
+        for (var, opt) in [(&w, &mut a), (&w2, &mut b)] {
+            let loss = var.as_tensor().sqr()?.sum_all()?;
+            opt.step(&loss.backward()?, 0.05, 1.0)?;
+        }
+        assert_eq!(
+            w.as_tensor().to_vec1::<f32>()?,
+            w2.as_tensor().to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+}
