@@ -17,5 +17,5 @@ mod params;
 mod peft;
 mod roberta;
 mod t5;
-#[cfg(feature = "data")]
+#[cfg(feature = "train")]
 mod train;
