@@ -185,17 +185,15 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of the gradients of `vars`.
-pub fn grad_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
+/// The global L2 norm of gradients by parameter name (what clipping scales).
+pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut total = 0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
-        }
+    for g in grads.values() {
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     Ok(total.sqrt())
 }

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::config::TrainConfig;
 use super::eval::score_labels;
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::{global_norm, AdamW, AdamWConfig};
 use super::schedule::learning_rate;
 use crate::adapter::rng::SeededRng;
 use crate::adapter::targets::ALL_LINEAR;
@@ -459,16 +459,7 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
             if (i + 1) % o.grad_accum != 0 && i + 1 != batches.len() {
                 continue;
             }
-            let norm = {
-                let mut total = 0f64;
-                for g in accumulated.values() {
-                    total += g
-                        .to_dtype(DType::F32)
-                        .and_then(|g| g.sqr()?.sum_all()?.to_scalar::<f32>())
-                        .map_err(msg)? as f64;
-                }
-                total.sqrt()
-            };
+            let norm = global_norm(&accumulated).map_err(msg)?;
             let scale = if o.max_grad_norm > 0.0 && norm > o.max_grad_norm {
                 o.max_grad_norm / (norm + 1e-6)
             } else {
