@@ -199,8 +199,55 @@ fn bad_configs_name_the_key_and_line() {
 }
 
 #[test]
-fn shipped_configs_parse_and_validate() {
+fn shipped_configs_parse_and_validate_against_the_real_shapes() {
+    use lora_mini::models::bert::BertConfig;
+    use lora_mini::models::presets::Family;
+    use lora_mini::models::shapes::{encoder_classifier, t5_conditional_generation};
+    use lora_mini::models::t5::T5Config;
+
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !name.ends_with(".toml") || name == "demo.toml" {
+            continue;
+        }
+        let config = TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let shape_file = match config.model.source.rsplit('/').next().unwrap() {
+            "roberta-base" => "roberta-base",
+            "bert-base-uncased" => "bert-base-uncased",
+            "t5-small" => "t5-small",
+            "t5-base" => "t5-base",
+            _ => continue,
+        };
+        let text =
+            std::fs::read_to_string(shared(&format!("model-configs/{shape_file}.json"))).unwrap();
+        let family = Family::from_config_json(&text).unwrap();
+        let task = lora_mini::data::task(&config.task.name).unwrap();
+        let (shapes, gated) = match family {
+            Family::T5 => {
+                let c = T5Config::from_json(&text).unwrap();
+                (t5_conditional_generation(&c), c.is_gated())
+            }
+            _ => (
+                encoder_classifier(
+                    family,
+                    &BertConfig::from_json(&text).unwrap(),
+                    task.num_labels().unwrap(),
+                ),
+                false,
+            ),
+        };
+        let adapter = adapter_config(&config, family, gated).unwrap();
+        let count = shapes
+            .count(&adapter)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(count.trainable > 0, "{name}");
+        checked += 1;
+    }
+    // 80 encoder settings, 18 T5 settings and the headline roberta-cola.
+    assert_eq!(checked, 99);
     let c = TrainConfig::load(&dir.join("quickstart.toml"), &[]).unwrap();
     assert_eq!(
         (c.adapter.method.as_str(), c.task.name.as_str()),
