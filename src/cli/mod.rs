@@ -2,6 +2,7 @@
 //! subcommand lives in its own file.
 
 pub mod demo;
+pub mod export;
 pub mod params;
 pub mod score;
 pub mod train;
@@ -24,6 +25,8 @@ pub enum Command {
     /// Fine-tune a model on a task from a TOML config (full, LoRA or
     /// LoRA-Mini).
     Train(train::TrainArgs),
+    /// Write a trained adapter as a PEFT LoRA adapter or a merged checkpoint.
+    Export(export::ExportArgs),
     /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
     /// save, reload and export them (the default job; see README.md).
     Demo(demo::DemoArgs),
@@ -43,6 +46,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Train(args) => train::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::Params(args) => params::run(&args),
         Command::Score(args) => score::run(&args),
     }

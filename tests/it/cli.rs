@@ -88,7 +88,7 @@ fn params_errors_name_the_problem_without_a_backtrace() {
 
 #[test]
 fn every_subcommand_explains_itself() {
-    for sub in ["demo", "params", "score"] {
+    for sub in ["train", "export", "demo", "params", "score"] {
         let (ok, stdout, _) = lora_mini(&[sub, "--help"]);
         assert!(
             ok && stdout.contains("Usage: lora-mini") && stdout.contains("Example"),
@@ -163,4 +163,95 @@ fn score_reports_undefined_correlations_as_null_with_a_warning() {
     assert!(ok, "{stderr}");
     assert_eq!(stdout.trim(), r#"{"pearson":null,"spearman":null}"#);
     assert!(stderr.contains("warning: pearson is undefined"), "{stderr}");
+}
+
+#[test]
+fn export_writes_merged_and_peft_folders_that_reproduce_the_adapter() {
+    use candle::{DType, Device, Tensor};
+    use lora_mini::adapter::{
+        save_adapter, AdapterConfig, InnerInit, LinearFactory, LoraMiniConfig, Method, SaveOptions,
+    };
+    use lora_mini::models::task::{load_task_model, TaskModel};
+
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bert-2");
+    let config = AdapterConfig::new(
+        Method::LoraMini(LoraMiniConfig {
+            inner_init: InnerInit::Kaiming,
+            ..LoraMiniConfig::new(2, 8, 8)
+        }),
+        &["query", "value", "dense"],
+    )
+    .with_modules_to_save(&["classifier"]);
+    let adapted = load_task_model(
+        fixture,
+        None,
+        Some(2),
+        LinearFactory::new(config.clone()).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+        1,
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("lora-mini-export-{}", std::process::id()));
+    let adapter = dir.join("adapter.safetensors");
+    save_adapter(
+        &adapter,
+        &adapted.registry,
+        &config,
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let logits = |m: &TaskModel| match m {
+        TaskModel::Bert(b) => b
+            .forward_t(
+                &Tensor::new(&[[2u32, 17, 42, 8, 3]], &Device::Cpu).unwrap(),
+                None,
+                None,
+                false,
+            )
+            .unwrap(),
+        _ => unreachable!(),
+    };
+    let expected = logits(&adapted.model);
+    for format in ["merged", "peft"] {
+        let out = dir.join(format);
+        let (ok, _, stderr) = lora_mini(&[
+            "export",
+            "--model",
+            fixture,
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--format",
+            format,
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{format}: {stderr}");
+        if format == "merged" {
+            let merged = load_task_model(
+                out.to_str().unwrap(),
+                None,
+                Some(2),
+                LinearFactory::frozen(),
+                DType::F32,
+                &Device::Cpu,
+                0,
+            )
+            .unwrap();
+            let err = (logits(&merged.model) - &expected)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(err < 1e-5, "{err}");
+        } else {
+            assert!(
+                out.join("adapter_config.json").exists()
+                    && out.join("adapter_model.safetensors").exists()
+            );
+        }
+    }
 }

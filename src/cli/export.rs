@@ -1,0 +1,81 @@
+//! `lora-mini export`: a trained adapter as a standard PEFT LoRA adapter, or
+//! folded into a full Hugging Face checkpoint.
+
+use std::path::PathBuf;
+
+use candle::{DType, Device};
+use clap::{Args, ValueEnum};
+
+use super::CliError;
+use crate::adapter::{export_peft, AdapterFile, LinearFactory, PeftExportOptions};
+use crate::models::presets::Family;
+use crate::models::task::load_task_model;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// adapter_config.json + adapter_model.safetensors for PEFT's
+    /// `PeftModel.from_pretrained` (LoRA-Mini becomes an exact rank-r LoRA).
+    Peft,
+    /// config.json + model.safetensors (+ tokenizer.json) with the adapter
+    /// folded into the weights.
+    Merged,
+}
+
+/// Options of `lora-mini export`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+    lora-mini export --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --format peft --output runs/quickstart/peft")]
+pub struct ExportArgs {
+    /// The base model: a checkpoint folder or a hub id.
+    #[arg(long)]
+    pub model: String,
+    /// A lora-mini adapter file (as `train` writes).
+    #[arg(long, value_name = "FILE")]
+    pub adapter: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// The folder to write.
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+}
+
+fn msg(e: candle::Error) -> CliError {
+    crate::error::message(&e)
+}
+
+pub fn run(args: &ExportArgs) -> Result<(), CliError> {
+    let device = Device::Cpu;
+    let file = AdapterFile::read(&args.adapter, &device).map_err(msg)?;
+    // The head's width is the adapter's: its trained classifier says how many labels.
+    let labels = ["classifier.weight", "classifier.out_proj.weight"]
+        .iter()
+        .find_map(|n| file.tensors.get(*n).map(|t| t.dims()[0]))
+        .or(Some(2));
+    let factory = LinearFactory::new(file.config.clone()).map_err(msg)?;
+    let loaded =
+        load_task_model(&args.model, None, labels, factory, DType::F32, &device, 0).map_err(msg)?;
+    file.apply(&loaded.registry).map_err(msg)?;
+    match args.format {
+        Format::Merged => loaded.save_merged(&args.output).map_err(msg)?,
+        Format::Peft => {
+            let options = PeftExportOptions {
+                task_type: if loaded.family == Family::T5 {
+                    "SEQ_2_SEQ_LM"
+                } else {
+                    "SEQ_CLS"
+                }
+                .into(),
+                base_model: Some(args.model.clone()),
+                modules_to_save: if loaded.family == Family::T5 {
+                    vec![]
+                } else {
+                    vec!["classifier".into()]
+                },
+                ..Default::default()
+            };
+            export_peft(&loaded.registry, &options, &args.output).map_err(msg)?;
+        }
+    }
+    println!("wrote {}", args.output.display());
+    Ok(())
+}
