@@ -2,6 +2,7 @@
 //! subcommand lives in its own file.
 
 pub mod demo;
+pub mod eval;
 pub mod export;
 pub mod params;
 pub mod score;
@@ -25,6 +26,10 @@ pub enum Command {
     /// Fine-tune a model on a task from a TOML config (full, LoRA or
     /// LoRA-Mini).
     Train(train::TrainArgs),
+    /// Print a task's official metrics for a model (and adapter) on its data.
+    Eval(eval::EvalArgs),
+    /// Write one JSON prediction per input row (labels, scores or translations).
+    Predict(eval::PredictArgs),
     /// Write a trained adapter as a PEFT LoRA adapter or a merged checkpoint.
     Export(export::ExportArgs),
     /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
@@ -47,6 +52,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Train(args) => train::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Eval(args) => eval::run_eval(&args),
+        Command::Predict(args) => eval::run_predict(&args),
         Command::Params(args) => params::run(&args),
         Command::Score(args) => score::run(&args),
     }

@@ -107,7 +107,8 @@ pub fn adapter_config(
     })
 }
 
-enum Data {
+/// Tokenised training and evaluation data.
+pub(crate) enum Data {
     Classification {
         train: Vec<Encoded>,
         dev: Vec<Encoded>,
@@ -324,10 +325,7 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
             dev: encode_examples(&tokenizer, &dev_examples, config.task.max_len)?,
         }
     };
-    let pad_id = match loaded.model {
-        TaskModel::Roberta(_) => 1,
-        _ => 0,
-    };
+    let pad_id = pad_id(&loaded.model);
     let train_lengths: Vec<usize> = match &data {
         Data::Classification { train, .. } => train.iter().map(|e| e.ids.len()).collect(),
         Data::Translation { train, .. } => train
@@ -404,7 +402,16 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
                     best: &mut (Option<f64>, BTreeMap<String, Option<f64>>, u64),
                     log: &mut Log|
      -> Result<(), Error> {
-        let scores = evaluate(&loaded, task, &data, &tokenizer, config, pad_id, &dev)?;
+        let scores = evaluate(
+            &loaded,
+            task,
+            &data,
+            &tokenizer,
+            config.optim.batch_size,
+            config.task.max_target_len,
+            pad_id,
+            &dev,
+        )?;
         let value = scores.get(&headline_name).copied().flatten();
         let improved = match (value, best.0) {
             (Some(v), Some(b)) => v > b,
@@ -520,6 +527,14 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
     Ok(summary)
 }
 
+/// The padding id of a model family (RoBERTa pads with 1).
+pub(crate) fn pad_id(model: &TaskModel) -> u32 {
+    match model {
+        TaskModel::Roberta(_) => 1,
+        _ => 0,
+    }
+}
+
 fn batch_loss(
     loaded: &LoadedModel,
     data: &Data,
@@ -557,16 +572,18 @@ fn batch_loss(
     }
 }
 
-fn evaluate(
+/// The task's metrics on the evaluation half of `data`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn evaluate(
     loaded: &LoadedModel,
     task: &Task,
     data: &Data,
     tokenizer: &tokenizers::Tokenizer,
-    config: &TrainConfig,
+    batch_size: usize,
+    max_new_tokens: usize,
     pad_id: u32,
     dev: &Device,
 ) -> Result<BTreeMap<String, Option<f64>>, Error> {
-    let batch_size = config.optim.batch_size;
     match (data, &loaded.model) {
         (Data::Classification { dev: examples, .. }, model) => {
             let mut predicted = Vec::with_capacity(examples.len());
@@ -619,11 +636,7 @@ fn evaluate(
                 let items: Vec<&EncodedPair> = chunk.iter().collect();
                 let b = collate_seq2seq(&items, pad_id, dev).map_err(msg)?;
                 let out = m
-                    .generate_greedy(
-                        &b.input_ids,
-                        Some(&b.attention_mask),
-                        config.task.max_target_len,
-                    )
+                    .generate_greedy(&b.input_ids, Some(&b.attention_mask), max_new_tokens)
                     .map_err(msg)?;
                 for ids in out {
                     hyps.push(tokenizer.decode(&ids, true).map_err(|e| e.to_string())?);

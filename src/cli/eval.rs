@@ -1,0 +1,301 @@
+//! `lora-mini eval` and `lora-mini predict`: a model, optionally with an
+//! adapter, on a task's data.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle::{DType, Device, Tensor, D};
+use clap::Args;
+use serde_json::json;
+
+use super::CliError;
+use crate::adapter::{AdapterFile, LinearFactory};
+use crate::data::batch::{
+    collate_classification, collate_seq2seq, encode_examples, encode_translation, load_tokenizer,
+};
+use crate::data::error::{lines, read_text};
+use crate::data::{
+    read_examples, read_parallel, read_translation_jsonl, task, Direction, Task, TaskKind,
+    TranslationPair,
+};
+use crate::models::task::{load_task_model, LoadedModel, TaskModel};
+use crate::train::trainer::{evaluate, pad_id, Data};
+
+fn msg(e: candle::Error) -> CliError {
+    crate::error::message(&e)
+}
+
+/// The model (with the adapter applied) and its tokenizer.
+fn load(
+    model: &str,
+    adapter: Option<&Path>,
+    task: &Task,
+) -> Result<(LoadedModel, tokenizers::Tokenizer), CliError> {
+    let device = Device::Cpu;
+    let (factory, file) = match adapter {
+        Some(path) => {
+            let file = AdapterFile::read(path, &device).map_err(msg)?;
+            (
+                LinearFactory::new(file.config.clone()).map_err(msg)?,
+                Some(file),
+            )
+        }
+        None => (LinearFactory::frozen(), None),
+    };
+    let loaded = load_task_model(
+        model,
+        None,
+        task.num_labels(),
+        factory,
+        DType::F32,
+        &device,
+        0,
+    )
+    .map_err(msg)?;
+    if let Some(file) = file {
+        file.apply(&loaded.registry).map_err(msg)?;
+    }
+    let tokenizer = load_tokenizer(&loaded.dir.join("tokenizer.json"))?;
+    Ok((loaded, tokenizer))
+}
+
+/// Options of `lora-mini eval`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+    lora-mini eval --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --data ../shared/data/glue/SST-2")]
+pub struct EvalArgs {
+    /// A checkpoint folder or hub id.
+    #[arg(long)]
+    pub model: String,
+    /// A lora-mini adapter file to apply.
+    #[arg(long, value_name = "FILE")]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub task: String,
+    /// A GLUE task folder (reads <split>.tsv), the WMT16 folder (newstest2016),
+    /// or one file (.tsv, .jsonl, .csv, .parquet); without it, the hub.
+    #[arg(long, value_name = "DIR_OR_FILE")]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "dev")]
+    pub split: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, CliError> {
+    match data {
+        Some(d) if d.is_dir() => read_parallel(
+            &d.join("newstest2016-enro.en"),
+            &d.join("newstest2016-enro.ro"),
+        )
+        .map_err(|e| e.to_string()),
+        Some(f) => read_translation_jsonl(f).map_err(|e| e.to_string()),
+        None => {
+            let path = crate::data::parquet::fetch_split(task, "validation", None).map_err(msg)?;
+            crate::data::parquet::read_parquet_translation(&path).map_err(|e| e.to_string())
+        }
+    }
+}
+
+pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
+    let task = task(&args.task)?;
+    let (loaded, tokenizer) = load(&args.model, args.adapter.as_deref(), task)?;
+    let data = if task.kind == TaskKind::Translation {
+        let pairs = eval_pairs(task, args.data.as_deref())?;
+        let dev = encode_translation(
+            &tokenizer,
+            &pairs,
+            Direction::EnRo,
+            Direction::EnRo.t5_prefix(),
+            args.max_len,
+            args.max_len,
+        )?;
+        Data::Translation {
+            train: vec![],
+            dev,
+            dev_refs: pairs.iter().map(|p| p.ro.clone()).collect(),
+        }
+    } else {
+        let path = match &args.data {
+            Some(d) if d.is_dir() => d.join(format!("{}.tsv", args.split)),
+            Some(f) => f.clone(),
+            None => {
+                let split = if args.split == "dev" {
+                    task.dev_splits[0]
+                } else {
+                    args.split.as_str()
+                };
+                crate::data::parquet::fetch_split(task, split, None).map_err(msg)?
+            }
+        };
+        let examples = read_examples(task, &path).map_err(|e| e.to_string())?;
+        if examples.iter().any(|e| e.label.is_none()) {
+            return Err(format!(
+                "{}: has unlabelled rows; eval needs labels (use predict)",
+                path.display()
+            ));
+        }
+        Data::Classification {
+            train: vec![],
+            dev: encode_examples(&tokenizer, &examples, args.max_len)?,
+        }
+    };
+    let scores = evaluate(
+        &loaded,
+        task,
+        &data,
+        &tokenizer,
+        args.batch_size,
+        args.max_len,
+        pad_id(&loaded.model),
+        &Device::Cpu,
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&scores).map_err(|e| e.to_string())?
+        );
+    } else {
+        for (name, value) in &scores {
+            println!(
+                "{name:<10} {}",
+                value.map_or("undefined".into(), |v| format!("{v:.4}"))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Options of `lora-mini predict`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+    lora-mini predict --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --input ../shared/data/glue/SST-2/test.tsv --output preds.jsonl")]
+pub struct PredictArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, value_name = "FILE")]
+    pub adapter: Option<PathBuf>,
+    #[arg(long)]
+    pub task: String,
+    /// GLUE TSV, JSONL or CSV with Hugging Face's columns; for translation,
+    /// JSONL {"translation": {"en": ...}} or plain text, one source per line.
+    #[arg(long, value_name = "FILE")]
+    pub input: PathBuf,
+    /// JSON Lines, one object per input row, in input order.
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Beam search width for translation (1 is greedy).
+    #[arg(long, default_value_t = 1)]
+    pub beams: usize,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+}
+
+pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
+    let task = task(&args.task)?;
+    let (loaded, tokenizer) = load(&args.model, args.adapter.as_deref(), task)?;
+    let device = Device::Cpu;
+    let pad = pad_id(&loaded.model);
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    match (&loaded.model, task.kind) {
+        (TaskModel::T5(m), TaskKind::Translation) => {
+            let sources: Vec<TranslationPair> =
+                if args.input.extension().is_some_and(|e| e == "jsonl") {
+                    read_translation_jsonl(&args.input).map_err(|e| e.to_string())?
+                } else {
+                    let text = read_text(&args.input).map_err(|e| e.to_string())?;
+                    lines(&text)
+                        .iter()
+                        .map(|l| TranslationPair {
+                            en: l.to_string(),
+                            ro: String::new(),
+                        })
+                        .collect()
+                };
+            let enc = encode_translation(
+                &tokenizer,
+                &sources,
+                Direction::EnRo,
+                Direction::EnRo.t5_prefix(),
+                args.max_len,
+                args.max_len,
+            )?;
+            for chunk in enc.chunks(args.batch_size) {
+                let items: Vec<_> = chunk.iter().collect();
+                let b = collate_seq2seq(&items, pad, &device).map_err(msg)?;
+                let outs = if args.beams > 1 {
+                    (0..items.len())
+                        .map(|i| {
+                            let ids = Tensor::new(&items[i].source[..], &device)?.unsqueeze(0)?;
+                            m.generate_beam(&ids, args.beams, args.max_new_tokens, 1.0)
+                        })
+                        .collect::<candle::Result<Vec<_>>>()
+                        .map_err(msg)?
+                } else {
+                    m.generate_greedy(&b.input_ids, Some(&b.attention_mask), args.max_new_tokens)
+                        .map_err(msg)?
+                };
+                for ids in outs {
+                    rows.push(json!({"translation": tokenizer.decode(&ids, true).map_err(|e| e.to_string())?}));
+                }
+            }
+        }
+        (model, TaskKind::Classification { .. } | TaskKind::Regression { .. }) => {
+            let examples = read_examples(task, &args.input).map_err(|e| e.to_string())?;
+            let enc = encode_examples(&tokenizer, &examples, args.max_len)?;
+            for chunk in enc.chunks(args.batch_size) {
+                let items: Vec<_> = chunk.iter().collect();
+                let b = collate_classification(&items, pad, &device).map_err(msg)?;
+                let logits = match model {
+                    TaskModel::Bert(m) => m.forward_t(
+                        &b.input_ids,
+                        Some(&b.token_type_ids),
+                        Some(&b.attention_mask),
+                        false,
+                    ),
+                    TaskModel::Roberta(m) => {
+                        m.forward_t(&b.input_ids, Some(&b.attention_mask), false)
+                    }
+                    TaskModel::T5(_) => unreachable!("a T5 model is loaded only for translation"),
+                }
+                .map_err(msg)?;
+                let values: Vec<Vec<f32>> = logits
+                    .to_dtype(DType::F32)
+                    .and_then(|l| l.to_vec2())
+                    .map_err(msg)?;
+                let argmax: Vec<u32> = logits
+                    .argmax(D::Minus1)
+                    .and_then(|l| l.to_vec1())
+                    .map_err(msg)?;
+                for (v, c) in values.into_iter().zip(argmax) {
+                    let prediction = match task.kind {
+                        TaskKind::Classification { labels } => json!(labels[c as usize]),
+                        _ => json!(v[0]),
+                    };
+                    rows.push(json!({"logits": v, "prediction": prediction}));
+                }
+            }
+        }
+        _ => return Err(format!("task {} does not fit this model", task.name)),
+    }
+    let mut out = std::fs::File::create(&args.output)
+        .map_err(|e| format!("creating {}: {e}", args.output.display()))?;
+    for row in &rows {
+        writeln!(out, "{row}").map_err(|e| format!("writing {}: {e}", args.output.display()))?;
+    }
+    eprintln!(
+        "wrote {} predictions to {}",
+        rows.len(),
+        args.output.display()
+    );
+    Ok(())
+}
