@@ -255,19 +255,14 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
             for chunk in enc.chunks(args.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
                 let b = collate_classification(&items, pad, &device).map_err(msg)?;
-                let logits = match model {
-                    TaskModel::Bert(m) => m.forward_t(
+                let logits = model
+                    .classify(
                         &b.input_ids,
                         Some(&b.token_type_ids),
                         Some(&b.attention_mask),
                         false,
-                    ),
-                    TaskModel::Roberta(m) => {
-                        m.forward_t(&b.input_ids, Some(&b.attention_mask), false)
-                    }
-                    TaskModel::T5(_) => unreachable!("a T5 model is loaded only for translation"),
-                }
-                .map_err(msg)?;
+                    )
+                    .map_err(msg)?;
                 let values: Vec<Vec<f32>> = logits
                     .to_dtype(DType::F32)
                     .and_then(|l| l.to_vec2())

@@ -189,3 +189,21 @@ impl LoadedModel {
         Ok(())
     }
 }
+
+impl TaskModel {
+    /// Classification or regression logits `(B, num_labels)` of the encoder
+    /// families (RoBERTa ignores token types); an error for T5.
+    pub fn classify(
+        &self,
+        input_ids: &candle::Tensor,
+        token_type_ids: Option<&candle::Tensor>,
+        attention_mask: Option<&candle::Tensor>,
+        train: bool,
+    ) -> Result<candle::Tensor> {
+        match self {
+            Self::Bert(m) => m.forward_t(input_ids, token_type_ids, attention_mask, train),
+            Self::Roberta(m) => m.forward_t(input_ids, attention_mask, train),
+            Self::T5(_) => candle::bail!("T5 has no classification head: use it for translation"),
+        }
+    }
+}

@@ -549,18 +549,12 @@ fn batch_loss(
             let labels = b
                 .labels
                 .ok_or_else(|| candle::Error::msg("a training example has no label"))?;
-            let logits = match model {
-                TaskModel::Bert(m) => m.forward_t(
-                    &b.input_ids,
-                    Some(&b.token_type_ids),
-                    Some(&b.attention_mask),
-                    true,
-                )?,
-                TaskModel::Roberta(m) => {
-                    m.forward_t(&b.input_ids, Some(&b.attention_mask), true)?
-                }
-                TaskModel::T5(_) => candle::bail!("T5 is trained on translation here"),
-            };
+            let logits = model.classify(
+                &b.input_ids,
+                Some(&b.token_type_ids),
+                Some(&b.attention_mask),
+                true,
+            )?;
             sequence_classification_loss(&logits, &labels)
         }
         (Data::Translation { train, .. }, TaskModel::T5(m)) => {
@@ -590,19 +584,14 @@ pub(crate) fn evaluate(
             for chunk in examples.chunks(batch_size) {
                 let items: Vec<&Encoded> = chunk.iter().collect();
                 let b = collate_classification(&items, pad_id, dev).map_err(msg)?;
-                let logits = match model {
-                    TaskModel::Bert(m) => m.forward_t(
+                let logits = model
+                    .classify(
                         &b.input_ids,
                         Some(&b.token_type_ids),
                         Some(&b.attention_mask),
                         false,
-                    ),
-                    TaskModel::Roberta(m) => {
-                        m.forward_t(&b.input_ids, Some(&b.attention_mask), false)
-                    }
-                    TaskModel::T5(_) => return Err("T5 is evaluated on translation here".into()),
-                }
-                .map_err(msg)?;
+                    )
+                    .map_err(msg)?;
                 if logits.dim(1).map_err(msg)? == 1 {
                     let v: Vec<f32> = logits
                         .squeeze(1)
