@@ -59,29 +59,40 @@ fn load(
     Ok((loaded, tokenizer))
 }
 
-/// Options of `lora-mini eval`.
+/// What `eval` and `predict` share: the model, its adapter, the task and
+/// the batch shape.
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  \
-    lora-mini eval --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --data ../shared/data/glue/SST-2")]
-pub struct EvalArgs {
+pub struct ModelArgs {
     /// A checkpoint folder or hub id.
     #[arg(long)]
     pub model: String,
     /// A lora-mini adapter file to apply.
     #[arg(long, value_name = "FILE")]
     pub adapter: Option<PathBuf>,
+    /// cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli or wmt16-en-ro.
     #[arg(long)]
     pub task: String,
+    /// Truncate inputs (and translations) to this many tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+/// Options of `lora-mini eval`.
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  \
+    lora-mini eval --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --data ../shared/data/glue/SST-2")]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub common: ModelArgs,
     /// A GLUE task folder (reads <split>.tsv), the WMT16 folder (newstest2016),
     /// or one file (.tsv, .jsonl, .csv, .parquet); without it, the hub.
     #[arg(long, value_name = "DIR_OR_FILE")]
     pub data: Option<PathBuf>,
     #[arg(long, default_value = "dev")]
     pub split: String,
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -103,8 +114,8 @@ fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, 
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
-    let task = task(&args.task)?;
-    let (loaded, tokenizer) = load(&args.model, args.adapter.as_deref(), task)?;
+    let task = task(&args.common.task)?;
+    let (loaded, tokenizer) = load(&args.common.model, args.common.adapter.as_deref(), task)?;
     let data = if task.kind == TaskKind::Translation {
         let pairs = eval_pairs(task, args.data.as_deref())?;
         let dev = encode_translation(
@@ -112,8 +123,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
             &pairs,
             Direction::EnRo,
             Direction::EnRo.t5_prefix(),
-            args.max_len,
-            args.max_len,
+            args.common.max_len,
+            args.common.max_len,
         )?;
         Data::Translation {
             train: vec![],
@@ -142,7 +153,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
         }
         Data::Classification {
             train: vec![],
-            dev: encode_examples(&tokenizer, &examples, args.max_len)?,
+            dev: encode_examples(&tokenizer, &examples, args.common.max_len)?,
         }
     };
     let scores = evaluate(
@@ -150,8 +161,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
         task,
         &data,
         &tokenizer,
-        args.batch_size,
-        args.max_len,
+        args.common.batch_size,
+        args.common.max_len,
         pad_id(&loaded.model),
         &Device::Cpu,
     )?;
@@ -176,12 +187,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
 #[command(after_help = "Example:\n  \
     lora-mini predict --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --input ../shared/data/glue/SST-2/test.tsv --output preds.jsonl")]
 pub struct PredictArgs {
-    #[arg(long)]
-    pub model: String,
-    #[arg(long, value_name = "FILE")]
-    pub adapter: Option<PathBuf>,
-    #[arg(long)]
-    pub task: String,
+    #[command(flatten)]
+    pub common: ModelArgs,
     /// GLUE TSV, JSONL or CSV with Hugging Face's columns; for translation,
     /// JSONL {"translation": {"en": ...}} or plain text, one source per line.
     #[arg(long, value_name = "FILE")]
@@ -189,10 +196,6 @@ pub struct PredictArgs {
     /// JSON Lines, one object per input row, in input order.
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
     /// Beam search width for translation (1 is greedy).
     #[arg(long, default_value_t = 1)]
     pub beams: usize,
@@ -201,8 +204,8 @@ pub struct PredictArgs {
 }
 
 pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
-    let task = task(&args.task)?;
-    let (loaded, tokenizer) = load(&args.model, args.adapter.as_deref(), task)?;
+    let task = task(&args.common.task)?;
+    let (loaded, tokenizer) = load(&args.common.model, args.common.adapter.as_deref(), task)?;
     let device = Device::Cpu;
     let pad = pad_id(&loaded.model);
     let mut rows: Vec<serde_json::Value> = Vec::new();
@@ -226,10 +229,10 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
                 &sources,
                 Direction::EnRo,
                 Direction::EnRo.t5_prefix(),
-                args.max_len,
-                args.max_len,
+                args.common.max_len,
+                args.common.max_len,
             )?;
-            for chunk in enc.chunks(args.batch_size) {
+            for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
                 let b = collate_seq2seq(&items, pad, &device).map_err(msg)?;
                 let outs = if args.beams > 1 {
@@ -251,8 +254,8 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
         }
         (model, TaskKind::Classification { .. } | TaskKind::Regression { .. }) => {
             let examples = read_examples(task, &args.input).map_err(|e| e.to_string())?;
-            let enc = encode_examples(&tokenizer, &examples, args.max_len)?;
-            for chunk in enc.chunks(args.batch_size) {
+            let enc = encode_examples(&tokenizer, &examples, args.common.max_len)?;
+            for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
                 let b = collate_classification(&items, pad, &device).map_err(msg)?;
                 let logits = model
