@@ -7,6 +7,7 @@ use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::config::Method;
+use super::dropout::SeededDropout;
 use super::linear::AdaptedLinear;
 use super::peft::PeftAdapter;
 use super::registry::AdapterRegistry;
@@ -177,6 +178,40 @@ impl LinearFactory {
             None
         };
         self.build(path, &Linear::new(weight, bias))
+    }
+
+    /// Whether every weight of the model trains (full fine-tuning), not only
+    /// its linear layers' adapters.
+    pub fn trains_everything(&self) -> bool {
+        matches!(&self.source, Source::Config(c) if c.method == Method::Full)
+    }
+
+    /// Loads the non-linear weight `name` under `vb` (an embedding table, a
+    /// norm's scale or shift). Under full fine-tuning it becomes a trainable
+    /// `Var`, registered under its full Hugging Face name; otherwise it
+    /// stays a frozen tensor.
+    pub fn tensor<S: Into<candle::Shape>>(
+        &mut self,
+        vb: &VarBuilder,
+        shape: S,
+        name: &str,
+    ) -> Result<Tensor> {
+        let t = vb.get(shape, name)?;
+        if !self.trains_everything() {
+            return Ok(t);
+        }
+        let var = candle::Var::from_tensor(&t)?;
+        self.registry
+            .register_var(&format!("{}.{name}", vb.prefix()), &var)?;
+        Ok(var.as_tensor().clone())
+    }
+
+    /// A dropout of the model itself, registered so checkpoints capture its
+    /// mask counter. `name` seeds its masks and must be unique.
+    pub fn dropout(&mut self, p: f64, seed: u64, name: &str) -> Result<SeededDropout> {
+        let dropout = SeededDropout::new(p, seed, name);
+        self.registry.register_dropout(name, &dropout)?;
+        Ok(dropout)
     }
 
     /// Registers a trainable tensor that is not a linear layer.

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use candle::{Result, Var};
 
+use super::dropout::SeededDropout;
 use super::linear::AdaptedLinear;
 use super::lora_mini::aux_values;
 use super::rng::fnv1a64_extend;
@@ -36,6 +37,9 @@ use super::rng::fnv1a64_extend;
 pub struct AdapterRegistry {
     modules: BTreeMap<String, AdaptedLinear>,
     extra: BTreeMap<String, Var>,
+    /// The model's own dropouts (hidden, attention-probability, classifier),
+    /// kept so a checkpoint can resume their mask sequences exactly.
+    dropouts: BTreeMap<String, SeededDropout>,
 }
 
 impl AdapterRegistry {
@@ -63,6 +67,17 @@ impl AdapterRegistry {
             candle::bail!("trainable tensor {name} is registered twice");
         }
         self.extra.insert(name.to_string(), var.clone());
+        Ok(())
+    }
+
+    /// Records one of the model's own dropouts under the name that seeds
+    /// its masks. Two dropouts of one name would draw identical masks, so a
+    /// repeated name is an error.
+    pub fn register_dropout(&mut self, name: &str, dropout: &SeededDropout) -> Result<()> {
+        if self.dropouts.contains_key(name) {
+            candle::bail!("dropout {name} is registered twice (its masks would repeat)");
+        }
+        self.dropouts.insert(name.to_string(), dropout.clone());
         Ok(())
     }
 
@@ -132,20 +147,39 @@ impl AdapterRegistry {
         Ok(hash.map(|h| format!("fnv1a64:{h:016x}")))
     }
 
-    /// Dropout-mask counters of every adapted layer, for checkpoints.
+    /// Dropout-mask counters of every adapted layer (keyed by module path)
+    /// and of the model's own dropouts (keyed `dropout:<name>`), for
+    /// checkpoints: with them a resumed run draws the masks the uninterrupted
+    /// run would have drawn.
     pub fn dropout_state(&self) -> BTreeMap<String, u64> {
-        self.modules
+        let adapters = self
+            .modules
             .iter()
-            .filter_map(|(p, l)| l.dropout_calls().map(|c| (p.clone(), c)))
-            .collect()
+            .filter_map(|(p, l)| l.dropout_calls().map(|c| (p.clone(), c)));
+        let model = self
+            .dropouts
+            .iter()
+            .map(|(n, d)| (format!("dropout:{n}"), d.calls()));
+        adapters.chain(model).collect()
     }
 
-    pub fn set_dropout_state(&self, state: &BTreeMap<String, u64>) {
-        for (path, calls) in state {
-            if let Some(layer) = self.modules.get(path) {
-                layer.set_dropout_calls(*calls);
+    /// Restores [`Self::dropout_state`]. A name the model does not have is
+    /// an error: the checkpoint belongs to another model or config.
+    pub fn set_dropout_state(&self, state: &BTreeMap<String, u64>) -> Result<()> {
+        for (key, calls) in state {
+            if let Some(name) = key.strip_prefix("dropout:") {
+                match self.dropouts.get(name) {
+                    Some(d) => d.set_calls(*calls),
+                    None => candle::bail!("the model has no dropout {name}"),
+                }
+            } else {
+                match self.modules.get(key) {
+                    Some(layer) => layer.set_dropout_calls(*calls),
+                    None => candle::bail!("the model has no adapted layer {key}"),
+                }
             }
         }
+        Ok(())
     }
 }
 

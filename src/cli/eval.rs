@@ -19,7 +19,7 @@ use crate::data::{
     TranslationPair,
 };
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
-use crate::train::trainer::{evaluate, pad_id, Data};
+use crate::train::trainer::{evaluate, Data};
 
 fn msg(e: candle::Error) -> CliError {
     crate::error::message(&e)
@@ -163,7 +163,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
         &tokenizer,
         args.common.batch_size,
         args.common.max_len,
-        pad_id(&loaded.model),
+        loaded.pad_token_id(),
         &Device::Cpu,
     )?;
     if args.json {
@@ -207,7 +207,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
     let task = task(&args.common.task)?;
     let (loaded, tokenizer) = load(&args.common.model, args.common.adapter.as_deref(), task)?;
     let device = Device::Cpu;
-    let pad = pad_id(&loaded.model);
+    let pad = loaded.pad_token_id();
     let mut rows: Vec<serde_json::Value> = Vec::new();
     match (&loaded.model, task.kind) {
         (TaskModel::T5(m), TaskKind::Translation) => {

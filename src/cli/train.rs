@@ -1,18 +1,33 @@
 //! `lora-mini train`: fine-tune a model on a task from a TOML config.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Args;
 
 use super::CliError;
 use crate::train::config::TrainConfig;
-use crate::train::trainer::train;
+use crate::train::trainer::{train_with, TrainOptions};
+
+/// The exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells do).
+const INTERRUPTED_STATUS: i32 = 130;
 
 /// Options of `lora-mini train`.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  \
+#[command(
+    after_help = "The output directory receives config.toml (the resolved config), \
+metrics.jsonl (one line per log step and per evaluation), curves.svg (loss and dev metric), \
+adapter-best.safetensors, adapter-last.safetensors, results.json and checkpoint.safetensors \
+(adapter, optimizer moments, step, dropout counters and data position).\n\n\
+Ctrl-C stops after the step in progress and writes a checkpoint (press it twice to quit at once; \
+the previous checkpoint stays intact). --resume continues from the checkpoint; on the CPU the \
+resumed run ends with the same adapter, bit for bit, as an uninterrupted one.\n\n\
+Examples:\n  \
     lora-mini train --config configs/quickstart.toml\n  \
-    lora-mini train --config configs/quickstart.toml --set optim.lr=5e-4 --set run.seed=7 --output-dir runs/seed7")]
+    lora-mini train --config configs/quickstart.toml --set optim.lr=5e-4 --set run.seed=7 --output-dir runs/seed7\n  \
+    lora-mini train --config configs/quickstart.toml --resume"
+)]
 pub struct TrainArgs {
     /// The TOML config: [model], [task], [adapter], [optim] and [run] sections.
     #[arg(long, value_name = "FILE")]
@@ -23,6 +38,11 @@ pub struct TrainArgs {
     /// Where the run's files go (overrides run.output_dir).
     #[arg(long, value_name = "DIR")]
     pub output_dir: Option<PathBuf>,
+    /// Continue the run in the output directory from its checkpoint. The
+    /// config must match the checkpointed run's, except for run.output_dir,
+    /// run.device, run.time_budget_minutes, run.log_every and run.save_every.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), CliError> {
@@ -30,7 +50,32 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     if let Some(dir) = &args.output_dir {
         config.run.output_dir = dir.clone();
     }
-    let summary = train(&config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: quitting without a new checkpoint");
+            std::process::exit(INTERRUPTED_STATUS);
+        }
+        eprintln!("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again quits at once)");
+    })
+    .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
+    let summary = train_with(
+        &config,
+        &TrainOptions {
+            resume: args.resume,
+            stop: Some(stop),
+        },
+    )?;
+    if summary.interrupted {
+        eprintln!(
+            "stopped at step {}; resume with: lora-mini train --config {} --output-dir {} --resume",
+            summary.steps,
+            args.config.display(),
+            summary.output_dir.display()
+        );
+        std::process::exit(INTERRUPTED_STATUS);
+    }
     let best: Vec<String> = summary
         .best
         .iter()

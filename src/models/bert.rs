@@ -108,20 +108,24 @@ impl Embeddings {
     pub fn new(
         config: &BertConfig,
         vb: VarBuilder,
+        factory: &mut LinearFactory,
         positions: Positions,
         seed: u64,
         path: &str,
     ) -> Result<Self> {
         let h = config.hidden_size;
-        let emb = |name: &str, n: usize| -> Result<Embedding> {
-            Ok(Embedding::new(vb.pp(name).get((n, h), "weight")?, h))
+        let mut emb = |name: &str, n: usize| -> Result<Embedding> {
+            Ok(Embedding::new(
+                factory.tensor(&vb.pp(name), (n, h), "weight")?,
+                h,
+            ))
         };
         Ok(Self {
             word: emb("word_embeddings", config.vocab_size)?,
             position: emb("position_embeddings", config.max_position_embeddings)?,
             token_type: emb("token_type_embeddings", config.type_vocab_size)?,
-            norm: LayerNorm::load(vb.pp("LayerNorm"), h, config.layer_norm_eps)?,
-            dropout: SeededDropout::new(config.hidden_dropout_prob, seed, path),
+            norm: LayerNorm::load(vb.pp("LayerNorm"), h, config.layer_norm_eps, factory)?,
+            dropout: factory.dropout(config.hidden_dropout_prob, seed, path)?,
             positions,
         })
     }
@@ -223,6 +227,16 @@ impl Layer {
         let h = config.hidden_size;
         let ff = config.intermediate_size;
         let eps = config.layer_norm_eps;
+        let p = config.hidden_dropout_prob;
+        let probs_dropout = f.dropout(
+            config.attention_probs_dropout_prob,
+            seed,
+            &format!("{path}.attention.self"),
+        )?;
+        let output_dropout = f.dropout(p, seed, &format!("{path}.attention.output"))?;
+        let dropout = f.dropout(p, seed, &format!("{path}.output"))?;
+        let attention_norm = LayerNorm::load(vb.pp("attention.output.LayerNorm"), h, eps, f)?;
+        let output_norm = LayerNorm::load(vb.pp("output.LayerNorm"), h, eps, f)?;
         let mut lin = |sub: &str, d_in: usize, d_out: usize| {
             f.linear(vb.pp(sub), &format!("{path}.{sub}"), d_in, d_out, true)
         };
@@ -231,29 +245,17 @@ impl Layer {
             key: lin("attention.self.key", h, h)?,
             value: lin("attention.self.value", h, h)?,
             output: lin("attention.output.dense", h, h)?,
-            norm: LayerNorm::load(vb.pp("attention.output.LayerNorm"), h, eps)?,
-            probs_dropout: SeededDropout::new(
-                config.attention_probs_dropout_prob,
-                seed,
-                &format!("{path}.attention.self"),
-            ),
-            output_dropout: SeededDropout::new(
-                config.hidden_dropout_prob,
-                seed,
-                &format!("{path}.attention.output"),
-            ),
+            norm: attention_norm,
+            probs_dropout,
+            output_dropout,
             heads: config.num_attention_heads,
         };
         Ok(Self {
             attention,
             intermediate: lin("intermediate.dense", h, ff)?,
             output: lin("output.dense", ff, h)?,
-            norm: LayerNorm::load(vb.pp("output.LayerNorm"), h, eps)?,
-            dropout: SeededDropout::new(
-                config.hidden_dropout_prob,
-                seed,
-                &format!("{path}.output"),
-            ),
+            norm: output_norm,
+            dropout,
             act: Activation::from_hf(&config.hidden_act)?,
         })
     }
@@ -310,6 +312,7 @@ impl BertModel {
         let embeddings = Embeddings::new(
             config,
             vb.pp("embeddings"),
+            factory,
             positions,
             seed,
             &join("embeddings"),
@@ -420,7 +423,7 @@ impl BertForSequenceClassification {
         )?;
         Ok(Self {
             bert,
-            dropout: SeededDropout::new(p, seed, "classifier"),
+            dropout: factory.dropout(p, seed, "classifier")?,
             classifier,
             num_labels,
         })

@@ -45,10 +45,17 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(vb: candle_nn::VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    /// Loads `weight` and `bias` under `vb`, trainable when `factory`
+    /// fine-tunes everything.
+    pub fn load(
+        vb: candle_nn::VarBuilder,
+        size: usize,
+        eps: f64,
+        factory: &mut crate::adapter::LinearFactory,
+    ) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
+            weight: factory.tensor(&vb, size, "weight")?,
+            bias: factory.tensor(&vb, size, "bias")?,
             eps,
         })
     }

@@ -64,7 +64,7 @@ impl RobertaForSequenceClassification {
             roberta,
             dense,
             out_proj,
-            dropout: SeededDropout::new(p, seed, "classifier"),
+            dropout: factory.dropout(p, seed, "classifier")?,
             num_labels,
         })
     }

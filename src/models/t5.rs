@@ -109,9 +109,9 @@ struct T5LayerNorm {
 }
 
 impl T5LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    fn load(vb: VarBuilder, size: usize, eps: f64, f: &mut LinearFactory) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(size, "weight")?,
+            weight: f.tensor(&vb, size, "weight")?,
             eps,
         })
     }
@@ -197,9 +197,11 @@ impl Attention {
             lin("o", inner, c.d_model)?,
         );
         let relative_bias = if has_bias {
-            let w = vb
-                .pp("relative_attention_bias")
-                .get((c.relative_attention_num_buckets, c.num_heads), "weight")?;
+            let w = f.tensor(
+                &vb.pp("relative_attention_bias"),
+                (c.relative_attention_num_buckets, c.num_heads),
+                "weight",
+            )?;
             Some(Embedding::new(w, c.num_heads))
         } else {
             None
@@ -215,7 +217,7 @@ impl Attention {
             bidirectional,
             num_buckets: c.relative_attention_num_buckets,
             max_distance: c.relative_attention_max_distance,
-            dropout: SeededDropout::new(c.dropout_rate, seed, path),
+            dropout: f.dropout(c.dropout_rate, seed, path)?,
         })
     }
 
@@ -316,7 +318,7 @@ impl FeedForward {
             wi,
             wo,
             act: c.activation()?,
-            inner_dropout: SeededDropout::new(c.dropout_rate, seed, path),
+            inner_dropout: f.dropout(c.dropout_rate, seed, path)?,
         })
     }
 
@@ -338,10 +340,16 @@ struct Residual {
 }
 
 impl Residual {
-    fn new(c: &T5Config, vb: VarBuilder, seed: u64, path: &str) -> Result<Self> {
+    fn new(
+        c: &T5Config,
+        vb: VarBuilder,
+        f: &mut LinearFactory,
+        seed: u64,
+        path: &str,
+    ) -> Result<Self> {
         Ok(Self {
-            norm: T5LayerNorm::load(vb.pp("layer_norm"), c.d_model, c.layer_norm_epsilon)?,
-            dropout: SeededDropout::new(c.dropout_rate, seed, &format!("{path}.residual")),
+            norm: T5LayerNorm::load(vb.pp("layer_norm"), c.d_model, c.layer_norm_epsilon, f)?,
+            dropout: f.dropout(c.dropout_rate, seed, &format!("{path}.residual"))?,
         })
     }
 
@@ -378,7 +386,7 @@ impl Block {
                 !decoder,
                 seed,
             )?,
-            Residual::new(c, vb.pp("layer.0"), seed, &l0)?,
+            Residual::new(c, vb.pp("layer.0"), f, seed, &l0)?,
         );
         let cross_attention = if decoder {
             let l1 = format!("{path}.layer.1");
@@ -392,7 +400,7 @@ impl Block {
                     true,
                     seed,
                 )?,
-                Residual::new(c, vb.pp("layer.1"), seed, &l1)?,
+                Residual::new(c, vb.pp("layer.1"), f, seed, &l1)?,
             ))
         } else {
             None
@@ -406,7 +414,7 @@ impl Block {
                 &format!("{path}.{ff}.DenseReluDense"),
                 seed,
             )?,
-            Residual::new(c, vb.pp(ff), seed, &format!("{path}.{ff}"))?,
+            Residual::new(c, vb.pp(ff), f, seed, &format!("{path}.{ff}"))?,
         );
         Ok(Self {
             self_attention,
@@ -475,8 +483,9 @@ impl Stack {
                 vb.pp("final_layer_norm"),
                 c.d_model,
                 c.layer_norm_epsilon,
+                f,
             )?,
-            dropout: SeededDropout::new(c.dropout_rate, seed, path),
+            dropout: f.dropout(c.dropout_rate, seed, path)?,
         })
     }
 }
@@ -526,10 +535,13 @@ impl T5ForConditionalGeneration {
         seed: u64,
     ) -> Result<Self> {
         let c = config;
-        let shared_w = vb.pp("shared").get((c.vocab_size, c.d_model), "weight")?;
+        let shared_w = factory.tensor(&vb.pp("shared"), (c.vocab_size, c.d_model), "weight")?;
         let encoder = Stack::new(c, vb.pp("encoder"), factory, "encoder", false, seed)?;
         let decoder = Stack::new(c, vb.pp("decoder"), factory, "decoder", true, seed)?;
-        let lm_head = if c.tie_word_embeddings {
+        let lm_head = if c.tie_word_embeddings && factory.trains_everything() {
+            // The tied head must train the shared table itself, not a copy.
+            AdaptedLinear::Frozen(Linear::new(shared_w.clone(), None))
+        } else if c.tie_word_embeddings {
             factory.build("lm_head", &Linear::new(shared_w.clone(), None))?
         } else {
             factory.linear(vb.pp("lm_head"), "lm_head", c.d_model, c.vocab_size, false)?
@@ -541,8 +553,8 @@ impl T5ForConditionalGeneration {
             decoder,
             lm_head,
             embed_dropout: (
-                SeededDropout::new(c.dropout_rate, seed, "encoder.embed"),
-                SeededDropout::new(c.dropout_rate, seed, "decoder.embed"),
+                factory.dropout(c.dropout_rate, seed, "encoder.embed")?,
+                factory.dropout(c.dropout_rate, seed, "decoder.embed")?,
             ),
         })
     }

@@ -31,6 +31,20 @@ pub struct LoadedModel {
     pub checkpoint: Checkpoint,
 }
 
+impl LoadedModel {
+    /// The padding token id: the config's `pad_token_id`, else the family's
+    /// usual one (RoBERTa pads with 1, BERT and T5 with 0).
+    pub fn pad_token_id(&self) -> u32 {
+        let config: serde_json::Value =
+            serde_json::from_str(&self.checkpoint.config_json).unwrap_or_default();
+        let default = match self.family {
+            Family::Roberta => 1,
+            _ => 0,
+        };
+        config["pad_token_id"].as_u64().unwrap_or(default) as u32
+    }
+}
+
 /// Loads the checkpoint `spec` (a folder or a hub id) as a task model:
 /// `num_labels` outputs for BERT and RoBERTa, conditional generation for T5.
 /// Tensor names are accepted with or without the `bert.` / `roberta.` /

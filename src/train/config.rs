@@ -72,6 +72,9 @@ fn d_out() -> PathBuf {
 fn d_log() -> usize {
     10
 }
+fn d_save() -> usize {
+    100
+}
 fn d_true() -> bool {
     true
 }
@@ -183,6 +186,10 @@ pub struct RunSection {
     pub eval_every: usize,
     #[serde(default = "d_log")]
     pub log_every: usize,
+    /// Write a checkpoint every this many steps (0: only at evaluations, on
+    /// interruption and at the end).
+    #[serde(default = "d_save")]
+    pub save_every: usize,
     /// Stop (and evaluate) once this many minutes have passed.
     #[serde(default)]
     pub time_budget_minutes: Option<f64>,

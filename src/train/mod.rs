@@ -1,9 +1,13 @@
-//! Training: the optimiser, schedules, evaluation and (later) the loop.
+//! Training: the optimiser, schedules, evaluation, checkpoints and the loop.
 
+#[cfg(feature = "train")]
+pub mod checkpoint;
 #[cfg(feature = "train")]
 pub mod config;
 pub mod eval;
 pub mod optim;
+#[cfg(feature = "train")]
+pub mod plot;
 pub mod schedule;
 #[cfg(feature = "train")]
 pub mod trainer;

@@ -6,14 +6,18 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle::{DType, Device, Tensor, D};
 use serde_json::json;
 
+use super::checkpoint::{config_differences, save_checkpoint, Best, Checkpoint, RunState};
 use super::config::TrainConfig;
 use super::eval::score_labels;
 use super::optim::{global_norm, AdamW, AdamWConfig};
+use super::plot::{write_svg, Curves};
 use super::schedule::learning_rate;
 use crate::adapter::rng::SeededRng;
 use crate::adapter::targets::ALL_LINEAR;
@@ -37,7 +41,30 @@ fn msg(e: candle::Error) -> Error {
     crate::error::message(&e)
 }
 
-/// What a finished run reports (also written to `results.json`).
+/// The checkpoint's file name inside the output directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// Config keys that may change between a run and its resumption: they do
+/// not affect what is trained.
+const RESUMABLE_KEYS: &[&str] = &[
+    "run.output_dir",
+    "run.device",
+    "run.time_budget_minutes",
+    "run.log_every",
+    "run.save_every",
+];
+
+/// How a run is started and stopped from outside its config.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Continue from the output directory's checkpoint.
+    pub resume: bool,
+    /// When set (by a Ctrl-C handler, say), the run stops after the step in
+    /// progress, writes a checkpoint and returns with `interrupted`.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// What a run reports (also written to `results.json` when it finishes).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainSummary {
     pub best: BTreeMap<String, Option<f64>>,
@@ -45,11 +72,17 @@ pub struct TrainSummary {
     pub steps: u64,
     pub trainable: usize,
     pub total: usize,
+    /// This invocation's wall time, loading and evaluation included.
     pub wall_seconds: f64,
+    /// Time in the training loop, summed over interruptions.
+    pub train_seconds: f64,
     pub train_examples_per_second: f64,
     pub peak_rss_bytes: Option<u64>,
     pub crate_version: &'static str,
     pub output_dir: PathBuf,
+    /// Stopped by [`TrainOptions::stop`] before the end; a checkpoint holds
+    /// the progress.
+    pub interrupted: bool,
 }
 
 /// The device a config asks for.
@@ -206,6 +239,11 @@ impl Log {
 
 /// Runs a whole training as configured, writing into `config.run.output_dir`.
 pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
+    train_with(config, &TrainOptions::default())
+}
+
+/// [`train`], resumable and stoppable.
+pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummary, Error> {
     let start = Instant::now();
     let task = task(&config.task.name)?;
     let dev = device(&config.run.device)?;
@@ -216,11 +254,9 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
     };
     let out = &config.run.output_dir;
     std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
-    std::fs::write(
-        out.join("config.toml"),
-        toml::to_string(config).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("writing {}: {e}", out.join("config.toml").display()))?;
+    let config_toml = toml::to_string(config).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("config.toml"), &config_toml)
+        .map_err(|e| format!("writing {}: {e}", out.join("config.toml").display()))?;
 
     // The model: read the family first so presets resolve for it.
     let source_dir = crate::models::loader::resolve_checkpoint_dir(
@@ -325,7 +361,7 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
             dev: encode_examples(&tokenizer, &dev_examples, config.task.max_len)?,
         }
     };
-    let pad_id = pad_id(&loaded.model);
+    let pad_id = loaded.pad_token_id();
     let train_lengths: Vec<usize> = match &data {
         Data::Classification { train, .. } => train.iter().map(|e| e.ids.len()).collect(),
         Data::Translation { train, .. } => train
@@ -346,9 +382,8 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
     let batches_per_epoch = train_lengths.len().div_ceil(o.batch_size);
     let steps_per_epoch = batches_per_epoch.div_ceil(o.grad_accum) as u64;
     let total_steps = match o.max_steps {
-        Some(m) => (m as u64)
-            .min(steps_per_epoch * o.epochs.max(1) as u64)
-            .max(if o.epochs == 0 { m as u64 } else { 0 }),
+        Some(m) if o.epochs == 0 => m as u64,
+        Some(m) => (m as u64).min(steps_per_epoch * o.epochs as u64),
         None => steps_per_epoch * o.epochs as u64,
     };
     let warmup = (o.warmup_ratio * total_steps as f64).round() as u64;
@@ -364,10 +399,60 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
     )
     .map_err(msg)?;
 
+    // Resume, or start afresh.
+    let checkpoint_path = out.join(CHECKPOINT);
+    let metrics_path = out.join("metrics.jsonl");
+    let mut state = RunState::default();
+    if options.resume {
+        let ckpt = Checkpoint::read(&checkpoint_path).map_err(|e| {
+            if checkpoint_path.exists() {
+                msg(e)
+            } else {
+                format!(
+                    "--resume: {} holds no checkpoint to resume from",
+                    out.display()
+                )
+            }
+        })?;
+        let changed = config_differences(&ckpt.config_toml, &config_toml, RESUMABLE_KEYS);
+        if !changed.is_empty() {
+            return Err(format!(
+                "--resume: the config differs from the checkpointed run's, so the run would not continue as it began:\n  {}",
+                changed.join("\n  ")
+            ));
+        }
+        ckpt.restore(&loaded.registry, &mut opt).map_err(msg)?;
+        state = ckpt.state;
+        truncate_metrics_after(&metrics_path, state.step)?;
+        eprintln!(
+            "resuming at step {} (epoch {}, batch {}) from {}",
+            state.step,
+            state.epoch,
+            state.next_batch,
+            checkpoint_path.display()
+        );
+    } else if checkpoint_path.exists() {
+        eprintln!(
+            "note: starting afresh in {}; its earlier checkpoint is discarded (pass --resume to continue a run instead)",
+            out.display()
+        );
+        std::fs::remove_file(&checkpoint_path)
+            .map_err(|e| format!("removing {}: {e}", checkpoint_path.display()))?;
+    }
     let mut log = Log {
-        file: std::fs::File::create(out.join("metrics.jsonl"))
-            .map_err(|e| format!("creating metrics.jsonl: {e}"))?,
+        file: std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .truncate(false)
+            .open(&metrics_path)
+            .map_err(|e| format!("opening {}: {e}", metrics_path.display()))?,
     };
+    if !options.resume {
+        log.file
+            .set_len(0)
+            .map_err(|e| format!("truncating {}: {e}", metrics_path.display()))?;
+    }
+
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         indicatif::ProgressBar::new(total_steps).with_style(
@@ -378,11 +463,13 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
     } else {
         indicatif::ProgressBar::hidden()
     };
+    bar.set_position(state.step);
     let headline = task.metrics[0];
     let headline_name = format!("{headline:?}").to_lowercase();
-    let mut best: (Option<f64>, BTreeMap<String, Option<f64>>, u64) = (None, BTreeMap::new(), 0);
-    let (mut step, mut seen, mut loss_sum, mut loss_n) = (0u64, 0usize, 0f64, 0usize);
-    let train_start = Instant::now();
+    let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+    let session_start = Instant::now();
+    let train_seconds =
+        |state: &RunState| state.train_seconds + session_start.elapsed().as_secs_f64();
     let budget = config.run.time_budget_minutes.map(|m| m * 60.0);
     let save = |name: &str| -> Result<(), Error> {
         save_adapter(
@@ -397,11 +484,28 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
         )
         .map_err(msg)
     };
-    let evaluate = |step: u64,
-                    epoch: usize,
-                    best: &mut (Option<f64>, BTreeMap<String, Option<f64>>, u64),
-                    log: &mut Log|
-     -> Result<(), Error> {
+    let checkpoint = |state: &RunState, opt: &AdamW| -> Result<(), Error> {
+        let mut state = state.clone();
+        state.dropout = loaded.registry.dropout_state();
+        state.train_seconds = train_seconds(&state);
+        save_checkpoint(
+            &checkpoint_path,
+            &loaded.registry,
+            opt,
+            &state,
+            &config_toml,
+        )
+        .map_err(msg)
+    };
+    let plot = || -> Result<(), Error> {
+        let text = std::fs::read_to_string(&metrics_path)
+            .map_err(|e| format!("reading {}: {e}", metrics_path.display()))?;
+        write_svg(
+            &out.join("curves.svg"),
+            &Curves::from_metrics_jsonl(&text, &headline_name),
+        )
+    };
+    let evaluate = |state: &mut RunState, log: &mut Log| -> Result<(), Error> {
         let scores = evaluate(
             &loaded,
             task,
@@ -413,39 +517,58 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
             &dev,
         )?;
         let value = scores.get(&headline_name).copied().flatten();
-        let improved = match (value, best.0) {
+        let best = &mut state.best;
+        let improved = match (value, best.value) {
             (Some(v), Some(b)) => v > b,
             (Some(_), None) => true,
-            _ => best.1.is_empty(),
+            _ => best.metrics.is_empty(),
         };
         if improved {
-            *best = (value, scores.clone(), step);
+            *best = Best {
+                value,
+                metrics: scores.clone(),
+                step: state.step,
+            };
             save("adapter-best.safetensors")?;
         }
         let shown = |v: Option<f64>| v.map_or("undefined".to_string(), |v| format!("{v:.4}"));
         let line = format!(
-            "epoch {epoch} | step {step} | dev {headline_name} {} | best {}",
+            "epoch {} | step {} | dev {headline_name} {} | best {}",
+            state.epoch,
+            state.step,
             shown(value),
-            shown(best.0)
+            shown(best.value)
         );
         bar.suspend(|| eprintln!("{line}"));
-        log.write(json!({"eval": true, "step": step, "epoch": epoch, "metrics": scores}))
+        log.write(
+            json!({"eval": true, "step": state.step, "epoch": state.epoch, "metrics": scores}),
+        )?;
+        plot()
     };
 
-    'outer: for epoch in 0..o.epochs.max(1) {
+    let mut interrupted = false;
+    let mut accumulated: BTreeMap<String, Tensor> = BTreeMap::new();
+    'outer: while state.step < total_steps {
+        let epoch = state.epoch;
         let batches = plan.batches(&train_lengths, epoch as u64);
-        let mut accumulated: BTreeMap<String, Tensor> = BTreeMap::new();
-        for (i, batch) in batches.iter().enumerate() {
+        for (i, batch) in batches.iter().enumerate().skip(state.next_batch) {
             let loss = batch_loss(&loaded, &data, batch, pad_id, &dev).map_err(msg)?;
             let value = loss
                 .to_dtype(DType::F32)
                 .and_then(|l| l.to_scalar::<f32>())
                 .map_err(msg)? as f64;
             if !value.is_finite() {
+                let kept = if checkpoint_path.exists() {
+                    format!(
+                        "the last good checkpoint is kept at {}",
+                        checkpoint_path.display()
+                    )
+                } else {
+                    "no checkpoint was written before it".to_string()
+                };
                 return Err(format!(
-                    "the loss is {value} at step {} (epoch {epoch}, batch {i}): training stopped; the last good adapter is {}",
-                    step + 1,
-                    out.join("adapter-best.safetensors").display()
+                    "the loss is {value} at step {} (epoch {epoch}, batch {i}): training stopped; {kept}",
+                    state.step + 1,
                 ));
             }
             let grads = (loss / o.grad_accum as f64)
@@ -460,10 +583,11 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
                     accumulated.insert(name.clone(), sum);
                 }
             }
-            seen += batch.len();
+            state.seen += batch.len();
             loss_sum += value;
             loss_n += 1;
-            if (i + 1) % o.grad_accum != 0 && i + 1 != batches.len() {
+            let epoch_end = i + 1 == batches.len();
+            if (i + 1) % o.grad_accum != 0 && !epoch_end {
                 continue;
             }
             let norm = global_norm(&accumulated).map_err(msg)?;
@@ -472,12 +596,18 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
             } else {
                 1.0
             };
-            let lr = learning_rate(o.schedule, o.lr, step, warmup, total_steps);
+            let lr = learning_rate(o.schedule, o.lr, state.step, warmup, total_steps);
             opt.step_with(&accumulated, lr, scale).map_err(msg)?;
             accumulated.clear();
-            step += 1;
+            state.step += 1;
+            (state.epoch, state.next_batch) = if epoch_end {
+                (epoch + 1, 0)
+            } else {
+                (epoch, i + 1)
+            };
+            let step = state.step;
             bar.inc(1);
-            let rate = seen as f64 / train_start.elapsed().as_secs_f64();
+            let rate = state.seen as f64 / train_seconds(&state);
             if step % config.run.log_every.max(1) as u64 == 0 || step == total_steps {
                 let mean = loss_sum / loss_n.max(1) as f64;
                 bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {rate:.1} ex/s"));
@@ -487,52 +617,85 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
                     );
                 }
                 log.write(json!({"step": step, "epoch": epoch, "loss": mean, "lr": lr, "grad_norm": norm, "examples_per_second": rate}))?;
-                loss_sum = 0.0;
-                loss_n = 0;
+                (loss_sum, loss_n) = (0.0, 0);
             }
-            let out_of_time = budget.is_some_and(|b| start.elapsed().as_secs_f64() > b);
-            if config.run.eval_every > 0 && step % config.run.eval_every as u64 == 0 {
-                evaluate(step, epoch, &mut best, &mut log)?;
+            let finished = step >= total_steps;
+            let out_of_time = budget.is_some_and(|b| train_seconds(&state) > b);
+            let stop_requested = options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::SeqCst));
+            let eval_due = if config.run.eval_every > 0 {
+                step % config.run.eval_every as u64 == 0
+            } else {
+                epoch_end
+            };
+            if eval_due || finished || out_of_time {
+                evaluate(&mut state, &mut log)?;
             }
-            if step >= total_steps || out_of_time {
-                if out_of_time {
-                    bar.suspend(|| eprintln!("time budget reached at step {step}"));
-                }
-                if config.run.eval_every == 0 || step % config.run.eval_every as u64 != 0 {
-                    evaluate(step, epoch, &mut best, &mut log)?;
-                }
+            let save_due = config.run.save_every > 0 && step % config.run.save_every as u64 == 0;
+            if save_due || eval_due || finished || out_of_time || stop_requested {
+                checkpoint(&state, &opt)?;
+            }
+            if out_of_time && !finished {
+                bar.suspend(|| eprintln!("time budget reached at step {step}"));
+            }
+            if stop_requested && !finished {
+                bar.suspend(|| {
+                    eprintln!(
+                        "interrupted at step {step}: checkpoint saved to {}; continue with --resume",
+                        checkpoint_path.display()
+                    )
+                });
+                interrupted = true;
+            }
+            if finished || out_of_time || interrupted {
                 break 'outer;
             }
         }
-        if config.run.eval_every == 0 {
-            evaluate(step, epoch, &mut best, &mut log)?;
-        }
     }
     bar.finish_and_clear();
-    save("adapter-last.safetensors")?;
     let summary = TrainSummary {
-        best: best.1,
-        best_step: best.2,
-        steps: step,
+        best: state.best.metrics.clone(),
+        best_step: state.best.step,
+        steps: state.step,
         trainable,
         total,
         wall_seconds: start.elapsed().as_secs_f64(),
-        train_examples_per_second: seen as f64 / train_start.elapsed().as_secs_f64(),
+        train_seconds: train_seconds(&state),
+        train_examples_per_second: state.seen as f64 / train_seconds(&state),
         peak_rss_bytes: peak_rss(),
         crate_version: env!("CARGO_PKG_VERSION"),
         output_dir: out.clone(),
+        interrupted,
     };
+    if interrupted {
+        return Ok(summary);
+    }
+    save("adapter-last.safetensors")?;
+    plot()?;
     let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
     crate::adapter::file::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(msg)?;
     Ok(summary)
 }
 
-/// The padding id of a model family (RoBERTa pads with 1).
-pub(crate) fn pad_id(model: &TaskModel) -> u32 {
-    match model {
-        TaskModel::Roberta(_) => 1,
-        _ => 0,
-    }
+/// Drops the `metrics.jsonl` lines logged after `step` (by a run that went
+/// on past its last checkpoint), so a resumed run's log has no duplicates.
+fn truncate_metrics_after(path: &Path, step: u64) -> Result<(), Error> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::adapter::file::write_atomic(path, kept.as_bytes()).map_err(msg)
 }
 
 fn batch_loss(

@@ -257,3 +257,75 @@ fn export_writes_merged_and_peft_folders_that_reproduce_the_adapter() {
         }
     }
 }
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let (model, data) = crate::train::tiny_setup_in("ctrlc").unwrap();
+    let dir = std::env::temp_dir().join(format!("lora-mini-ctrlc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("run");
+    let config = dir.join("config.toml");
+    // Long enough that it is still running when the signal comes.
+    let text = crate::train::config_text(&model, &data, &out)
+        .replace("epochs = 8", "epochs = 400")
+        .replace("log_every = 5", "log_every = 1\neval_every = 1000");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lora-mini"))
+        .args(["train", "--config", config.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "ended early: {seen}"
+        );
+        seen += &line;
+        if line.starts_with("step 3/") {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("checkpoint saved to"), "{rest}");
+    assert!(rest.contains("--resume"), "{rest}");
+    assert!(!rest.contains("panicked"), "{rest}");
+    let ckpt = lora_mini::train::checkpoint::Checkpoint::read(&out.join("checkpoint.safetensors"))
+        .unwrap();
+    assert!(ckpt.state.step >= 3);
+
+    // Resuming picks up from the checkpoint; a time budget (which may change
+    // between a run and its resumption) ends it after one more step.
+    let (ok, _, err) = lora_mini(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--resume",
+        "--set",
+        "run.time_budget_minutes=0.0001",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("resuming at step {}", ckpt.state.step)),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("step {}/", ckpt.state.step + 1)),
+        "{err}"
+    );
+    assert!(out.join("results.json").exists());
+}

@@ -1,0 +1,173 @@
+//! The run's curves as SVG: training loss and the headline dev metric
+//! against the optimiser step, side by side.
+//!
+//! Plotters renders without system fonts here (its SVG backend leaves the
+//! glyphs to the viewer), so the plot costs no native dependency.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+/// The points of one run, as read from its `metrics.jsonl`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Curves {
+    /// `(step, mean training loss since the previous log line)`.
+    pub loss: Vec<(u64, f64)>,
+    /// `(step, headline dev metric)`; evaluations where it is undefined are
+    /// left out.
+    pub dev: Vec<(u64, f64)>,
+    pub metric: String,
+}
+
+impl Curves {
+    /// Reads the loss and `metric` lines of a `metrics.jsonl` text.
+    pub fn from_metrics_jsonl(text: &str, metric: &str) -> Self {
+        let mut curves = Curves {
+            metric: metric.to_string(),
+            ..Default::default()
+        };
+        for value in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let Some(step) = value["step"].as_u64() else {
+                continue;
+            };
+            if value["eval"].as_bool() == Some(true) {
+                if let Some(v) = value["metrics"][metric].as_f64() {
+                    curves.dev.push((step, v));
+                }
+            } else if let Some(loss) = value["loss"].as_f64() {
+                curves.loss.push((step, loss));
+            }
+        }
+        curves
+    }
+}
+
+fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if !lo.is_finite() {
+        return 0.0..1.0;
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    (lo - pad)..(hi + pad)
+}
+
+type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn panel(
+    area: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    title: &str,
+    y_name: &str,
+    points: &[(u64, f64)],
+    max_step: u64,
+    color: RGBColor,
+) -> DrawResult<()> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(
+            0f64..max_step.max(1) as f64,
+            range(points.iter().map(|p| p.1)),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_name)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        points.iter().map(|&(s, v)| (s as f64, v)),
+        color.stroke_width(2),
+    ))?;
+    chart.draw_series(
+        points
+            .iter()
+            .map(|&(s, v)| Circle::new((s as f64, v), 3, color.filled())),
+    )?;
+    Ok(())
+}
+
+/// The SVG text of the two panels.
+pub fn render_svg(curves: &Curves) -> Result<String, String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (1000, 400)).into_drawing_area();
+        let draw = || -> DrawResult<()> {
+            root.fill(&WHITE)?;
+            let (left, right) = root.split_horizontally(500);
+            let max_step = curves
+                .loss
+                .iter()
+                .chain(curves.dev.iter())
+                .map(|p| p.0)
+                .max()
+                .unwrap_or(1);
+            panel(&left, "training loss", "loss", &curves.loss, max_step, BLUE)?;
+            let title = format!("dev {}", curves.metric);
+            panel(&right, &title, &curves.metric, &curves.dev, max_step, RED)?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| format!("drawing the training curves: {e}"))?;
+    }
+    Ok(svg)
+}
+
+/// Renders `curves` and writes them to `path` atomically.
+pub fn write_svg(path: &Path, curves: &Curves) -> Result<(), String> {
+    let svg = render_svg(curves)?;
+    crate::adapter::file::write_atomic(path, svg.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = r#"{"step":10,"loss":0.9,"lr":1e-4}
+{"step":20,"loss":0.7,"lr":1e-4}
+{"eval":true,"step":20,"epoch":0,"metrics":{"accuracy":0.61,"f1":0.5}}
+{"step":30,"loss":0.5,"lr":1e-4}
+{"eval":true,"step":30,"epoch":0,"metrics":{"accuracy":null}}
+{"eval":true,"step":40,"epoch":1,"metrics":{"accuracy":0.72}}
+"#;
+
+    #[test]
+    fn reads_loss_and_headline_metric() {
+        let c = Curves::from_metrics_jsonl(METRICS, "accuracy");
+        assert_eq!(c.loss, vec![(10, 0.9), (20, 0.7), (30, 0.5)]);
+        assert_eq!(c.dev, vec![(20, 0.61), (40, 0.72)]);
+    }
+
+    #[test]
+    fn renders_both_curves() {
+        let svg = render_svg(&Curves::from_metrics_jsonl(METRICS, "accuracy")).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
+        assert!(svg.contains("training loss") && svg.contains("dev accuracy"));
+        // One line per panel through its points, one marker per point.
+        let line = |color: &str| {
+            svg.lines()
+                .filter(|l| l.starts_with("<polyline") && l.contains(color))
+                .map(|l| {
+                    l.split("points=\"")
+                        .nth(1)
+                        .unwrap()
+                        .split_whitespace()
+                        .filter(|p| p.contains(','))
+                        .count()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line("#0000FF"), vec![3]);
+        assert_eq!(line("#FF0000"), vec![2]);
+        assert_eq!(svg.matches("<circle").count(), 5);
+        // An empty run still renders (axes only) rather than failing.
+        assert!(render_svg(&Curves::default()).is_ok());
+    }
+}
