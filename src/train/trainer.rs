@@ -804,3 +804,20 @@ pub(crate) fn evaluate(
         _ => Err("translation needs a T5 model".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_uses_the_cpu_when_no_accelerator_is_compiled_in() {
+        let built_with_accelerator = cfg!(any(feature = "cuda", feature = "metal"));
+        if !built_with_accelerator {
+            assert!(device("auto").unwrap().is_cpu());
+            // Asking for one that is not there names the setting.
+            let err = device("cuda").unwrap_err();
+            assert!(err.starts_with("run.device = \"cuda\""), "{err}");
+        }
+        assert!(device("cpu").unwrap().is_cpu());
+    }
+}
