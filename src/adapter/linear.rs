@@ -15,10 +15,12 @@ pub fn linear_fwd(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
     let ys = match dims.len() {
         0 => candle::bail!("linear layer input must have at least one dimension"),
         1 | 2 => {
+            // CUDA's matmul refuses a strided row slice (a [CLS] token taken
+            // from (B, T, H)); the copy is a no-op for contiguous input.
             let x2 = if dims.len() == 1 {
                 xs.unsqueeze(0)?
             } else {
-                xs.clone()
+                xs.contiguous()?
             };
             let y = x2.matmul(&weight.t()?)?;
             if dims.len() == 1 {

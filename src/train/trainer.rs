@@ -288,10 +288,15 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         .map(|t| t.elem_count())
         .sum();
     eprintln!(
-        "{}: {} on {}, {} trainable of {} parameters ({:.4}%)",
+        "{}: {} on {} ({}, {dtype:?}), {} trainable of {} parameters ({:.4}%)",
         config.model.source,
         adapter.method.name(),
         task.name,
+        match &dev {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+            Device::Metal(_) => "metal",
+        },
         trainable,
         total,
         100.0 * trainable as f64 / total as f64
