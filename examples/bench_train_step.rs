@@ -80,6 +80,7 @@ fn peak_rss() -> Option<u64> {
 
 fn main() -> candle::Result<()> {
     let args = parse_args();
+    lora_mini::alloc::keep_freed_buffers();
     let device = Device::Cpu;
     let adapter = AdapterConfig {
         method: Method::LoraMini(LoraMiniConfig {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod adapter;
+pub mod alloc;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
