@@ -4,6 +4,7 @@ use candle::{DType, Module, Result, Tensor, Var};
 use candle_nn::{Linear, ModuleT};
 
 use super::config::Method;
+use super::frozen_matmul::matmul_wt;
 use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
 
@@ -14,30 +15,16 @@ pub fn linear_fwd(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
     let dims = xs.dims();
     let ys = match dims.len() {
         0 => candle::bail!("linear layer input must have at least one dimension"),
-        1 | 2 => {
-            // CUDA's matmul refuses a strided row slice (a [CLS] token taken
-            // from (B, T, H)); the copy is a no-op for contiguous input.
-            let x2 = if dims.len() == 1 {
-                xs.unsqueeze(0)?
-            } else {
-                xs.contiguous()?
-            };
-            let y = x2.matmul(&weight.t()?)?;
-            if dims.len() == 1 {
-                y.squeeze(0)?
-            } else {
-                y
-            }
-        }
+        1 => matmul_wt(&xs.unsqueeze(0)?, weight)?.squeeze(0)?,
+        // CUDA's matmul refuses a strided row slice (a [CLS] token taken
+        // from (B, T, H)); the copy is a no-op for contiguous input.
+        2 => matmul_wt(&xs.contiguous()?, weight)?,
         _ => {
             let d_in = dims[dims.len() - 1];
             let rows = xs.elem_count() / d_in.max(1);
             let mut out_dims = dims.to_vec();
             *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
-            xs.contiguous()?
-                .reshape((rows, d_in))?
-                .matmul(&weight.t()?)?
-                .reshape(out_dims)?
+            matmul_wt(&xs.contiguous()?.reshape((rows, d_in))?, weight)?.reshape(out_dims)?
         }
     };
     match bias {

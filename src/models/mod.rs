@@ -3,6 +3,7 @@
 //! Hugging Face module path. Every op on the training path has a backward.
 
 pub mod bert;
+mod fused;
 pub mod loader;
 pub mod ops;
 pub mod presets;

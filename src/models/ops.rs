@@ -2,14 +2,38 @@
 //!
 //! Candle 0.11's fused `candle_nn::ops::layer_norm`, `rms_norm` and
 //! `softmax_last_dim` record no backward op, so gradients through them are
-//! silently dropped. These versions are built from basic ops that all have a
-//! backward.
+//! silently dropped. On the CPU in f32 these use the crate's fused kernels,
+//! which have a backward (`fused.rs`); elsewhere they are built from basic
+//! ops that all have one.
 
 use candle::{DType, Result, Tensor, D};
+
+use super::fused::{LayerNormOp, Softmax};
+
+fn fusable(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
 
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension,
 /// computed in f32 for half-precision inputs.
 pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fusable(xs) && weight.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        return xs.contiguous()?.apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LayerNormOp { eps: eps as f32 },
+        );
+    }
+    composed_layer_norm(xs, weight, bias, eps)
+}
+
+/// [`layer_norm`] from basic ops (any device and dtype).
+pub(crate) fn composed_layer_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = xs.dtype();
     let x = upcast(xs)?;
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
@@ -20,10 +44,18 @@ pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resu
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// Softmax over the last dimension. The row maximum is subtracted for
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if fusable(xs) {
+        return xs.contiguous()?.apply_op1(Softmax);
+    }
+    composed_softmax_last_dim(xs)
+}
+
+/// [`softmax_last_dim`] from basic ops. The row maximum is subtracted for
 /// stability and detached: softmax does not depend on it, so it needs no
 /// gradient.
-pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn composed_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let num = xs.broadcast_sub(&max)?.exp()?;
     num.broadcast_div(&num.sum_keepdim(D::Minus1)?)

@@ -1,0 +1,254 @@
+//! Fused CPU kernels, with a backward, for the ops a training step spends
+//! its elementwise time in: softmax over the last dimension and layer norm.
+//!
+//! Built from basic ops, softmax takes five passes over the attention
+//! scores and keeps four intermediates alive until the backward; layer norm
+//! takes nine. These kernels take one pass per row, in parallel over rows,
+//! and keep only their output (softmax) or input (layer norm) for the
+//! backward. They run for contiguous f32 tensors on the CPU; `ops` falls
+//! back to the composed versions elsewhere (CUDA, Metal, other dtypes).
+
+use candle::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle::bail!("{op}: only f32 is fused");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle::bail!("{op}: the input must be contiguous");
+    };
+    let d = *layout.dims().last().unwrap_or(&1);
+    Ok((&data[start..end], d.max(1)))
+}
+
+/// Softmax over the last dimension; the backward uses the saved output.
+pub(crate) struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "lora-mini-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = f32_rows(storage, layout, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(y, x)| {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - max).exp();
+                    sum += *y;
+                }
+                let inv = 1.0 / sum;
+                y.iter_mut().for_each(|y| *y *= inv);
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // dx = y * (g - sum(g * y))
+        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&dot)? * y)?))
+    }
+}
+
+/// Layer norm over the last dimension with weight and bias.
+pub(crate) struct LayerNormOp {
+    pub eps: f32,
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "lora-mini-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = f32_rows(s1, l1, self.name())?;
+        let (w, _) = f32_rows(s2, l2, self.name())?;
+        let (b, _) = f32_rows(s3, l3, self.name())?;
+        if w.len() != d || b.len() != d {
+            candle::bail!("{}: weight and bias must have {d} entries", self.name());
+        }
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps;
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(y, x)| {
+                let (mean, rstd) = moments(x, eps);
+                for i in 0..d {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        let x2 = x.contiguous()?.reshape((rows, d))?;
+        let g2 = grad.contiguous()?.reshape((rows, d))?;
+        let dx = g2.apply_op3_no_bwd(&x2, w, &LayerNormInputGrad { eps: self.eps })?;
+        let dx = dx.reshape(x.shape())?;
+        // Frozen norms (adapter training) need no weight or bias gradient.
+        let (dw, db) = if w.track_op() {
+            let xhat = x2.apply_op1_no_bwd(&Normalise { eps: self.eps })?;
+            (Some((&g2 * xhat)?.sum(0)?), Some(g2.sum(0)?))
+        } else {
+            (None, None)
+        };
+        Ok((Some(dx), dw, db))
+    }
+}
+
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `(x - mean) * rstd` per row, for the weight gradient.
+struct Normalise {
+    eps: f32,
+}
+
+impl CustomOp1 for Normalise {
+    fn name(&self) -> &'static str {
+        "lora-mini-normalise"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = f32_rows(storage, layout, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(y, x)| {
+                let (mean, rstd) = moments(x, self.eps);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - mean) * rstd;
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// The input gradient of layer norm from `(grad, x, weight)`, per row:
+/// `rstd * (gw - mean(gw) - xhat * mean(gw * xhat))` with `gw = grad * w`.
+struct LayerNormInputGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormInputGrad {
+    fn name(&self) -> &'static str {
+        "lora-mini-layer-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, d) = f32_rows(s1, l1, self.name())?;
+        let (x, _) = f32_rows(s2, l2, self.name())?;
+        let (w, _) = f32_rows(s3, l3, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        let eps = self.eps;
+        out.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
+            .for_each(|(dx, (x, g))| {
+                let (mean, rstd) = moments(x, eps);
+                let n = d as f32;
+                let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                for i in 0..d {
+                    let gw = g[i] * w[i];
+                    sum_gw += gw;
+                    sum_gw_xhat += gw * (x[i] - mean) * rstd;
+                }
+                let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
+                for i in 0..d {
+                    let xhat = (x[i] - mean) * rstd;
+                    dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ops::{composed_layer_norm, composed_softmax_last_dim};
+    use candle::{DType, Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn softmax_values_and_gradient_match_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (3, 5, 37), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (3, 5, 37), &dev)?;
+        let fused = x.as_tensor().apply_op1(Softmax)?;
+        let composed = composed_softmax_last_dim(&x)?;
+        assert!(max_diff(&fused, &composed)? < 1e-6);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        let diff = max_diff(gf.get(&x).unwrap(), gc.get(&x).unwrap())?;
+        assert!(diff < 1e-6, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_values_and_gradients_match_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (4, 3, 48), &dev)? + 0.5)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.2, 48, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 48, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (4, 3, 48), &dev)?;
+        let fused = x.apply_op3(&w, &b, LayerNormOp { eps: 1e-12 })?;
+        let composed = composed_layer_norm(&x, &w, &b, 1e-12)?;
+        assert!(max_diff(&fused, &composed)? < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let diff = max_diff(f, c)?;
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{name}: {diff} (scale {scale})"
+            );
+        }
+        // A frozen norm gets no weight or bias gradient.
+        let frozen_w = w.as_tensor().detach();
+        let frozen_b = b.as_tensor().detach();
+        let y = x.apply_op3(&frozen_w, &frozen_b, LayerNormOp { eps: 1e-12 })?;
+        let g = (y * &probe)?.sum_all()?.backward()?;
+        assert!(g.get(&frozen_w).is_none() && g.get(&x).is_some());
+        assert_eq!(g.get(&x).unwrap().dtype(), DType::F32);
+        Ok(())
+    }
+}
