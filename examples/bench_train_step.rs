@@ -30,6 +30,7 @@ struct Args {
     warmup: usize,
     batch: usize,
     len: usize,
+    eval_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +40,7 @@ fn parse_args() -> Args {
         warmup: 1,
         batch: 32,
         len: 128,
+        eval_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,9 +51,10 @@ fn parse_args() -> Args {
             "--warmup" => args.warmup = value().parse().expect("--warmup N"),
             "--batch" => args.batch = value().parse().expect("--batch N"),
             "--len" => args.len = value().parse().expect("--len N"),
+            "--eval-only" => args.eval_only = true,
             "--help" | "-h" => {
                 println!(
-                    "bench_train_step [--model DIR] [--steps 5] [--warmup 1] [--batch 32] [--len 128]"
+                    "bench_train_step [--model DIR] [--steps 5] [--warmup 1] [--batch 32] [--len 128] [--eval-only]"
                 );
                 std::process::exit(0);
             }
@@ -113,7 +116,12 @@ fn main() -> candle::Result<()> {
     let labels = Tensor::new(labels, &device)?;
 
     let mut step_ms = Vec::new();
-    for i in 0..args.warmup + args.steps {
+    let train_steps = if args.eval_only {
+        0
+    } else {
+        args.warmup + args.steps
+    };
+    for i in 0..train_steps {
         let t = Instant::now();
         let logits = loaded
             .model
@@ -155,7 +163,7 @@ fn main() -> candle::Result<()> {
             "batch": args.batch,
             "len": args.len,
             "trainable": loaded.registry.num_trainable(),
-            "step_ms_median": median(&step_ms),
+            "step_ms_median": (!step_ms.is_empty()).then(|| median(&step_ms)),
             "step_ms": step_ms,
             "eval_ms_median": median(eval_ms),
             "peak_rss_bytes": peak_rss(),

@@ -1,17 +1,31 @@
-//! `x·Wᵀ` for a frozen `W`, whose backward returns only the input gradient.
+//! `x·Wᵀ (+ b)` for a frozen `W` (and `b`), whose backward returns only the
+//! input gradient.
 //!
 //! Candle's matmul backward computes both operands' gradients, so under
 //! adapter training every frozen layer also pays for a weight gradient of
 //! the forward's cost that nothing reads: a third of the step's matmul work.
-//! This op runs the same gemm forward on the CPU and, backward, only
-//! `grad·W`.
+//! This op runs the same gemm forward on the CPU, with the bias written
+//! into the output before the gemm accumulates onto it (saving a pass), and,
+//! backward, only `grad·W`.
 
 use candle::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-/// The op holds the frozen `(d_out, d_in)` weight; its argument is the
-/// `(rows, d_in)` input.
+/// The op holds the frozen `(d_out, d_in)` weight and `(d_out)` bias; its
+/// argument is the `(rows, d_in)` input.
 struct FrozenMatmul {
     weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// The contiguous f32 values of a CPU tensor (the op's frozen operands).
+fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        candle::bail!("lora-mini-frozen-matmul: the {what} must be a contiguous f32 CPU tensor");
+    };
+    f(&v[a..b])
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -28,51 +42,63 @@ impl CustomOp1 for FrozenMatmul {
         if k != k_w {
             candle::bail!("{}: input has {k} features, the weight {k_w}", self.name());
         }
-        let (w_storage, w_layout) = self.weight.storage_and_layout();
-        let (candle::Storage::Cpu(CpuStorage::F32(w)), Some((w0, w1))) =
-            (&*w_storage, w_layout.contiguous_offsets())
-        else {
-            candle::bail!(
-                "{}: the weight must be a contiguous f32 CPU tensor",
-                self.name()
-            );
+        let x = &x[x0..x1];
+        // Start from the bias (or zeros) and let the gemm add x·Wᵀ onto it.
+        let mut y = match &self.bias {
+            Some(b) => with_cpu_f32(b, "bias", |b| {
+                if b.len() != n {
+                    candle::bail!(
+                        "lora-mini-frozen-matmul: bias has {} entries, not {n}",
+                        b.len()
+                    );
+                }
+                Ok(b.repeat(m))
+            })?,
+            None => vec![0f32; m * n],
         };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
-        let mut y = vec![0f32; m * n];
         let threads = candle::utils::get_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {
             gemm::Parallelism::None
         };
-        // y (m x n, row-major) = x (m x k, row-major) · Wᵀ, where Wᵀ's
-        // element (i, j) is W[j][i]: row stride 1, column stride k.
-        // SAFETY: the pointers cover m·n, m·k and n·k elements with the
-        // strides given, as checked above; dst is not read (alpha = 0,
-        // read_dst = false).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0f32,
-                1f32,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        }
+        with_cpu_f32(&self.weight, "weight", |w| {
+            if w.len() != n * k {
+                candle::bail!(
+                    "lora-mini-frozen-matmul: weight has {} entries, not {}",
+                    w.len(),
+                    n * k
+                );
+            }
+            // y (m x n, row-major) += x (m x k, row-major) · Wᵀ, where Wᵀ's
+            // element (i, j) is W[j][i]: row stride 1, column stride k.
+            // SAFETY: the pointers cover m·n, m·k and n·k elements with the
+            // strides given, as checked above.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    y.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    1f32,
+                    1f32,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            }
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -81,21 +107,23 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `x·Wᵀ` for a 2-D contiguous `x`: the frozen-weight op when `W` is a
-/// frozen f32 CPU tensor, Candle's matmul otherwise (trainable weights,
-/// CUDA, Metal, other dtypes).
-pub(crate) fn matmul_wt(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let frozen_f32_cpu = !weight.track_op()
-        && weight.device().is_cpu()
-        && weight.dtype() == DType::F32
-        && x.dtype() == DType::F32
-        && weight.is_contiguous();
-    if frozen_f32_cpu {
-        x.contiguous()?.apply_op1(FrozenMatmul {
+/// `x·Wᵀ + b` for a 2-D `x`: the frozen-weight op when `W` and `b` are
+/// frozen f32 CPU tensors, Candle's matmul and add otherwise (trainable
+/// weights, CUDA, Metal, other dtypes).
+pub(crate) fn linear_2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let frozen_f32_cpu = |t: &Tensor| {
+        !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
+    };
+    if x.dtype() == DType::F32 && frozen_f32_cpu(weight) && bias.is_none_or(frozen_f32_cpu) {
+        return x.contiguous()?.apply_op1(FrozenMatmul {
             weight: weight.clone(),
-        })
-    } else {
-        x.matmul(&weight.t()?)
+            bias: bias.cloned(),
+        });
+    }
+    let y = x.matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 
@@ -109,9 +137,10 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (67, 48), &dev)?)?;
         let w = Tensor::randn(0f32, 0.2, (35, 48), &dev)?;
+        let b = Tensor::randn(0f32, 0.2, 35, &dev)?;
         let probe = Tensor::randn(0f32, 1.0, (67, 35), &dev)?;
-        let ours = matmul_wt(&x, &w)?;
-        let candle = x.matmul(&w.t()?)?;
+        let ours = linear_2d(&x, &w, Some(&b))?;
+        let candle = x.matmul(&w.t()?)?.broadcast_add(&b)?;
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
         };
@@ -125,8 +154,19 @@ mod tests {
         );
         // A trainable weight takes Candle's path and gets its gradient.
         let wv = Var::from_tensor(&w)?;
-        let g = (matmul_wt(&x, &wv)? * &probe)?.sum_all()?.backward()?;
+        let g = (linear_2d(&x, &wv, Some(&b))? * &probe)?
+            .sum_all()?
+            .backward()?;
         assert!(g.get(&wv).is_some());
+        // So does a trainable bias beside a frozen weight.
+        let bv = Var::from_tensor(&b)?;
+        let g = (linear_2d(&x, &w, Some(&bv))? * &probe)?
+            .sum_all()?
+            .backward()?;
+        assert!(g.get(&bv).is_some() && g.get(&x).is_some());
+        // Without a bias, too.
+        let diff2 = diff(&linear_2d(&x, &w, None)?, &x.matmul(&w.t()?)?)?;
+        assert!(diff2 < 1e-5);
         Ok(())
     }
 }

@@ -4,7 +4,7 @@ use candle::{DType, Module, Result, Tensor, Var};
 use candle_nn::{Linear, ModuleT};
 
 use super::config::Method;
-use super::frozen_matmul::matmul_wt;
+use super::frozen_matmul::linear_2d;
 use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
 
@@ -13,23 +13,19 @@ use super::lora_mini::LoraMiniLinear;
 /// faster than a broadcast one.
 pub fn linear_fwd(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = xs.dims();
-    let ys = match dims.len() {
+    match dims.len() {
         0 => candle::bail!("linear layer input must have at least one dimension"),
-        1 => matmul_wt(&xs.unsqueeze(0)?, weight)?.squeeze(0)?,
+        1 => linear_2d(&xs.unsqueeze(0)?, weight, bias)?.squeeze(0),
         // CUDA's matmul refuses a strided row slice (a [CLS] token taken
         // from (B, T, H)); the copy is a no-op for contiguous input.
-        2 => matmul_wt(&xs.contiguous()?, weight)?,
+        2 => linear_2d(&xs.contiguous()?, weight, bias),
         _ => {
             let d_in = dims[dims.len() - 1];
             let rows = xs.elem_count() / d_in.max(1);
             let mut out_dims = dims.to_vec();
             *out_dims.last_mut().expect("non-empty") = weight.dim(0)?;
-            matmul_wt(&xs.contiguous()?.reshape((rows, d_in))?, weight)?.reshape(out_dims)?
+            linear_2d(&xs.contiguous()?.reshape((rows, d_in))?, weight, bias)?.reshape(out_dims)
         }
-    };
-    match bias {
-        Some(b) => ys.broadcast_add(b),
-        None => Ok(ys),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use candle::{DType, Result, Tensor, D};
 
-use super::fused::{LayerNormOp, Softmax};
+use super::fused::{GeluErf, LayerNormOp, Softmax};
 
 fn fusable(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -121,6 +121,7 @@ impl Activation {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
+            Self::GeluErf if fusable(xs) => xs.contiguous()?.apply_op1(GeluErf),
             Self::GeluErf => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
             Self::Relu => xs.relu(),
