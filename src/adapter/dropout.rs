@@ -4,13 +4,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle::{Result, Tensor};
+use rayon::prelude::*;
 
 use super::rng::{stream_seed, SeededRng};
 
+/// Elements per independently seeded block of a mask.
+const MASK_BLOCK: usize = 1 << 14;
+
 /// Inverted dropout whose masks come from the crate's seeded RNG.
 ///
-/// Masks are counter-based: the `k`-th training call draws from a stream
-/// derived from `(seed, name, k)`. The whole state is therefore one counter,
+/// Masks are counter-based: the `k`-th training call draws from streams
+/// derived from `(seed, name, k)`, one per block of 16,384 elements so that
+/// blocks are drawn in parallel. The whole state is therefore one counter,
 /// which [`SeededDropout::calls`] and [`SeededDropout::set_calls`] expose so a
 /// checkpoint can resume the exact same sequence of masks. Clones share the
 /// counter.
@@ -49,12 +54,20 @@ impl SeededDropout {
             return Ok(xs.clone());
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut rng = SeededRng::new(self.stream ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let call_stream = self.stream ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let keep_scale = (1.0 / (1.0 - self.p)) as f32;
         let p = self.p as f32;
-        let mask: Vec<f32> = (0..xs.elem_count())
-            .map(|_| if rng.next_f32() < p { 0.0 } else { keep_scale })
-            .collect();
+        let mut mask = vec![0f32; xs.elem_count()];
+        mask.par_chunks_mut(MASK_BLOCK)
+            .enumerate()
+            .for_each(|(block, values)| {
+                let mut rng = SeededRng::new(
+                    call_stream ^ (block as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+                );
+                for v in values {
+                    *v = if rng.next_f32() < p { 0.0 } else { keep_scale };
+                }
+            });
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         xs.mul(&mask)
     }
@@ -79,6 +92,15 @@ mod tests {
             x.to_vec2::<f32>()?
         );
         assert_eq!(d.calls(), 1);
+        // Blocks of a large mask come from distinct streams.
+        let big: Vec<f32> = d
+            .forward_t(
+                &Tensor::ones(3 * MASK_BLOCK, candle::DType::F32, &Device::Cpu)?,
+                true,
+            )?
+            .to_vec1()?;
+        let blocks: Vec<&[f32]> = big.chunks(MASK_BLOCK).collect();
+        assert!(blocks[0] != blocks[1] && blocks[1] != blocks[2]);
         Ok(())
     }
 

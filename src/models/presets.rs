@@ -41,6 +41,27 @@ impl Family {
     }
 }
 
+/// The last path segment of every linear layer in the supported families
+/// (BERT, RoBERTa, T5 v1.0 and v1.1, with their heads): a target outside
+/// this list can match nothing in any of them.
+pub const LINEAR_MODULE_NAMES: &[&str] = &[
+    "query",
+    "key",
+    "value",
+    "dense",
+    "out_proj",
+    "classifier",
+    "q",
+    "k",
+    "v",
+    "o",
+    "wi",
+    "wi_0",
+    "wi_1",
+    "wo",
+    "lm_head",
+];
+
 /// Adapter targets: a preset name (`dense`, `attention`, `dense+attention`)
 /// or a comma-separated list of module names. `gated` says whether a T5
 /// model's FFN is gated (`wi_0`, `wi_1`) or not (`wi`).

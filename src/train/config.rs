@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::ScheduleKind;
+use crate::adapter::targets::ALL_LINEAR;
 use crate::adapter::InnerInit;
+use crate::models::presets::LINEAR_MODULE_NAMES;
+
+/// The target presets `adapter.targets` accepts besides module names.
+const PRESETS: &[&str] = &["dense", "attention", "dense+attention", "attention+dense"];
 
 fn d_main() -> String {
     "main".into()
@@ -300,6 +305,28 @@ impl TrainConfig {
                 "method",
                 format!("{:?} is not full, lora or lora-mini", a.method),
             ));
+        }
+        if a.method != "full" && !PRESETS.contains(&a.targets.trim()) {
+            let unknown: Vec<&str> = a
+                .targets
+                .split(',')
+                .map(str::trim)
+                .filter(|t| *t != ALL_LINEAR)
+                .filter(|t| {
+                    let last = t.rsplit('.').next().unwrap_or(t);
+                    !LINEAR_MODULE_NAMES.contains(&last)
+                })
+                .collect();
+            if !unknown.is_empty() {
+                return Err((
+                    "adapter",
+                    "targets",
+                    format!(
+                        "unknown target {unknown:?}: use dense, attention, dense+attention or module names such as {}",
+                        LINEAR_MODULE_NAMES.join(", ")
+                    ),
+                ));
+            }
         }
         if a.r == 0 {
             return Err(("adapter", "r", "must be at least 1".into()));

@@ -329,3 +329,100 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
     );
     assert!(out.join("results.json").exists());
 }
+
+/// Bad configs and bad files through the binary: a non-zero exit and one
+/// line that names the problem, never a panic.
+#[test]
+fn bad_configs_and_files_fail_with_one_line_naming_the_problem() {
+    let (model, data) = crate::train::tiny_setup_in("cli-bad").unwrap();
+    let dir = std::env::temp_dir().join(format!("lora-mini-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = crate::train::config_text(&model, &data, &dir.join("run"));
+    let broken_data = dir.join("broken-data");
+    std::fs::create_dir_all(&broken_data).unwrap();
+    std::fs::write(
+        broken_data.join("train.tsv"),
+        "sentence\tlabel\ngood\t1\nbad\tmaybe\n",
+    )
+    .unwrap();
+    std::fs::write(broken_data.join("dev.tsv"), "sentence\tlabel\ngood\t1\n").unwrap();
+    let not_an_adapter = dir.join("adapter.safetensors");
+    std::fs::write(&not_an_adapter, b"not safetensors").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["train".into(), "--config".into(), "-".into()],
+            "r = 0|:10: adapter.r: must be at least 1",
+        ),
+        (
+            vec!["train".into(), "--config".into(), "-".into()],
+            "lr = 0.01|optim.lr",
+        ),
+        (
+            vec!["train".into(), "--config".into(), "-".into()],
+            "dense+attention\"|:9: adapter.targets: unknown target [\"qeury\"]",
+        ),
+        (
+            vec!["train".into(), "--config".into(), "-".into()],
+            "DATA|train.tsv:3",
+        ),
+        (
+            vec![
+                "train".into(),
+                "--config".into(),
+                dir.join("missing.toml").display().to_string(),
+            ],
+            "|missing.toml",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--adapter".into(),
+                not_an_adapter.display().to_string(),
+                "--task".into(),
+                "sst2".into(),
+                "--data".into(),
+                data.display().to_string(),
+            ],
+            "|adapter.safetensors",
+        ),
+    ];
+    for (i, (mut args, edit_and_expected)) in cases.into_iter().enumerate() {
+        let (edit, expected) = edit_and_expected.split_once('|').unwrap();
+        if args.get(2).map(String::as_str) == Some("-") {
+            let text = match edit {
+                "r = 0" => base.replace("r = 4", "r = 0"),
+                "lr = 0.01" => base.replace("lr = 0.01", "lr = 0.0"),
+                "dense+attention\"" => base.replace("dense+attention\"", "qeury\""),
+                "DATA" => base.replace(
+                    &data.display().to_string(),
+                    &broken_data.display().to_string(),
+                ),
+                other => panic!("no edit {other}"),
+            };
+            let path = dir.join(format!("bad{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            args[2] = path.display().to_string();
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = lora_mini(&refs);
+        assert!(!ok, "case {i} succeeded");
+        // Progress notes may come first; the error is the last line, whole.
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "case {i}: {stderr}");
+        assert_eq!(
+            Some(errors[0]),
+            stderr.trim_end().lines().last(),
+            "case {i}: {stderr}"
+        );
+        assert!(
+            errors[0].starts_with("error: ") && errors[0].contains(expected),
+            "case {i}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("backtrace"),
+            "case {i}: {stderr}"
+        );
+    }
+}
