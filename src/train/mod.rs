@@ -10,4 +10,6 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 #[cfg(feature = "train")]
+pub mod tables;
+#[cfg(feature = "train")]
 pub mod trainer;

@@ -491,3 +491,72 @@ fn lora_mini_on_minilm_beats_the_majority_class_on_sst2() {
         "dev accuracy {accuracy:.4} vs majority {majority:.4}"
     );
 }
+
+/// The table examples' runner in quick mode on a tiny random BERT and the
+/// real RTE files: every row runs, the table sets ours beside the paper's
+/// numbers, and a second invocation skips the finished runs.
+#[test]
+fn table2_quick_runs_every_row_and_skips_finished_runs() {
+    use lora_mini::train::tables::{example_run, PaperTable};
+
+    let (model, _) = tiny_setup_in("table2").unwrap();
+    let out = workdir("table2-out");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--quick",
+            "--only",
+            "rte",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            shared("data/glue").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--configs",
+            root.join("configs").to_str().unwrap(),
+            "--paper",
+            shared("paper/lora-mini-paper.txt").to_str().unwrap(),
+            "--set",
+            "run.device=cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    example_run(PaperTable::Table2, "table2_bert_glue", args(&[])).unwrap();
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| ---"))
+        .collect();
+    // Header, full, LoRA x3, LoRA-Mini dense x3 and dense+attention x3.
+    assert_eq!(rows.len(), 11, "{md}");
+    let fft = rows.iter().find(|l| l.starts_with("| FFT")).unwrap();
+    assert!(
+        fft.contains("| 110M |") && fft.contains("(64.98) |"),
+        "{fft}"
+    );
+    // RTE measured on every row; the other tasks were filtered out.
+    for row in &rows[1..] {
+        let rte = row.trim_end_matches(" |").rsplit(" | ").next().unwrap();
+        assert!(
+            rte.split(' ').next().unwrap().parse::<f64>().is_ok(),
+            "{row}"
+        );
+    }
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(records.as_array().unwrap().len(), 10);
+    // Rerunning skips every finished run.
+    example_run(PaperTable::Table2, "table2_bert_glue", args(&[])).unwrap();
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert!(records
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["skipped"] == true));
+}

@@ -1,0 +1,14 @@
+//! Reruns the paper's Table 3: T5-small on WMT16 en-ro (BLEU, ROUGE-L), with full fine-tuning, LoRA and
+//! LoRA-Mini, from the configs in `configs/`.
+//!
+//! ```sh
+//! cargo run --release --example table3_t5_small_wmt -- --help
+//! cargo run --release --example table3_t5_small_wmt -- --quick --model PATH_TO_A_T5 --data ../shared/data/wmt16_en_ro/newsdev2016_newstest2016
+//! ```
+
+fn main() {
+    lora_mini::train::tables::example_main(
+        lora_mini::train::tables::PaperTable::Table3,
+        "table3_t5_small_wmt",
+    );
+}

@@ -1,0 +1,14 @@
+//! Reruns the paper's Table 4: T5-base on WMT16 en-ro (BLEU, ROUGE-L), with full fine-tuning, LoRA and
+//! LoRA-Mini, from the configs in `configs/`.
+//!
+//! ```sh
+//! cargo run --release --example table4_t5_base_wmt -- --help
+//! cargo run --release --example table4_t5_base_wmt -- --quick --model PATH_TO_A_T5 --data ../shared/data/wmt16_en_ro/newsdev2016_newstest2016
+//! ```
+
+fn main() {
+    lora_mini::train::tables::example_main(
+        lora_mini::train::tables::PaperTable::Table4,
+        "table4_t5_base_wmt",
+    );
+}

@@ -1,0 +1,511 @@
+//! Rerunning the paper's Tables 1–4: the configs of a table are run one by
+//! one (finished runs skipped, interrupted ones resumed from their
+//! checkpoint), then written as a Markdown table in the paper's layout with
+//! the paper's numbers beside ours, and as JSON.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::config::TrainConfig;
+use super::trainer::{train_with, TrainOptions, CHECKPOINT};
+
+/// One of the paper's main tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaperTable {
+    /// RoBERTa-base on GLUE.
+    Table1,
+    /// BERT-base on GLUE.
+    Table2,
+    /// T5-small on WMT16 en-ro.
+    Table3,
+    /// T5-base on WMT16 en-ro.
+    Table4,
+}
+
+impl PaperTable {
+    /// The prefix of the table's configs in `configs/`.
+    pub fn config_prefix(self) -> &'static str {
+        match self {
+            Self::Table1 => "roberta-",
+            Self::Table2 => "bert-",
+            Self::Table3 => "t5-small-wmt16-",
+            Self::Table4 => "t5-base-wmt16-",
+        }
+    }
+
+    fn is_glue(self) -> bool {
+        matches!(self, Self::Table1 | Self::Table2)
+    }
+
+    /// The table's columns: GLUE tasks, or the translation metrics.
+    pub fn columns(self) -> &'static [&'static str] {
+        if self.is_glue() {
+            &["stsb", "cola", "mrpc", "rte"]
+        } else {
+            &["bleu", "rougeL"]
+        }
+    }
+
+    /// The first line of the table's header in the paper's text (tables
+    /// 1 and 2, and 3 and 4, share a header; the n-th occurrence is taken).
+    fn header(self) -> (&'static str, usize) {
+        match self {
+            Self::Table1 => ("Method | Parameters | Rank | STSB", 0),
+            Self::Table2 => ("Method | Parameters | Rank | STSB", 1),
+            Self::Table3 => ("Method | Params | Rank | BLEU", 0),
+            Self::Table4 => ("Method | Params | Rank | BLEU", 1),
+        }
+    }
+}
+
+/// A row of a table: the paper's method label (`FFT`, `LoRA`, `Ours(D)`,
+/// `Ours(D+A)`, `Ours`) and rank (`-` for full fine-tuning).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct RowKey {
+    pub method: String,
+    pub rank: String,
+}
+
+/// The paper's numbers for one table: parameters and one value per column.
+pub fn paper_rows(table: PaperTable, paper_text: &str) -> BTreeMap<RowKey, (String, Vec<String>)> {
+    let (header, nth) = table.header();
+    let lines: Vec<&str> = paper_text.lines().collect();
+    let Some(start) = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(header))
+        .map(|(i, _)| i)
+        .nth(nth)
+    else {
+        return BTreeMap::new();
+    };
+    let mut rows = BTreeMap::new();
+    for line in &lines[start + 1..] {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let separator = cells[0].starts_with("---");
+        if cells.len() < 3 + table.columns().len() || cells[0] == "Method" || separator {
+            if separator {
+                continue;
+            }
+            if !rows.is_empty() {
+                break;
+            }
+            continue;
+        }
+        let key = RowKey {
+            method: cells[0].to_string(),
+            rank: cells[2].to_string(),
+        };
+        let values = cells[3..3 + table.columns().len()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        rows.insert(key, (cells[1].to_string(), values));
+    }
+    rows
+}
+
+/// The table row and column a config belongs to, from its file name
+/// (`<model>-<task>-<method>[-<targets>][-r<R>]`).
+pub fn row_of(table: PaperTable, stem: &str) -> Option<(RowKey, Option<String>)> {
+    let rest = stem.strip_prefix(table.config_prefix())?;
+    let (task, rest) = if table.is_glue() {
+        let (task, rest) = rest.split_once('-')?;
+        (Some(task.to_string()), rest)
+    } else {
+        (None, rest)
+    };
+    let (body, rank) = match rest.rsplit_once("-r") {
+        Some((b, r)) if r.chars().all(|c| c.is_ascii_digit()) => (b, r.to_string()),
+        _ => (rest, "-".to_string()),
+    };
+    let method = match body {
+        "full" => "FFT",
+        "lora" | "lora-dense" => "LoRA",
+        "lora-mini-dense" => "Ours(D)",
+        "lora-mini-dense+attention" if table.is_glue() => "Ours(D+A)",
+        "lora-mini-dense+attention" => "Ours",
+        _ => return None,
+    };
+    Some((
+        RowKey {
+            method: method.to_string(),
+            rank,
+        },
+        task,
+    ))
+}
+
+/// How to run a table.
+#[derive(Clone, Debug)]
+pub struct TableOptions {
+    pub configs_dir: PathBuf,
+    pub out_dir: PathBuf,
+    /// Replaces every config's `model.source`.
+    pub model: Option<String>,
+    /// Local data: GLUE's root (holding `CoLA/`, `STS-B/`, ...) or the
+    /// WMT16 folder; without it the configs read the hub.
+    pub data: Option<PathBuf>,
+    /// A few steps on a small slice, for smoke tests.
+    pub quick: bool,
+    /// Only configs whose name contains this.
+    pub only: Option<String>,
+    /// Extra `section.key=value` overrides for every run.
+    pub set: Vec<String>,
+}
+
+/// One run's outcome, as written to the table's JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRecord {
+    pub config: String,
+    pub row: RowKey,
+    pub task: Option<String>,
+    pub metrics: BTreeMap<String, Option<f64>>,
+    pub trainable: u64,
+    pub train_seconds: f64,
+    pub skipped: bool,
+}
+
+/// The paper's number for a measured metric: accuracy for CoLA, MRPC and
+/// RTE (the paper's tables report accuracy), Pearson for STS-B, and BLEU or
+/// ROUGE-L, all in percent.
+fn reported(metrics: &BTreeMap<String, Option<f64>>, column: &str) -> Option<f64> {
+    let key = match column {
+        "stsb" => "pearson",
+        "bleu" => "bleu",
+        "rougeL" => "rougeL",
+        _ => "accuracy",
+    };
+    let v = metrics.get(key).copied().flatten()?;
+    // BLEU is already on sacreBLEU's 0-100 scale.
+    Some(if key == "bleu" { v } else { 100.0 * v })
+}
+
+fn quick_overrides(table: PaperTable) -> Vec<String> {
+    let mut set = vec![
+        "task.max_train_examples=64".to_string(),
+        "task.max_dev_examples=32".into(),
+        "task.max_len=32".into(),
+        "optim.batch_size=8".into(),
+        "optim.epochs=1".into(),
+        "optim.max_steps=4".into(),
+        "run.log_every=2".into(),
+    ];
+    if !table.is_glue() {
+        set.push("task.max_target_len=16".into());
+    }
+    set
+}
+
+/// Runs (or skips, or resumes) every config of `table` and returns the
+/// records; see [`write_table`] for the files.
+pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRecord>, String> {
+    let mut configs: Vec<PathBuf> = std::fs::read_dir(&options.configs_dir)
+        .map_err(|e| format!("{}: {e}", options.configs_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| row_of(table, &stem(p)).is_some())
+        .filter(|p| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|o| stem(p).contains(o.as_str()))
+        })
+        .collect();
+    configs.sort();
+    if configs.is_empty() {
+        return Err(format!(
+            "no {:?} configs ({}*.toml) in {}",
+            table,
+            table.config_prefix(),
+            options.configs_dir.display()
+        ));
+    }
+    let mut records = Vec::new();
+    for (i, path) in configs.iter().enumerate() {
+        let name = stem(path);
+        let (row, task) = row_of(table, &name).expect("filtered above");
+        let out = options.out_dir.join(&name);
+        let mut set = if options.quick {
+            quick_overrides(table)
+        } else {
+            Vec::new()
+        };
+        if let Some(model) = &options.model {
+            set.push(format!("model.source={model}"));
+        }
+        if let Some(data) = &options.data {
+            let dir = match &task {
+                Some(t) => data.join(crate::data::task(t)?.glue_dir),
+                None => data.clone(),
+            };
+            set.push(format!("task.data={}", dir.display()));
+        }
+        set.push(format!("run.output_dir={}", out.display()));
+        set.extend(options.set.iter().cloned());
+        let config = TrainConfig::load(path, &set)?;
+        let results = out.join("results.json");
+        let skipped = results.exists();
+        if skipped {
+            eprintln!(
+                "[{}/{}] {name}: finished earlier, skipped",
+                i + 1,
+                configs.len()
+            );
+        } else {
+            let resume = out.join(CHECKPOINT).exists();
+            eprintln!(
+                "[{}/{}] {name}{}",
+                i + 1,
+                configs.len(),
+                if resume { ": resuming" } else { "" }
+            );
+            let summary = train_with(&config, &TrainOptions { resume, stop: None })
+                .map_err(|e| format!("{name}: {e}"))?;
+            if summary.interrupted {
+                return Err(format!("{name}: interrupted"));
+            }
+        }
+        let text =
+            std::fs::read_to_string(&results).map_err(|e| format!("{}: {e}", results.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+        let metrics: BTreeMap<String, Option<f64>> =
+            serde_json::from_value(value["best"].clone()).unwrap_or_default();
+        records.push(RunRecord {
+            config: name,
+            row,
+            task,
+            metrics,
+            trainable: value["trainable"].as_u64().unwrap_or(0),
+            train_seconds: value["train_seconds"].as_f64().unwrap_or(0.0),
+            skipped,
+        });
+    }
+    Ok(records)
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The Markdown table: one row per paper row, each cell `ours (paper)`;
+/// rows we ran that the paper lacks, or the reverse, show a dash.
+pub fn markdown(table: PaperTable, records: &[RunRecord], paper_text: &str) -> String {
+    let paper = paper_rows(table, paper_text);
+    let mut keys: Vec<RowKey> = paper.keys().cloned().collect();
+    for r in records {
+        if !keys.contains(&r.row) {
+            keys.push(r.row.clone());
+        }
+    }
+    let order = |k: &RowKey| {
+        let m = ["FFT", "LoRA", "Ours(D)", "Ours", "Ours(D+A)"]
+            .iter()
+            .position(|m| *m == k.method)
+            .unwrap_or(9);
+        (m, k.rank.parse::<u32>().unwrap_or(0))
+    };
+    keys.sort_by_key(order);
+    let columns = table.columns();
+    let mut out = format!(
+        "| Method | Rank | Trainable (ours) | Parameters (paper) | {} |\n|{}\n",
+        columns.join(" | "),
+        " --- |".repeat(4 + columns.len())
+    );
+    for key in keys {
+        let paper_row = paper.get(&key);
+        let cells: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(c, column)| {
+                let ours = records
+                    .iter()
+                    .find(|r| {
+                        r.row == key && (r.task.as_deref() == Some(column) || r.task.is_none())
+                    })
+                    .and_then(|r| reported(&r.metrics, column));
+                let theirs = paper_row.map_or("-", |(_, v)| v[c].as_str());
+                format!(
+                    "{} ({theirs})",
+                    ours.map_or("-".to_string(), |v| format!("{v:.2}"))
+                )
+            })
+            .collect();
+        let trainable = records
+            .iter()
+            .find(|r| r.row == key)
+            .map_or("-".to_string(), |r| r.trainable.to_string());
+        out += &format!(
+            "| {} | {} | {trainable} | {} | {} |\n",
+            key.method,
+            key.rank,
+            paper_row.map_or("-", |(p, _)| p.as_str()),
+            cells.join(" | ")
+        );
+    }
+    out
+}
+
+/// Writes `table.md` and `results.json` into the options' output folder.
+pub fn write_table(
+    table: PaperTable,
+    records: &[RunRecord],
+    paper_text: &str,
+    out_dir: &Path,
+) -> Result<(), String> {
+    let md = format!(
+        "# {table:?}: ours (paper)\n\nCells are `measured (paper)`: accuracy for CoLA, MRPC and RTE, Pearson for STS-B, in percent; BLEU and ROUGE-L for WMT16.\n\n{}",
+        markdown(table, records, paper_text)
+    );
+    let write = |name: &str, bytes: &[u8]| {
+        crate::adapter::file::write_atomic(&out_dir.join(name), bytes)
+            .map_err(|e| crate::error::message(&e))
+    };
+    write("table.md", md.as_bytes())?;
+    let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
+    write("results.json", json.as_bytes())
+}
+
+const USAGE: &str = "Options:
+  --model M        checkpoint for every run (a folder or hub id; default: each config's)
+  --data DIR       local data: GLUE's root (CoLA/, STS-B/, ...) or the WMT16 folder
+                   (default: the hub, as the configs say)
+  --quick          4 steps on 64 examples per run, for smoke tests
+  --only TEXT      only configs whose name contains TEXT
+  --set K=V        extra config override for every run (repeatable)
+  --out DIR        output folder (default runs/tables/<example>)
+  --configs DIR    the configs folder (default configs)
+  --paper FILE     the paper's text (default ../shared/paper/lora-mini-paper.txt)
+
+Finished runs (results.json present) are skipped and interrupted ones resume
+from their checkpoint, so a long table can be stopped and rerun.";
+
+/// The `main` of the table examples: parses the command line, runs the
+/// table and writes `table.md` and `results.json`.
+pub fn example_main(table: PaperTable, example: &str) {
+    if let Err(e) = example_run(table, example, std::env::args().skip(1).collect()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// [`example_main`] on given arguments.
+pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Result<(), String> {
+    let mut options = TableOptions {
+        configs_dir: PathBuf::from("configs"),
+        out_dir: PathBuf::from("runs/tables").join(example),
+        model: None,
+        data: None,
+        quick: false,
+        only: None,
+        set: Vec::new(),
+    };
+    let mut paper = PathBuf::from("../shared/paper/lora-mini-paper.txt");
+    let mut it = args.into_iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => options.model = Some(value()?),
+            "--data" => options.data = Some(PathBuf::from(value()?)),
+            "--quick" => options.quick = true,
+            "--only" => options.only = Some(value()?),
+            "--set" => options.set.push(value()?),
+            "--out" => options.out_dir = PathBuf::from(value()?),
+            "--configs" => options.configs_dir = PathBuf::from(value()?),
+            "--paper" => paper = PathBuf::from(value()?),
+            "--help" | "-h" => {
+                println!("{example}: reruns the paper's {table:?} and writes table.md and results.json\n\n{USAGE}");
+                return Ok(());
+            }
+            other => return Err(format!("unknown option {other}; see --help")),
+        }
+    }
+    let paper_text =
+        std::fs::read_to_string(&paper).map_err(|e| format!("{}: {e}", paper.display()))?;
+    let records = run_table(table, &options)?;
+    write_table(table, &records, &paper_text, &options.out_dir)?;
+    println!("{}", markdown(table, &records, &paper_text));
+    eprintln!(
+        "wrote {} and {}",
+        options.out_dir.join("table.md").display(),
+        options.out_dir.join("results.json").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAPER: &str = "text\nMethod | Parameters | Rank | STSB | COLA | MRPC | RTE |\n\
+        --- | --- | --- | --- | --- | --- | --- |\n\
+        FFT | 125M | - | 90.77 | 80.54 | 89.46 | 74.01 |\n\
+        LoRA | 0.90M | 8 | 88.49 | 80.53 | 87.50 | 62.81 |\n\
+        Ours(D+A) | 0.08M | 8 | 89.62 | 82.35 | 87.01 | 70.75 |\n\
+        Method | Parameters | Rank | STSB | COLA | MRPC | RTE |\n\
+        FFT | 110M | - | 88.74 | 81.69 | 82.11 | 64.98 |\n";
+
+    #[test]
+    fn reads_the_nth_table_and_maps_config_names_to_rows() {
+        let t1 = paper_rows(PaperTable::Table1, PAPER);
+        assert_eq!(t1.len(), 3);
+        let fft = RowKey {
+            method: "FFT".into(),
+            rank: "-".into(),
+        };
+        assert_eq!(t1[&fft].1[3], "74.01");
+        assert_eq!(paper_rows(PaperTable::Table2, PAPER)[&fft].1[3], "64.98");
+        assert_eq!(
+            row_of(
+                PaperTable::Table1,
+                "roberta-cola-lora-mini-dense+attention-r8"
+            ),
+            Some((
+                RowKey {
+                    method: "Ours(D+A)".into(),
+                    rank: "8".into()
+                },
+                Some("cola".into())
+            ))
+        );
+        assert_eq!(
+            row_of(PaperTable::Table3, "t5-small-wmt16-lora-r16")
+                .unwrap()
+                .0,
+            RowKey {
+                method: "LoRA".into(),
+                rank: "16".into()
+            }
+        );
+        assert_eq!(row_of(PaperTable::Table2, "roberta-cola-full"), None);
+        assert_eq!(row_of(PaperTable::Table1, "roberta-cola"), None);
+    }
+
+    #[test]
+    fn markdown_puts_ours_beside_the_paper() {
+        let record = RunRecord {
+            config: "roberta-rte-full".into(),
+            row: RowKey {
+                method: "FFT".into(),
+                rank: "-".into(),
+            },
+            task: Some("rte".into()),
+            metrics: BTreeMap::from([("accuracy".to_string(), Some(0.6))]),
+            trainable: 125,
+            train_seconds: 1.0,
+            skipped: false,
+        };
+        let md = markdown(PaperTable::Table1, &[record], PAPER);
+        let fft = md.lines().find(|l| l.starts_with("| FFT")).unwrap();
+        assert_eq!(
+            fft,
+            "| FFT | - | 125 | 125M | - (90.77) | - (80.54) | - (89.46) | 60.00 (74.01) |"
+        );
+        assert!(md.contains("| LoRA | 8 | - | 0.90M |"));
+    }
+}
