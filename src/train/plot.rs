@@ -126,6 +126,57 @@ pub fn write_svg(path: &Path, curves: &Curves) -> Result<(), String> {
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// Named `(x, y)` series on one chart (a figure such as rank against dev
+/// score), each in its own colour, with a legend.
+pub fn render_series_svg(
+    title: &str,
+    x_name: &str,
+    y_name: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<String, String> {
+    const COLORS: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (700, 450)).into_drawing_area();
+        let draw = || -> DrawResult<()> {
+            root.fill(&WHITE)?;
+            let all = || series.iter().flat_map(|(_, p)| p.iter());
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(range(all().map(|p| p.0)), range(all().map(|p| p.1)))?;
+            chart
+                .configure_mesh()
+                .x_desc(x_name)
+                .y_desc(y_name)
+                .light_line_style(WHITE.mix(0.0))
+                .draw()?;
+            for (i, (name, points)) in series.iter().enumerate() {
+                let color = COLORS[i % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().copied(),
+                        color.stroke_width(2),
+                    ))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| format!("drawing {title}: {e}"))?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +220,22 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 5);
         // An empty run still renders (axes only) rather than failing.
         assert!(render_svg(&Curves::default()).is_ok());
+    }
+
+    #[test]
+    fn renders_named_series_with_a_legend() {
+        let series = vec![
+            (
+                "cola".to_string(),
+                vec![(8.0, 82.0), (16.0, 82.8), (32.0, 83.0)],
+            ),
+            ("rte".to_string(), vec![(8.0, 70.7), (16.0, 69.3)]),
+        ];
+        let svg = render_series_svg("rank vs score", "rank r", "score", &series).unwrap();
+        assert!(
+            svg.contains("\ncola\n</text>") && svg.contains("\nrte\n</text>"),
+            "{svg}"
+        );
+        assert_eq!(svg.matches("<circle").count(), 5);
     }
 }

@@ -150,8 +150,8 @@ pub struct TableOptions {
     pub data: Option<PathBuf>,
     /// A few steps on a small slice, for smoke tests.
     pub quick: bool,
-    /// Only configs whose name contains this.
-    pub only: Option<String>,
+    /// Only configs whose name contains each of these.
+    pub only: Vec<String>,
     /// Extra `section.key=value` overrides for every run.
     pub set: Vec<String>,
 }
@@ -183,7 +183,7 @@ fn reported(metrics: &BTreeMap<String, Option<f64>>, column: &str) -> Option<f64
     Some(if key == "bleu" { v } else { 100.0 * v })
 }
 
-fn quick_overrides(table: PaperTable) -> Vec<String> {
+fn quick_overrides(glue: bool) -> Vec<String> {
     let mut set = vec![
         "task.max_train_examples=64".to_string(),
         "task.max_dev_examples=32".into(),
@@ -193,7 +193,7 @@ fn quick_overrides(table: PaperTable) -> Vec<String> {
         "optim.max_steps=4".into(),
         "run.log_every=2".into(),
     ];
-    if !table.is_glue() {
+    if !glue {
         set.push("task.max_target_len=16".into());
     }
     set
@@ -207,12 +207,7 @@ pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRec
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .filter(|p| row_of(table, &stem(p)).is_some())
-        .filter(|p| {
-            options
-                .only
-                .as_ref()
-                .is_none_or(|o| stem(p).contains(o.as_str()))
-        })
+        .filter(|p| options.only.iter().all(|o| stem(p).contains(o.as_str())))
         .collect();
     configs.sort();
     if configs.is_empty() {
@@ -227,15 +222,11 @@ pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRec
     for (i, path) in configs.iter().enumerate() {
         let name = stem(path);
         let (row, task) = row_of(table, &name).expect("filtered above");
-        let out = options.out_dir.join(&name);
         let mut set = if options.quick {
-            quick_overrides(table)
+            quick_overrides(table.is_glue())
         } else {
             Vec::new()
         };
-        if let Some(model) = &options.model {
-            set.push(format!("model.source={model}"));
-        }
         if let Some(data) = &options.data {
             let dir = match &task {
                 Some(t) => data.join(crate::data::task(t)?.glue_dir),
@@ -243,48 +234,69 @@ pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRec
             };
             set.push(format!("task.data={}", dir.display()));
         }
-        set.push(format!("run.output_dir={}", out.display()));
-        set.extend(options.set.iter().cloned());
-        let config = TrainConfig::load(path, &set)?;
-        let results = out.join("results.json");
-        let skipped = results.exists();
-        if skipped {
-            eprintln!(
-                "[{}/{}] {name}: finished earlier, skipped",
-                i + 1,
-                configs.len()
-            );
-        } else {
-            let resume = out.join(CHECKPOINT).exists();
-            eprintln!(
-                "[{}/{}] {name}{}",
-                i + 1,
-                configs.len(),
-                if resume { ": resuming" } else { "" }
-            );
-            let summary = train_with(&config, &TrainOptions { resume, stop: None })
-                .map_err(|e| format!("{name}: {e}"))?;
-            if summary.interrupted {
-                return Err(format!("{name}: interrupted"));
-            }
-        }
-        let text =
-            std::fs::read_to_string(&results).map_err(|e| format!("{}: {e}", results.display()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
-        let metrics: BTreeMap<String, Option<f64>> =
-            serde_json::from_value(value["best"].clone()).unwrap_or_default();
+        let progress = format!("[{}/{}] {name}", i + 1, configs.len());
+        let o = run_one(path, &name, set, options, &progress)?;
         records.push(RunRecord {
             config: name,
             row,
             task,
-            metrics,
-            trainable: value["trainable"].as_u64().unwrap_or(0),
-            train_seconds: value["train_seconds"].as_f64().unwrap_or(0.0),
-            skipped,
+            metrics: o.metrics,
+            trainable: o.trainable,
+            train_seconds: o.train_seconds,
+            skipped: o.skipped,
         });
     }
     Ok(records)
+}
+
+/// Runs one config into `options.out_dir/<name>` (or reads its finished
+/// results): the best metrics, trainable parameters, training seconds and
+/// whether it was skipped. `set` comes before the options' own overrides.
+fn run_one(
+    path: &Path,
+    name: &str,
+    mut set: Vec<String>,
+    options: &TableOptions,
+    progress: &str,
+) -> Result<RunOutcome, String> {
+    let out = options.out_dir.join(name);
+    if let Some(model) = &options.model {
+        set.push(format!("model.source={model}"));
+    }
+    set.push(format!("run.output_dir={}", out.display()));
+    set.extend(options.set.iter().cloned());
+    let config = TrainConfig::load(path, &set)?;
+    let results = out.join("results.json");
+    let skipped = results.exists();
+    if skipped {
+        eprintln!("{progress}: finished earlier, skipped");
+    } else {
+        let resume = out.join(CHECKPOINT).exists();
+        eprintln!("{progress}{}", if resume { ": resuming" } else { "" });
+        let summary = train_with(&config, &TrainOptions { resume, stop: None })
+            .map_err(|e| format!("{name}: {e}"))?;
+        if summary.interrupted {
+            return Err(format!("{name}: interrupted"));
+        }
+    }
+    let text =
+        std::fs::read_to_string(&results).map_err(|e| format!("{}: {e}", results.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+    Ok(RunOutcome {
+        metrics: serde_json::from_value(value["best"].clone()).unwrap_or_default(),
+        trainable: value["trainable"].as_u64().unwrap_or(0),
+        train_seconds: value["train_seconds"].as_f64().unwrap_or(0.0),
+        skipped,
+    })
+}
+
+/// What [`run_one`] reports.
+struct RunOutcome {
+    metrics: BTreeMap<String, Option<f64>>,
+    trainable: u64,
+    train_seconds: f64,
+    skipped: bool,
 }
 
 fn stem(path: &Path) -> String {
@@ -376,7 +388,7 @@ const USAGE: &str = "Options:
   --data DIR       local data: GLUE's root (CoLA/, STS-B/, ...) or the WMT16 folder
                    (default: the hub, as the configs say)
   --quick          4 steps on 64 examples per run, for smoke tests
-  --only TEXT      only configs whose name contains TEXT
+  --only TEXT      only configs whose name contains TEXT (repeatable: all must match)
   --set K=V        extra config override for every run (repeatable)
   --out DIR        output folder (default runs/tables/<example>)
   --configs DIR    the configs folder (default configs)
@@ -394,18 +406,25 @@ pub fn example_main(table: PaperTable, example: &str) {
     }
 }
 
-/// [`example_main`] on given arguments.
-pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Result<(), String> {
+/// The options every table example takes, the paper's path, and the
+/// values of `extra` flags (e.g. `--task`). `None` when `--help` was shown.
+fn parse_common(
+    example: &str,
+    about: &str,
+    args: Vec<String>,
+    extra: &[(&str, &str)],
+) -> Result<Option<ParsedArgs>, String> {
     let mut options = TableOptions {
         configs_dir: PathBuf::from("configs"),
         out_dir: PathBuf::from("runs/tables").join(example),
         model: None,
         data: None,
         quick: false,
-        only: None,
+        only: Vec::new(),
         set: Vec::new(),
     };
     let mut paper = PathBuf::from("../shared/paper/lora-mini-paper.txt");
+    let mut values = BTreeMap::new();
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -413,20 +432,52 @@ pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Resul
             "--model" => options.model = Some(value()?),
             "--data" => options.data = Some(PathBuf::from(value()?)),
             "--quick" => options.quick = true,
-            "--only" => options.only = Some(value()?),
+            "--only" => options.only.push(value()?),
             "--set" => options.set.push(value()?),
             "--out" => options.out_dir = PathBuf::from(value()?),
             "--configs" => options.configs_dir = PathBuf::from(value()?),
             "--paper" => paper = PathBuf::from(value()?),
             "--help" | "-h" => {
-                println!("{example}: reruns the paper's {table:?} and writes table.md and results.json\n\n{USAGE}");
-                return Ok(());
+                let more: String = extra
+                    .iter()
+                    .map(|(f, h)| format!("  {f:<17}{h}\n"))
+                    .collect();
+                println!("{example}: {about}\n\n{more}{USAGE}");
+                return Ok(None);
+            }
+            other if extra.iter().any(|(f, _)| *f == other) => {
+                values.insert(other.trim_start_matches('-').to_string(), value()?);
             }
             other => return Err(format!("unknown option {other}; see --help")),
         }
     }
-    let paper_text =
-        std::fs::read_to_string(&paper).map_err(|e| format!("{}: {e}", paper.display()))?;
+    Ok(Some(ParsedArgs {
+        options,
+        paper,
+        values,
+    }))
+}
+
+/// The command line of a table example.
+struct ParsedArgs {
+    options: TableOptions,
+    /// The paper's text file.
+    paper: PathBuf,
+    /// Values of the example's own flags, by name without dashes.
+    values: BTreeMap<String, String>,
+}
+
+fn read_paper(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// [`example_main`] on given arguments.
+pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Result<(), String> {
+    let about = format!("reruns the paper's {table:?} and writes table.md and results.json");
+    let Some(ParsedArgs { options, paper, .. }) = parse_common(example, &about, args, &[])? else {
+        return Ok(());
+    };
+    let paper_text = read_paper(&paper)?;
     let records = run_table(table, &options)?;
     write_table(table, &records, &paper_text, &options.out_dir)?;
     println!("{}", markdown(table, &records, &paper_text));
@@ -435,6 +486,258 @@ pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Resul
         options.out_dir.join("table.md").display(),
         options.out_dir.join("results.json").display()
     );
+    Ok(())
+}
+
+/// The appendix's `(r, a, b)` grid, in its row order.
+pub const APPENDIX_GRID: [(usize, usize, usize); 14] = [
+    (8, 16, 16),
+    (8, 16, 32),
+    (8, 16, 64),
+    (8, 32, 16),
+    (8, 32, 32),
+    (8, 32, 64),
+    (8, 64, 16),
+    (8, 64, 32),
+    (8, 64, 64),
+    (16, 32, 32),
+    (16, 32, 64),
+    (16, 64, 32),
+    (16, 64, 64),
+    (32, 64, 64),
+];
+
+/// The paper's appendix rows for `family` (`roberta` or `bert`) and a GLUE
+/// task, by `(r, a, b)`: `[metric D, parameters D, metric D+A, parameters
+/// D+A]`. The appendix has four tables per model, CoLA, RTE, MRPC and STS-B
+/// in that order, RoBERTa's first.
+pub fn appendix_rows(
+    paper_text: &str,
+    family: &str,
+    task: &str,
+) -> BTreeMap<(usize, usize, usize), [String; 4]> {
+    let index = match family {
+        "roberta" => 0,
+        "bert" => 4,
+        _ => return BTreeMap::new(),
+    } + match task {
+        "cola" => 0,
+        "rte" => 1,
+        "mrpc" => 2,
+        "stsb" => 3,
+        _ => return BTreeMap::new(),
+    };
+    let mut tables: Vec<BTreeMap<(usize, usize, usize), [String; 4]>> = Vec::new();
+    for line in paper_text.lines() {
+        if line.starts_with("r | a | b") {
+            tables.push(BTreeMap::new());
+            continue;
+        }
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (Some(table), true) = (tables.last_mut(), cells.len() >= 8) else {
+            continue;
+        };
+        let n: Vec<Option<usize>> = cells[..3].iter().map(|c| c.parse().ok()).collect();
+        if let [Some(r), Some(a), Some(b)] = n[..] {
+            let pct = |c: &str| c.trim_end_matches('%').to_string();
+            table.insert(
+                (r, a, b),
+                [
+                    pct(cells[3]),
+                    cells[4].into(),
+                    pct(cells[6]),
+                    cells[7].into(),
+                ],
+            );
+        }
+    }
+    tables.into_iter().nth(index).unwrap_or_default()
+}
+
+/// One appendix run.
+#[derive(Clone, Debug, Serialize)]
+pub struct GridRecord {
+    pub r: usize,
+    pub a: usize,
+    pub b: usize,
+    pub targets: String,
+    pub metrics: BTreeMap<String, Option<f64>>,
+    pub trainable: u64,
+    pub train_seconds: f64,
+    pub skipped: bool,
+}
+
+/// Runs the appendix sweep (LoRA-Mini `dense` and `dense+attention` over
+/// [`APPENDIX_GRID`]) for one model family and task, from that task's
+/// `lora-mini-dense+attention-r8` config.
+pub fn run_appendix(
+    family: &str,
+    task: &str,
+    options: &TableOptions,
+) -> Result<Vec<GridRecord>, String> {
+    let base = options
+        .configs_dir
+        .join(format!("{family}-{task}-lora-mini-dense+attention-r8.toml"));
+    let glue_dir = crate::data::task(task)?.glue_dir;
+    let mut records = Vec::new();
+    let total = 2 * APPENDIX_GRID.len();
+    for (t, targets) in ["dense", "dense+attention"].iter().enumerate() {
+        for (g, &(r, a, b)) in APPENDIX_GRID.iter().enumerate() {
+            let name = format!("{family}-{task}-lora-mini-{targets}-r{r}-a{a}-b{b}");
+            if !options.only.iter().all(|o| name.contains(o.as_str())) {
+                continue;
+            }
+            let mut set = if options.quick {
+                quick_overrides(true)
+            } else {
+                Vec::new()
+            };
+            if let Some(data) = &options.data {
+                set.push(format!("task.data={}", data.join(glue_dir).display()));
+            }
+            set.extend([
+                format!("adapter.targets={targets}"),
+                format!("adapter.r={r}"),
+                format!("adapter.a={a}"),
+                format!("adapter.b={b}"),
+            ]);
+            let progress = format!("[{}/{total}] {name}", t * APPENDIX_GRID.len() + g + 1);
+            let o = run_one(&base, &name, set, options, &progress)?;
+            records.push(GridRecord {
+                r,
+                a,
+                b,
+                targets: targets.to_string(),
+                metrics: o.metrics,
+                trainable: o.trainable,
+                train_seconds: o.train_seconds,
+                skipped: o.skipped,
+            });
+        }
+    }
+    Ok(records)
+}
+
+/// The appendix table in the paper's layout, cells `ours (paper)`.
+pub fn appendix_markdown(
+    records: &[GridRecord],
+    paper: &BTreeMap<(usize, usize, usize), [String; 4]>,
+    task: &str,
+) -> String {
+    let mut out = format!(
+        "| r | a | b | {task} (D) | Parameters (D) | {task} (D+A) | Parameters (D+A) |\n|{}\n",
+        " --- |".repeat(7)
+    );
+    for &(r, a, b) in &APPENDIX_GRID {
+        let find = |targets: &str| {
+            records
+                .iter()
+                .find(|g| (g.r, g.a, g.b) == (r, a, b) && g.targets == targets)
+        };
+        let theirs = paper.get(&(r, a, b));
+        let cell = |targets: &str, metric_col: usize| {
+            let ours = find(targets)
+                .and_then(|g| reported(&g.metrics, task))
+                .map_or("-".to_string(), |v| format!("{v:.2}"));
+            let paper_value = theirs.map_or("-", |p| p[metric_col].as_str());
+            let params = find(targets).map_or("-".to_string(), |g| g.trainable.to_string());
+            let paper_params = theirs.map_or("-", |p| p[metric_col + 1].as_str());
+            format!("{ours} ({paper_value}) | {params} ({paper_params})")
+        };
+        out += &format!(
+            "| {r} | {a} | {b} | {} | {} |\n",
+            cell("dense", 0),
+            cell("dense+attention", 2)
+        );
+    }
+    out
+}
+
+/// The `main` of `examples/appendix_grid.rs`.
+pub fn appendix_main(args: Vec<String>) -> Result<(), String> {
+    let extra = [
+        (
+            "--family",
+            "roberta or bert (default roberta): whose configs and appendix table",
+        ),
+        ("--task", "cola, rte, mrpc or stsb (default cola)"),
+    ];
+    let about = "reruns the appendix's r, a, b sweep for one model and task";
+    let Some(ParsedArgs {
+        options,
+        paper,
+        values,
+    }) = parse_common("appendix_grid", about, args, &extra)?
+    else {
+        return Ok(());
+    };
+    let family = values.get("family").map_or("roberta", String::as_str);
+    let task = values.get("task").map_or("cola", String::as_str);
+    let paper_text = read_paper(&paper)?;
+    let records = run_appendix(family, task, &options)?;
+    let paper_rows = appendix_rows(&paper_text, family, task);
+    let md = appendix_markdown(&records, &paper_rows, task);
+    let write = |name: &str, bytes: &[u8]| {
+        crate::adapter::file::write_atomic(&options.out_dir.join(name), bytes)
+            .map_err(|e| crate::error::message(&e))
+    };
+    write(
+        "table.md",
+        format!("# Appendix sweep: {family} on {task}, ours (paper)\n\n{md}").as_bytes(),
+    )?;
+    write(
+        "results.json",
+        serde_json::to_string_pretty(&records)
+            .map_err(|e| e.to_string())?
+            .as_bytes(),
+    )?;
+    println!("{md}");
+    Ok(())
+}
+
+/// The `main` of `examples/figure2_rank_vs_accuracy.rs`: Table 1's
+/// LoRA-Mini `dense+attention` rows, plotted as rank against each task's
+/// dev score (`figure2.svg`).
+pub fn figure2_main(args: Vec<String>) -> Result<(), String> {
+    let about =
+        "plots rank against dev score for LoRA-Mini dense+attention on RoBERTa (Table 1's runs)";
+    let Some(ParsedArgs { mut options, .. }) =
+        parse_common("figure2_rank_vs_accuracy", about, args, &[])?
+    else {
+        return Ok(());
+    };
+    options.only.push("lora-mini-dense+attention".to_string());
+    let records = run_table(PaperTable::Table1, &options)?;
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for column in PaperTable::Table1.columns() {
+        let mut points: Vec<(f64, f64)> = records
+            .iter()
+            .filter(|r| r.task.as_deref() == Some(*column))
+            .filter_map(|r| {
+                Some((
+                    r.row.rank.parse::<f64>().ok()?,
+                    reported(&r.metrics, column)?,
+                ))
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if !points.is_empty() {
+            series.push((column.to_string(), points));
+        }
+    }
+    let svg = super::plot::render_series_svg(
+        "LoRA-Mini dense+attention: rank vs dev score",
+        "rank r",
+        "dev score (%)",
+        &series,
+    )?;
+    let path = options.out_dir.join("figure2.svg");
+    crate::adapter::file::write_atomic(&path, svg.as_bytes())
+        .map_err(|e| crate::error::message(&e))?;
+    let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
+    crate::adapter::file::write_atomic(&options.out_dir.join("results.json"), json.as_bytes())
+        .map_err(|e| crate::error::message(&e))?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 

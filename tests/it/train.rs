@@ -560,3 +560,59 @@ fn table2_quick_runs_every_row_and_skips_finished_runs() {
         .iter()
         .all(|r| r["skipped"] == true));
 }
+
+/// The appendix sweep and Figure 2 in quick mode on a tiny random BERT:
+/// one row of the grid and the figure's SVG.
+#[test]
+fn appendix_grid_and_figure2_quick() {
+    use lora_mini::train::tables::{appendix_main, figure2_main};
+
+    let (model, _) = tiny_setup_in("appendix").unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let common = |out: &std::path::Path, only: &str| -> Vec<String> {
+        [
+            "--quick",
+            "--only",
+            only,
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            shared("data/glue").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--configs",
+            root.join("configs").to_str().unwrap(),
+            "--paper",
+            shared("paper/lora-mini-paper.txt").to_str().unwrap(),
+            "--set",
+            "run.device=cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let out = workdir("appendix-out");
+    let mut args = common(&out, "-r16-a64-b32");
+    args.extend(["--family", "bert", "--task", "rte"].map(String::from));
+    appendix_main(args).unwrap();
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| 16 | 64 | 32 |"))
+        .unwrap();
+    // Both presets ran; the paper's BERT RTE cell and counts sit beside ours.
+    assert!(row.contains("(58370)") && row.contains("(113666)"), "{row}");
+    assert!(
+        row.contains("(64.260)") || row.contains("(67.870)"),
+        "{row}"
+    );
+    assert!(!row.contains("| - ("), "{row}");
+
+    let out = workdir("figure2-out");
+    figure2_main(common(&out, "rte")).unwrap();
+    let svg = std::fs::read_to_string(out.join("figure2.svg")).unwrap();
+    assert!(
+        svg.contains("\nrte\n</text>") && svg.matches("<circle").count() == 3,
+        "{svg}"
+    );
+}
