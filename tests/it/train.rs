@@ -259,6 +259,22 @@ fn shipped_configs_parse_and_validate_against_the_real_shapes() {
     }
     // 80 encoder settings, 18 T5 settings and the headline roberta-cola.
     assert_eq!(checked, 99);
+    // The measured MiniLM table's configs parse, name the local model and
+    // data, and map onto Table 2's rows.
+    let minilm = dir.join("minilm");
+    let mut rows = 0;
+    for entry in std::fs::read_dir(&minilm).unwrap() {
+        let path = entry.unwrap().path();
+        let config = TrainConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.model.source.ends_with("all-MiniLM-L6-v2"));
+        assert!(config.run.time_budget_minutes.is_some());
+        let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+        let row =
+            lora_mini::train::tables::row_of(lora_mini::train::tables::PaperTable::Table2, &stem);
+        assert!(row.is_some(), "{stem}");
+        rows += 1;
+    }
+    assert_eq!(rows, 16);
     let c = TrainConfig::load(&dir.join("quickstart.toml"), &[]).unwrap();
     assert_eq!(
         (c.adapter.method.as_str(), c.task.name.as_str()),
