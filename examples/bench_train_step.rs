@@ -75,12 +75,6 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
-
 fn main() -> candle::Result<()> {
     let args = parse_args();
     lora_mini::alloc::keep_freed_buffers();
@@ -166,7 +160,7 @@ fn main() -> candle::Result<()> {
             "step_ms_median": (!step_ms.is_empty()).then(|| median(&step_ms)),
             "step_ms": step_ms,
             "eval_ms_median": median(eval_ms),
-            "peak_rss_bytes": peak_rss(),
+            "peak_rss_bytes": lora_mini::alloc::peak_rss_bytes(),
         })
     );
     Ok(())

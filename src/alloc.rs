@@ -1,4 +1,5 @@
-//! Allocator settings for training on the CPU.
+//! Allocator settings for training on the CPU, and the peak memory a run
+//! reports.
 //!
 //! A training step allocates and frees hundreds of activation-sized buffers.
 //! glibc serves each one above 128 KiB with a fresh `mmap` and returns it
@@ -21,4 +22,11 @@ pub fn keep_freed_buffers() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
+}
+
+/// The process's peak resident set size (`VmHWM`), where `/proc` has it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }

@@ -23,6 +23,23 @@ fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<(&
     Ok((&data[start..end], d.max(1)))
 }
 
+/// Fills a new output the size of `x` block by block in parallel:
+/// `f(offset, x_block, out_block)`, with `offset` the block's start (for
+/// reading the matching block of a second input).
+fn map_blocks(
+    x: &[f32],
+    block: usize,
+    shape: &Shape,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) -> (CpuStorage, Shape) {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .enumerate()
+        .for_each(|(i, (y, x))| f(i * block, x, y));
+    (CpuStorage::F32(out), shape.clone())
+}
+
 /// Softmax over the last dimension; the backward uses the saved output.
 pub(crate) struct Softmax;
 
@@ -33,20 +50,16 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = f32_rows(storage, layout, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(y, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
-                    sum += *y;
-                }
-                let inv = 1.0 / sum;
-                y.iter_mut().for_each(|y| *y *= inv);
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            let inv = 1.0 / sum;
+            y.iter_mut().for_each(|y| *y *= inv);
+        }))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -83,15 +96,11 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, _) = f32_rows(storage, layout, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &v) in y.iter_mut().zip(x) {
-                    *y = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok(map_blocks(x, CHUNK, layout.shape(), |_, x, y| {
+            for (y, &v) in y.iter_mut().zip(x) {
+                *y = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -120,18 +129,15 @@ impl CustomOp2 for GeluErfGrad {
             candle::bail!("{}: gradient and input sizes differ", self.name());
         }
         let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, g))| {
-                for i in 0..dx.len() {
-                    let v = x[i];
-                    let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
-                    dx[i] = g[i] * (cdf + v * pdf);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(map_blocks(x, CHUNK, l1.shape(), |offset, x, dx| {
+            let g = &g[offset..offset + x.len()];
+            for i in 0..dx.len() {
+                let v = x[i];
+                let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
+                dx[i] = g[i] * (cdf + v * pdf);
+            }
+        }))
     }
 }
 
@@ -160,17 +166,12 @@ impl CustomOp3 for LayerNormOp {
         if w.len() != d || b.len() != d {
             candle::bail!("{}: weight and bias must have {d} entries", self.name());
         }
-        let mut out = vec![0f32; x.len()];
-        let eps = self.eps;
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(y, x)| {
-                let (mean, rstd) = moments(x, eps);
-                for i in 0..d {
-                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(map_blocks(x, d, l1.shape(), |_, x, y| {
+            let (mean, rstd) = moments(x, self.eps);
+            for i in 0..d {
+                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+            }
+        }))
     }
 
     fn bwd(
@@ -217,16 +218,12 @@ impl CustomOp1 for Normalise {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = f32_rows(storage, layout, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(y, x)| {
-                let (mean, rstd) = moments(x, self.eps);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - mean) * rstd;
-                }
-            });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
+            let (mean, rstd) = moments(x, self.eps);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - mean) * rstd;
+            }
+        }))
     }
 }
 
@@ -253,26 +250,22 @@ impl CustomOp3 for LayerNormInputGrad {
         let (g, d) = f32_rows(s1, l1, self.name())?;
         let (x, _) = f32_rows(s2, l2, self.name())?;
         let (w, _) = f32_rows(s3, l3, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        let eps = self.eps;
-        out.par_chunks_mut(d)
-            .zip(x.par_chunks(d).zip(g.par_chunks(d)))
-            .for_each(|(dx, (x, g))| {
-                let (mean, rstd) = moments(x, eps);
-                let n = d as f32;
-                let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-                for i in 0..d {
-                    let gw = g[i] * w[i];
-                    sum_gw += gw;
-                    sum_gw_xhat += gw * (x[i] - mean) * rstd;
-                }
-                let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
-                for i in 0..d {
-                    let xhat = (x[i] - mean) * rstd;
-                    dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok(map_blocks(x, d, l1.shape(), |offset, x, dx| {
+            let g = &g[offset..offset + d];
+            let (mean, rstd) = moments(x, self.eps);
+            let n = d as f32;
+            let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+            for i in 0..d {
+                let gw = g[i] * w[i];
+                sum_gw += gw;
+                sum_gw_xhat += gw * (x[i] - mean) * rstd;
+            }
+            let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
+            for i in 0..d {
+                let xhat = (x[i] - mean) * rstd;
+                dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+            }
+        }))
     }
 }
 

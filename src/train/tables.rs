@@ -162,10 +162,8 @@ pub struct RunRecord {
     pub config: String,
     pub row: RowKey,
     pub task: Option<String>,
-    pub metrics: BTreeMap<String, Option<f64>>,
-    pub trainable: u64,
-    pub train_seconds: f64,
-    pub skipped: bool,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
 }
 
 /// The paper's number for a measured metric: accuracy for CoLA, MRPC and
@@ -235,15 +233,12 @@ pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRec
             set.push(format!("task.data={}", dir.display()));
         }
         let progress = format!("[{}/{}] {name}", i + 1, configs.len());
-        let o = run_one(path, &name, set, options, &progress)?;
+        let outcome = run_one(path, &name, set, options, &progress)?;
         records.push(RunRecord {
             config: name,
             row,
             task,
-            metrics: o.metrics,
-            trainable: o.trainable,
-            train_seconds: o.train_seconds,
-            skipped: o.skipped,
+            outcome,
         });
     }
     Ok(records)
@@ -291,12 +286,14 @@ fn run_one(
     })
 }
 
-/// What [`run_one`] reports.
-struct RunOutcome {
-    metrics: BTreeMap<String, Option<f64>>,
-    trainable: u64,
-    train_seconds: f64,
-    skipped: bool,
+/// What one run reports: its best dev metrics, trainable parameters,
+/// training seconds, and whether it had finished before (and was skipped).
+#[derive(Clone, Debug, Serialize)]
+pub struct RunOutcome {
+    pub metrics: BTreeMap<String, Option<f64>>,
+    pub trainable: u64,
+    pub train_seconds: f64,
+    pub skipped: bool,
 }
 
 fn stem(path: &Path) -> String {
@@ -340,7 +337,7 @@ pub fn markdown(table: PaperTable, records: &[RunRecord], paper_text: &str) -> S
                     .find(|r| {
                         r.row == key && (r.task.as_deref() == Some(column) || r.task.is_none())
                     })
-                    .and_then(|r| reported(&r.metrics, column));
+                    .and_then(|r| reported(&r.outcome.metrics, column));
                 let theirs = paper_row.map_or("-", |(_, v)| v[c].as_str());
                 format!(
                     "{} ({theirs})",
@@ -351,7 +348,7 @@ pub fn markdown(table: PaperTable, records: &[RunRecord], paper_text: &str) -> S
         let trainable = records
             .iter()
             .find(|r| r.row == key)
-            .map_or("-".to_string(), |r| r.trainable.to_string());
+            .map_or("-".to_string(), |r| r.outcome.trainable.to_string());
         out += &format!(
             "| {} | {} | {trainable} | {} | {} |\n",
             key.method,
@@ -374,11 +371,22 @@ pub fn write_table(
         "# {table:?}: ours (paper)\n\nCells are `measured (paper)`: accuracy for CoLA, MRPC and RTE, Pearson for STS-B, in percent; BLEU and ROUGE-L for WMT16.\n\n{}",
         markdown(table, records, paper_text)
     );
+    write_outputs(out_dir, "table.md", &md, records)
+}
+
+/// Writes an example's document (`table.md`, `figure2.svg`) and its raw
+/// records as `results.json` into `dir`, each atomically.
+fn write_outputs(
+    dir: &Path,
+    document_name: &str,
+    document: &str,
+    records: &(impl Serialize + ?Sized),
+) -> Result<(), String> {
     let write = |name: &str, bytes: &[u8]| {
-        crate::adapter::file::write_atomic(&out_dir.join(name), bytes)
+        crate::adapter::file::write_atomic(&dir.join(name), bytes)
             .map_err(|e| crate::error::message(&e))
     };
-    write("table.md", md.as_bytes())?;
+    write(document_name, document.as_bytes())?;
     let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
     write("results.json", json.as_bytes())
 }
@@ -561,10 +569,8 @@ pub struct GridRecord {
     pub a: usize,
     pub b: usize,
     pub targets: String,
-    pub metrics: BTreeMap<String, Option<f64>>,
-    pub trainable: u64,
-    pub train_seconds: f64,
-    pub skipped: bool,
+    #[serde(flatten)]
+    pub outcome: RunOutcome,
 }
 
 /// Runs the appendix sweep (LoRA-Mini `dense` and `dense+attention` over
@@ -602,16 +608,13 @@ pub fn run_appendix(
                 format!("adapter.b={b}"),
             ]);
             let progress = format!("[{}/{total}] {name}", t * APPENDIX_GRID.len() + g + 1);
-            let o = run_one(&base, &name, set, options, &progress)?;
+            let outcome = run_one(&base, &name, set, options, &progress)?;
             records.push(GridRecord {
                 r,
                 a,
                 b,
                 targets: targets.to_string(),
-                metrics: o.metrics,
-                trainable: o.trainable,
-                train_seconds: o.train_seconds,
-                skipped: o.skipped,
+                outcome,
             });
         }
     }
@@ -637,10 +640,10 @@ pub fn appendix_markdown(
         let theirs = paper.get(&(r, a, b));
         let cell = |targets: &str, metric_col: usize| {
             let ours = find(targets)
-                .and_then(|g| reported(&g.metrics, task))
+                .and_then(|g| reported(&g.outcome.metrics, task))
                 .map_or("-".to_string(), |v| format!("{v:.2}"));
             let paper_value = theirs.map_or("-", |p| p[metric_col].as_str());
-            let params = find(targets).map_or("-".to_string(), |g| g.trainable.to_string());
+            let params = find(targets).map_or("-".to_string(), |g| g.outcome.trainable.to_string());
             let paper_params = theirs.map_or("-", |p| p[metric_col + 1].as_str());
             format!("{ours} ({paper_value}) | {params} ({paper_params})")
         };
@@ -677,19 +680,11 @@ pub fn appendix_main(args: Vec<String>) -> Result<(), String> {
     let records = run_appendix(family, task, &options)?;
     let paper_rows = appendix_rows(&paper_text, family, task);
     let md = appendix_markdown(&records, &paper_rows, task);
-    let write = |name: &str, bytes: &[u8]| {
-        crate::adapter::file::write_atomic(&options.out_dir.join(name), bytes)
-            .map_err(|e| crate::error::message(&e))
-    };
-    write(
+    write_outputs(
+        &options.out_dir,
         "table.md",
-        format!("# Appendix sweep: {family} on {task}, ours (paper)\n\n{md}").as_bytes(),
-    )?;
-    write(
-        "results.json",
-        serde_json::to_string_pretty(&records)
-            .map_err(|e| e.to_string())?
-            .as_bytes(),
+        &format!("# Appendix sweep: {family} on {task}, ours (paper)\n\n{md}"),
+        &records,
     )?;
     println!("{md}");
     Ok(())
@@ -716,7 +711,7 @@ pub fn figure2_main(args: Vec<String>) -> Result<(), String> {
             .filter_map(|r| {
                 Some((
                     r.row.rank.parse::<f64>().ok()?,
-                    reported(&r.metrics, column)?,
+                    reported(&r.outcome.metrics, column)?,
                 ))
             })
             .collect();
@@ -731,13 +726,8 @@ pub fn figure2_main(args: Vec<String>) -> Result<(), String> {
         "dev score (%)",
         &series,
     )?;
-    let path = options.out_dir.join("figure2.svg");
-    crate::adapter::file::write_atomic(&path, svg.as_bytes())
-        .map_err(|e| crate::error::message(&e))?;
-    let json = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
-    crate::adapter::file::write_atomic(&options.out_dir.join("results.json"), json.as_bytes())
-        .map_err(|e| crate::error::message(&e))?;
-    eprintln!("wrote {}", path.display());
+    write_outputs(&options.out_dir, "figure2.svg", &svg, &records)?;
+    eprintln!("wrote {}", options.out_dir.join("figure2.svg").display());
     Ok(())
 }
 
@@ -798,10 +788,12 @@ mod tests {
                 rank: "-".into(),
             },
             task: Some("rte".into()),
-            metrics: BTreeMap::from([("accuracy".to_string(), Some(0.6))]),
-            trainable: 125,
-            train_seconds: 1.0,
-            skipped: false,
+            outcome: RunOutcome {
+                metrics: BTreeMap::from([("accuracy".to_string(), Some(0.6))]),
+                trainable: 125,
+                train_seconds: 1.0,
+                skipped: false,
+            },
         };
         let md = markdown(PaperTable::Table1, &[record], PAPER);
         let fft = md.lines().find(|l| l.starts_with("| FFT")).unwrap();

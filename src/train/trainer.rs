@@ -217,16 +217,6 @@ fn read_pairs(
     .map_err(|e| e.to_string())
 }
 
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
-}
-
 struct Log {
     file: std::fs::File,
 }
@@ -444,19 +434,18 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         std::fs::remove_file(&checkpoint_path)
             .map_err(|e| format!("removing {}: {e}", checkpoint_path.display()))?;
     }
-    let mut log = Log {
-        file: std::fs::OpenOptions::new()
+    // A resumed run appends to its log (trimmed above); a fresh one starts it.
+    let log_file = if options.resume {
+        std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .truncate(false)
             .open(&metrics_path)
-            .map_err(|e| format!("opening {}: {e}", metrics_path.display()))?,
+    } else {
+        std::fs::File::create(&metrics_path)
     };
-    if !options.resume {
-        log.file
-            .set_len(0)
-            .map_err(|e| format!("truncating {}: {e}", metrics_path.display()))?;
-    }
+    let mut log = Log {
+        file: log_file.map_err(|e| format!("opening {}: {e}", metrics_path.display()))?,
+    };
 
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
@@ -669,7 +658,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         wall_seconds: start.elapsed().as_secs_f64(),
         train_seconds: train_seconds(&state),
         train_examples_per_second: state.seen as f64 / train_seconds(&state),
-        peak_rss_bytes: peak_rss(),
+        peak_rss_bytes: crate::alloc::peak_rss_bytes(),
         crate_version: env!("CARGO_PKG_VERSION"),
         output_dir: out.clone(),
         interrupted,
