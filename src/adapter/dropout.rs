@@ -53,11 +53,26 @@ impl SeededDropout {
         if !train || self.p == 0.0 {
             return Ok(xs.clone());
         }
+        let mask = self.next_mask(xs.elem_count(), self.keep_scale(), 0f32);
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs.mul(&mask)
+    }
+
+    /// `1 / (1 - p)`, the factor kept elements are scaled by.
+    pub fn keep_scale(&self) -> f32 {
+        (1.0 / (1.0 - self.p)) as f32
+    }
+
+    /// Draws the next training mask over `n` elements (advancing the
+    /// counter), with `keep` where an element is kept and `drop` where it is
+    /// dropped. [`SeededDropout::forward_t`] multiplies by the mask with
+    /// `keep = 1/(1-p)`, `drop = 0`; fused kernels that apply dropout
+    /// themselves draw the same mask as bytes.
+    pub fn next_mask<T: Copy + Send + Sync>(&self, n: usize, keep: T, drop: T) -> Vec<T> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let call_stream = self.stream ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let keep_scale = (1.0 / (1.0 - self.p)) as f32;
         let p = self.p as f32;
-        let mut mask = vec![0f32; xs.elem_count()];
+        let mut mask = vec![drop; n];
         mask.par_chunks_mut(MASK_BLOCK)
             .enumerate()
             .for_each(|(block, values)| {
@@ -65,11 +80,10 @@ impl SeededDropout {
                     call_stream ^ (block as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
                 );
                 for v in values {
-                    *v = if rng.next_f32() < p { 0.0 } else { keep_scale };
+                    *v = if rng.next_f32() < p { drop } else { keep };
                 }
             });
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs.mul(&mask)
+        mask
     }
 }
 

@@ -5,7 +5,8 @@ use candle::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, ModuleT, VarBuilder};
 use serde::Deserialize;
 
-use super::ops::{softmax_last_dim, Activation, LayerNorm};
+use super::attention::{attention, ProbsDropout};
+use super::ops::{Activation, LayerNorm};
 use crate::adapter::dropout::SeededDropout;
 use crate::adapter::{AdaptedLinear, LinearFactory};
 
@@ -184,21 +185,12 @@ struct SelfAttention {
 
 impl SelfAttention {
     fn forward_t(&self, xs: &Tensor, mask: &Tensor, train: bool) -> Result<Tensor> {
-        let (b, t, h) = xs.dims3()?;
-        let head_dim = h / self.heads;
-        let split = |x: Tensor| -> Result<Tensor> {
-            x.reshape((b, t, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.query.forward_t(xs, train)?)?;
-        let k = split(self.key.forward_t(xs, train)?)?;
-        let v = split(self.value.forward_t(xs, train)?)?;
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = self
-            .probs_dropout
-            .forward_t(&softmax_last_dim(&scores)?, train)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        let (b, t, _) = xs.dims3()?;
+        let q = self.query.forward_t(xs, train)?;
+        let k = self.key.forward_t(xs, train)?;
+        let v = self.value.forward_t(xs, train)?;
+        let dropout = ProbsDropout::draw(&self.probs_dropout, train, b, self.heads, t);
+        let context = attention(&q, &k, &v, mask, self.heads, dropout)?;
         let out = self
             .output_dropout
             .forward_t(&self.output.forward_t(&context, train)?, train)?;
