@@ -18,6 +18,7 @@
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fused::softmax_in_place;
 use crate::adapter::dropout::SeededDropout;
 
 /// The dropout mask of one call on the attention probabilities: one byte
@@ -230,18 +231,10 @@ impl AttentionCore {
         }
         let mask = &self.mask[s * t..(s + 1) * t];
         for r in probs.chunks_exact_mut(t) {
-            let mut max = f32::NEG_INFINITY;
             for (x, &m) in r.iter_mut().zip(mask) {
                 *x += m;
-                max = max.max(*x);
             }
-            let mut sum = 0f32;
-            for x in r.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            r.iter_mut().for_each(|x| *x *= inv);
+            softmax_in_place(r);
         }
     }
 

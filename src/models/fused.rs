@@ -40,6 +40,73 @@ fn map_blocks(
     (CpuStorage::F32(out), shape.clone())
 }
 
+/// Lanes of the manual reductions below: enough independent accumulators
+/// for the compiler to keep them in one vector register.
+const LANES: usize = 8;
+
+/// `e^x` to within 2 ulp for `x` in `[-87, 88]` (0 below, `e^88` above),
+/// written so that loops over slices vectorise: Cody–Waite range reduction
+/// `e^x = 2^n · e^r` with `|r| ≤ ln2/2`, Cephes' degree-6 polynomial for
+/// `e^r`, and `2^n` built from the exponent bits. libm's `expf` is a call
+/// per element and no loop around it vectorises.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    // 1.5·2²³: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let shifted = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let n_int = shifted.to_bits() as i32 - 0x4B40_0000;
+    let pow2n = f32::from_bits(((n_int + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        er * pow2n
+    }
+}
+
+/// The maximum of a slice, in `LANES` independent lanes.
+fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let lanes = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    tail.iter().copied().fold(lanes, f32::max)
+}
+
+/// A row's softmax in place.
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
+    let max = max_of(row);
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = fast_exp(c[l] - max);
+            acc[l] += c[l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = fast_exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// Softmax over the last dimension; the backward uses the saved output.
 pub(crate) struct Softmax;
 
@@ -51,14 +118,8 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = f32_rows(storage, layout, self.name())?;
         Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - max).exp();
-                sum += *y;
-            }
-            let inv = 1.0 / sum;
-            y.iter_mut().for_each(|y| *y *= inv);
+            y.copy_from_slice(x);
+            softmax_in_place(y);
         }))
     }
 
@@ -81,7 +142,7 @@ fn fast_erf(x: f32) -> f32 {
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * (-x * x).exp();
+    let y = 1.0 - poly * fast_exp(-x * x);
     y.copysign(x)
 }
 
@@ -134,7 +195,7 @@ impl CustomOp2 for GeluErfGrad {
             for i in 0..dx.len() {
                 let v = x[i];
                 let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = (-0.5 * v * v).exp() * inv_sqrt_2pi;
+                let pdf = fast_exp(-0.5 * v * v) * inv_sqrt_2pi;
                 dx[i] = g[i] * (cdf + v * pdf);
             }
         }))
@@ -272,6 +333,43 @@ impl CustomOp3 for LayerNormInputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_libm() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let (ours, libm) = (fast_exp(x), x.exp());
+            worst = worst.max(((ours - libm) / libm).abs());
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(fast_exp(-1e30), 0.0);
+        assert_eq!(fast_exp(f32::MIN), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+        let mut row = vec![
+            0.5f32,
+            -3.0,
+            2.0,
+            f32::MIN,
+            1.0,
+            0.0,
+            -1.0,
+            4.0,
+            3.0,
+            -2.0,
+            0.25,
+        ];
+        let expected: Vec<f32> = {
+            let m = 4.0f32;
+            let e: Vec<f32> = row.iter().map(|x| (x - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        };
+        softmax_in_place(&mut row);
+        for (a, b) in row.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-7, "{a} vs {b}");
+        }
+    }
     use crate::models::ops::{composed_layer_norm, composed_softmax_last_dim};
     use candle::{DType, Device, Var};
 
