@@ -18,7 +18,7 @@
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::softmax_in_place;
+use super::fused::{softmax_in_place, vectorized};
 use crate::adapter::dropout::SeededDropout;
 
 /// The dropout mask of one call on the attention probabilities: one byte
@@ -295,25 +295,27 @@ impl CustomOp3 for AttentionCore {
         let out_ptr = SharedOut(out.as_mut_ptr());
         let row = g.hidden() as isize;
         (0..g.batch * g.heads).into_par_iter().for_each(|task| {
-            let (s, h) = (task / g.heads, task % g.heads);
-            let mut probs = vec![0f32; g.t * g.t];
-            self.probabilities(g, s, h, q, k, &mut probs);
-            self.apply_dropout(g, s, h, &mut probs);
-            let base = g.base(s, h);
-            let out = out_ptr;
-            // SAFETY: this task writes only head h's d columns of sequence
-            // s's t rows; probs is t × t, v's head spans t rows of stride
-            // `hidden`.
-            unsafe {
-                gemm_strided(
-                    (g.t, g.d, g.t),
-                    (out.0.add(base), 1, row),
-                    (probs.as_ptr(), 1, g.t as isize),
-                    (v.as_ptr().add(base), 1, row),
-                    0.0,
-                    1.0,
-                );
-            }
+            vectorized(|| {
+                let (s, h) = (task / g.heads, task % g.heads);
+                let mut probs = vec![0f32; g.t * g.t];
+                self.probabilities(g, s, h, q, k, &mut probs);
+                self.apply_dropout(g, s, h, &mut probs);
+                let base = g.base(s, h);
+                let out = out_ptr;
+                // SAFETY: this task writes only head h's d columns of sequence
+                // s's t rows; probs is t × t, v's head spans t rows of stride
+                // `hidden`.
+                unsafe {
+                    gemm_strided(
+                        (g.t, g.d, g.t),
+                        (out.0.add(base), 1, row),
+                        (probs.as_ptr(), 1, g.t as isize),
+                        (v.as_ptr().add(base), 1, row),
+                        0.0,
+                        1.0,
+                    );
+                }
+            })
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -348,69 +350,72 @@ impl CustomOp3 for AttentionCore {
                 cpu_f32(v, |v| {
                     cpu_f32(&grad, |go| {
                         (0..batch * self.heads).into_par_iter().for_each(|task| {
-                            let (s, h) = (task / g.heads, task % g.heads);
-                            let base = g.base(s, h);
-                            let (dq, dk, dv) = (dq_ptr, dk_ptr, dv_ptr);
-                            let mut probs = vec![0f32; t * t];
-                            self.probabilities(g, s, h, q, k, &mut probs);
-                            let mut dropped = probs.clone();
-                            self.apply_dropout(g, s, h, &mut dropped);
-                            let mut dprobs = vec![0f32; t * t];
-                            // SAFETY (all four gemms): every head operand
-                            // spans t rows of stride `hidden` and d columns
-                            // from `base`; t × t buffers are row-major; the
-                            // task writes only its own head's columns of
-                            // dq, dk and dv.
-                            unsafe {
-                                // dv = dropped_probsᵀ · dout
-                                gemm_strided(
-                                    (t, g.d, t),
-                                    (dv.0.add(base), 1, row),
-                                    (dropped.as_ptr(), tt, 1),
-                                    (go.as_ptr().add(base), 1, row),
-                                    0.0,
-                                    1.0,
-                                );
-                                // d(dropped_probs) = dout · vᵀ
-                                gemm_strided(
-                                    (t, t, g.d),
-                                    (dprobs.as_mut_ptr(), 1, tt),
-                                    (go.as_ptr().add(base), 1, row),
-                                    (v.as_ptr().add(base), row, 1),
-                                    0.0,
-                                    1.0,
-                                );
-                            }
-                            // Through dropout, then the softmax:
-                            // dscores = p ∘ (dp − Σ dp ∘ p), times the scale.
-                            self.apply_dropout(g, s, h, &mut dprobs);
-                            let scale = g.scale();
-                            for (dp, p) in dprobs.chunks_exact_mut(t).zip(probs.chunks_exact(t)) {
-                                let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-                                for (x, &p) in dp.iter_mut().zip(p) {
-                                    *x = p * (*x - dot) * scale;
+                            vectorized(|| {
+                                let (s, h) = (task / g.heads, task % g.heads);
+                                let base = g.base(s, h);
+                                let (dq, dk, dv) = (dq_ptr, dk_ptr, dv_ptr);
+                                let mut probs = vec![0f32; t * t];
+                                self.probabilities(g, s, h, q, k, &mut probs);
+                                let mut dropped = probs.clone();
+                                self.apply_dropout(g, s, h, &mut dropped);
+                                let mut dprobs = vec![0f32; t * t];
+                                // SAFETY (all four gemms): every head operand
+                                // spans t rows of stride `hidden` and d columns
+                                // from `base`; t × t buffers are row-major; the
+                                // task writes only its own head's columns of
+                                // dq, dk and dv.
+                                unsafe {
+                                    // dv = dropped_probsᵀ · dout
+                                    gemm_strided(
+                                        (t, g.d, t),
+                                        (dv.0.add(base), 1, row),
+                                        (dropped.as_ptr(), tt, 1),
+                                        (go.as_ptr().add(base), 1, row),
+                                        0.0,
+                                        1.0,
+                                    );
+                                    // d(dropped_probs) = dout · vᵀ
+                                    gemm_strided(
+                                        (t, t, g.d),
+                                        (dprobs.as_mut_ptr(), 1, tt),
+                                        (go.as_ptr().add(base), 1, row),
+                                        (v.as_ptr().add(base), row, 1),
+                                        0.0,
+                                        1.0,
+                                    );
                                 }
-                            }
-                            unsafe {
-                                // dq = dscores · k
-                                gemm_strided(
-                                    (t, g.d, t),
-                                    (dq.0.add(base), 1, row),
-                                    (dprobs.as_ptr(), 1, tt),
-                                    (k.as_ptr().add(base), 1, row),
-                                    0.0,
-                                    1.0,
-                                );
-                                // dk = dscoresᵀ · q
-                                gemm_strided(
-                                    (t, g.d, t),
-                                    (dk.0.add(base), 1, row),
-                                    (dprobs.as_ptr(), tt, 1),
-                                    (q.as_ptr().add(base), 1, row),
-                                    0.0,
-                                    1.0,
-                                );
-                            }
+                                // Through dropout, then the softmax:
+                                // dscores = p ∘ (dp − Σ dp ∘ p), times the scale.
+                                self.apply_dropout(g, s, h, &mut dprobs);
+                                let scale = g.scale();
+                                for (dp, p) in dprobs.chunks_exact_mut(t).zip(probs.chunks_exact(t))
+                                {
+                                    let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+                                    for (x, &p) in dp.iter_mut().zip(p) {
+                                        *x = p * (*x - dot) * scale;
+                                    }
+                                }
+                                unsafe {
+                                    // dq = dscores · k
+                                    gemm_strided(
+                                        (t, g.d, t),
+                                        (dq.0.add(base), 1, row),
+                                        (dprobs.as_ptr(), 1, tt),
+                                        (k.as_ptr().add(base), 1, row),
+                                        0.0,
+                                        1.0,
+                                    );
+                                    // dk = dscoresᵀ · q
+                                    gemm_strided(
+                                        (t, g.d, t),
+                                        (dk.0.add(base), 1, row),
+                                        (dprobs.as_ptr(), tt, 1),
+                                        (q.as_ptr().add(base), 1, row),
+                                        0.0,
+                                        1.0,
+                                    );
+                                }
+                            })
                         });
                         Ok(())
                     })
