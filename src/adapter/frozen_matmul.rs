@@ -1,19 +1,19 @@
-//! `x·Wᵀ (+ b)` for a frozen `W` (and `b`), whose backward returns only the
-//! input gradient.
+//! `x·Wᵀ (+ b)` for a frozen `b`, whose backward computes the weight
+//! gradient only when `W` is tracked.
 //!
 //! Candle's matmul backward computes both operands' gradients, so under
 //! adapter training every frozen layer also pays for a weight gradient of
 //! the forward's cost that nothing reads: a third of the step's matmul work.
 //! This op runs the same gemm forward on the CPU, with the bias written
 //! into the output before the gemm accumulates onto it (saving a pass), and,
-//! backward, only `grad·W`.
+//! backward, `grad·W`, plus `gradᵀ·x` only for a weight that has a graph
+//! (an adapter's weight merged on the fly, see `AdapterHost::forward_t`).
 
-use candle::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-/// The op holds the frozen `(d_out, d_in)` weight and `(d_out)` bias; its
-/// argument is the `(rows, d_in)` input.
+/// The op's arguments are the `(rows, d_in)` input and the `(d_out, d_in)`
+/// weight; it holds the frozen `(d_out)` bias.
 struct FrozenMatmul {
-    weight: Tensor,
     bias: Option<Tensor>,
 }
 
@@ -28,17 +28,28 @@ fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) 
     f(&v[a..b])
 }
 
-impl CustomOp1 for FrozenMatmul {
+impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "lora-mini-frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        w_storage: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (CpuStorage::F32(x), Some((x0, x1))) = (storage, layout.contiguous_offsets()) else {
             candle::bail!("{}: the input must be contiguous f32", self.name());
         };
+        let (CpuStorage::F32(w), Some((w0, w1))) = (w_storage, w_layout.contiguous_offsets())
+        else {
+            candle::bail!("{}: the weight must be contiguous f32", self.name());
+        };
+        let w = &w[w0..w1];
         let (m, k) = layout.shape().dims2()?;
-        let (n, k_w) = self.weight.dims2()?;
+        let (n, k_w) = w_layout.shape().dims2()?;
         if k != k_w {
             candle::bail!("{}: input has {k} features, the weight {k_w}", self.name());
         }
@@ -62,14 +73,7 @@ impl CustomOp1 for FrozenMatmul {
         } else {
             gemm::Parallelism::None
         };
-        with_cpu_f32(&self.weight, "weight", |w| {
-            if w.len() != n * k {
-                candle::bail!(
-                    "lora-mini-frozen-matmul: weight has {} entries, not {}",
-                    w.len(),
-                    n * k
-                );
-            }
+        {
             // y (m x n, row-major) += x (m x k, row-major) · Wᵀ, where Wᵀ's
             // element (i, j) is W[j][i]: row stride 1, column stride k.
             // SAFETY: the pointers cover m·n, m·k and n·k elements with the
@@ -97,28 +101,40 @@ impl CustomOp1 for FrozenMatmul {
                     parallelism,
                 )
             }
-            Ok(())
-        })?;
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dw = if w.track_op() {
+            Some(grad.t()?.matmul(x)?)
+        } else {
+            None
+        };
+        Ok((Some(grad.matmul(w)?), dw))
     }
 }
 
-/// `x·Wᵀ + b` for a 2-D `x`: the frozen-weight op when `W` and `b` are
-/// frozen f32 CPU tensors, Candle's matmul and add otherwise (trainable
-/// weights, CUDA, Metal, other dtypes).
+/// `x·Wᵀ + b` for a 2-D `x`: the op above when `W` and a frozen `b` are
+/// f32 CPU tensors, Candle's matmul and add otherwise (a trainable bias,
+/// CUDA, Metal, other dtypes).
 pub(crate) fn linear_2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let frozen_f32_cpu = |t: &Tensor| {
-        !t.track_op() && t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
-    };
-    if x.dtype() == DType::F32 && frozen_f32_cpu(weight) && bias.is_none_or(frozen_f32_cpu) {
-        return x.contiguous()?.apply_op1(FrozenMatmul {
-            weight: weight.clone(),
-            bias: bias.cloned(),
-        });
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    let weight_ok = f32_cpu(weight);
+    let bias_ok = bias.is_none_or(|b| f32_cpu(b) && !b.track_op());
+    if x.dtype() == DType::F32 && weight_ok && bias_ok {
+        return x.contiguous()?.apply_op2(
+            weight,
+            FrozenMatmul {
+                bias: bias.cloned(),
+            },
+        );
     }
     let y = x.matmul(&weight.t()?)?;
     match bias {
@@ -152,12 +168,22 @@ mod tests {
             g_ours.get(&w).is_none(),
             "no gradient for the frozen weight"
         );
-        // A trainable weight takes Candle's path and gets its gradient.
+        // A trainable weight gets its gradient, equal to Candle's.
         let wv = Var::from_tensor(&w)?;
         let g = (linear_2d(&x, &wv, Some(&b))? * &probe)?
             .sum_all()?
             .backward()?;
-        assert!(g.get(&wv).is_some());
+        let g_ref = (x.matmul(&wv.t()?)?.broadcast_add(&b)? * &probe)?
+            .sum_all()?
+            .backward()?;
+        assert!(diff(g.get(&wv).unwrap(), g_ref.get(&wv).unwrap())? < 1e-4);
+        // And so does a weight computed from a `Var` (merged on the fly).
+        let merged = (wv.as_tensor() * 2.0)?;
+        let g = (linear_2d(&x, &merged, Some(&b))? * &probe)?
+            .sum_all()?
+            .backward()?;
+        let expected = (g_ref.get(&wv).unwrap() * 2.0)?;
+        assert!(diff(g.get(&wv).unwrap(), &expected)? < 1e-4);
         // So does a trainable bias beside a frozen weight.
         let bv = Var::from_tensor(&b)?;
         let g = (linear_2d(&x, &w, Some(&bv))? * &probe)?

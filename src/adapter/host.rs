@@ -69,6 +69,21 @@ impl AdapterHost {
             return linear_fwd(xs, merged, self.bias.as_ref());
         }
         let (a_eff, b_eff) = factors()?;
+        let (d_out, d_in) = self.weight.dims2()?;
+        let rows = xs.elem_count() / d_in.max(1);
+        if !train && rows >= d_in.min(d_out) {
+            // Inference over many rows: one gemm with `W + B_eff·A_eff`
+            // costs less than two thin gemms and an add once the rows
+            // outnumber a side of W (decoding one token at a time does not
+            // qualify). The sum keeps its graph, so a backward from an
+            // inference-mode forward still reaches the factors.
+            let delta = b_eff.matmul(&a_eff)?;
+            return linear_fwd(
+                xs,
+                &merged_weight(&self.weight, &delta)?,
+                self.bias.as_ref(),
+            );
+        }
         let h = linear_fwd(&self.adapter_input(xs, train)?, &a_eff, None)?;
         self.base_forward(xs)? + linear_fwd(&h, &b_eff, None)?
     }
