@@ -29,9 +29,16 @@ pub fn linear_fwd(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
     }
 }
 
-/// `W + ΔW`, added in f32 so low-precision weights lose nothing extra.
+/// `W + ΔW`, added in at least f32 so low-precision weights lose nothing
+/// extra (and f64 weights keep f64).
 pub(crate) fn merged_weight(weight: &Tensor, delta: &Tensor) -> Result<Tensor> {
-    (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(weight.dtype())
+    let dtype = weight.dtype();
+    let sum_dtype = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    (weight.to_dtype(sum_dtype)? + delta.to_dtype(sum_dtype)?)?.to_dtype(dtype)
 }
 
 /// A rank-`r` update `ΔW = scaling · b · a`, with `a: r x d_in` and

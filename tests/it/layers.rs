@@ -22,12 +22,15 @@ fn materialised_forward_equals_the_four_matrix_product() -> Result<()> {
     let mut config = mini_config(InnerInit::Kaiming);
     config.dropout = 0.3;
     let layer = LoraMiniLinear::new(&base, &config, "m")?;
-    for dims in [vec![7, 48], vec![3, 5, 48]] {
+    // Few rows take the factored path; at least min(d_in, d_out) rows in
+    // inference take the merged one (W + ΔW in one gemm).
+    for dims in [vec![7, 48], vec![3, 5, 48], vec![64, 48], vec![2, 30, 48]] {
         let x = uniform(2, &dims, 1.0, DType::F64)?;
         let fused = layer.forward_t(&x, false)?;
         let naive = layer.forward_unfused(&x, false)?;
         assert_eq!(fused.dims(), naive.dims());
-        assert!(max_abs_diff(&fused, &naive)? < 1e-12);
+        let d = max_abs_diff(&fused, &naive)?;
+        assert!(d < 1e-12, "{dims:?}: {d}");
         // In training both paths must draw the same dropout mask for the same call.
         let calls = layer.dropout().unwrap().calls();
         let fused = layer.forward_t(&x, true)?;
@@ -46,6 +49,29 @@ fn materialised_forward_equals_the_four_matrix_product() -> Result<()> {
         .matmul(layer.a_aux())?
         * 3.0)?;
     assert!(max_abs_diff(&delta, &layer.delta_weight()?)? < 1e-12);
+    Ok(())
+}
+
+/// The merged inference path keeps the graph: a backward from it gives the
+/// trainable factors the same gradients as the factored training path.
+#[test]
+fn inference_forward_over_many_rows_still_reaches_the_factors() -> Result<()> {
+    let base = base_linear(5, 48, 40, true, DType::F32)?;
+    let layer = LoraMiniLinear::new(&base, &mini_config(InnerInit::Kaiming), "m")?;
+    let x = uniform(6, &[3, 30, 48], 1.0, DType::F32)?;
+    let probe = uniform(7, &[3, 30, 40], 1.0, DType::F32)?;
+    let merged = (layer.forward_t(&x, false)? * &probe)?
+        .sum_all()?
+        .backward()?;
+    // No dropout is configured, so the training forward is the same function.
+    let factored = (layer.forward_t(&x, true)? * &probe)?
+        .sum_all()?
+        .backward()?;
+    for v in [layer.a_in(), layer.b_in()] {
+        let (a, b) = (merged.get(v).unwrap(), factored.get(v).unwrap());
+        assert!(max_abs_diff(a, b)? < 1e-3 * (1.0 + max_abs_diff(b, &b.zeros_like()?)?));
+        assert!(max_abs_diff(a, &a.zeros_like()?)? > 0.0);
+    }
     Ok(())
 }
 
