@@ -1,17 +1,13 @@
 //! `lora-mini train`: fine-tune a model on a task from a TOML config.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use clap::Args;
 
 use super::CliError;
 use crate::train::config::TrainConfig;
+use crate::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
 use crate::train::trainer::{train_with, TrainOptions};
-
-/// The exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells do).
-const INTERRUPTED_STATUS: i32 = 130;
 
 /// Options of `lora-mini train`.
 #[derive(Debug, Args)]
@@ -50,16 +46,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
     if let Some(dir) = &args.output_dir {
         config.run.output_dir = dir.clone();
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nsecond Ctrl-C: quitting without a new checkpoint");
-            std::process::exit(INTERRUPTED_STATUS);
-        }
-        eprintln!("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again quits at once)");
-    })
-    .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
+    let stop = ctrl_c_flag()?;
     let summary = train_with(
         &config,
         &TrainOptions {

@@ -5,6 +5,8 @@ pub mod checkpoint;
 #[cfg(feature = "train")]
 pub mod config;
 pub mod eval;
+#[cfg(feature = "train")]
+pub mod interrupt;
 pub mod optim;
 #[cfg(feature = "train")]
 pub mod plot;

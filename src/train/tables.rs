@@ -5,10 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::config::TrainConfig;
+use super::interrupt::ctrl_c_flag;
 use super::trainer::{train_with, TrainOptions, CHECKPOINT};
 
 /// One of the paper's main tables.
@@ -154,6 +157,9 @@ pub struct TableOptions {
     pub only: Vec<String>,
     /// Extra `section.key=value` overrides for every run.
     pub set: Vec<String>,
+    /// Set (by Ctrl-C) to stop the current run at its next step, with a
+    /// checkpoint, and the table after it; rerunning resumes.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// One run's outcome, as written to the table's JSON.
@@ -268,10 +274,14 @@ fn run_one(
     } else {
         let resume = out.join(CHECKPOINT).exists();
         eprintln!("{progress}{}", if resume { ": resuming" } else { "" });
-        let summary = train_with(&config, &TrainOptions { resume, stop: None })
+        let stop = options.stop.clone();
+        let summary = train_with(&config, &TrainOptions { resume, stop })
             .map_err(|e| format!("{name}: {e}"))?;
         if summary.interrupted {
-            return Err(format!("{name}: interrupted"));
+            return Err(format!(
+                "{name}: interrupted at step {} with a checkpoint; rerun the same command to resume",
+                summary.steps
+            ));
         }
     }
     let text =
@@ -430,6 +440,7 @@ fn parse_common(
         quick: false,
         only: Vec::new(),
         set: Vec::new(),
+        stop: Some(ctrl_c_flag()?),
     };
     let mut paper = PathBuf::from("../shared/paper/lora-mini-paper.txt");
     let mut values = BTreeMap::new();
