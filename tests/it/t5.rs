@@ -12,8 +12,14 @@ use lora_mini::models::t5::{relative_position_bucket, T5Config, T5ForConditional
 use crate::common::{max_abs_diff, uniform};
 
 fn config_json(gated: bool) -> String {
+    config_json_with_vocab(gated, 48)
+}
+
+/// The tiny T5's `config.json` with `vocab` pieces (32,100 to pair it with
+/// the real T5 tokenizer).
+pub fn config_json_with_vocab(gated: bool, vocab: usize) -> String {
     format!(
-        r#"{{"model_type": "t5", "vocab_size": 48, "d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 2,
+        r#"{{"model_type": "t5", "vocab_size": {vocab}, "d_model": 16, "d_kv": 4, "d_ff": 24, "num_layers": 2,
         "num_decoder_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 32,
         "relative_attention_max_distance": 128, "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6,
         "initializer_factor": 1.0, "feed_forward_proj": "{}", "tie_word_embeddings": {},
@@ -26,7 +32,12 @@ fn config_json(gated: bool) -> String {
 /// Every tensor of a T5ForConditionalGeneration of `config_json(gated)`,
 /// spread wider than transformers' init.
 fn random_t5(gated: bool) -> Result<HashMap<String, Tensor>> {
-    let (v, d, inner, ff, heads, buckets) = (48, 16, 16, 24, 4, 32);
+    random_t5_with_vocab(gated, 48)
+}
+
+/// [`random_t5`] with `vocab` pieces.
+pub fn random_t5_with_vocab(gated: bool, vocab: usize) -> Result<HashMap<String, Tensor>> {
+    let (v, d, inner, ff, heads, buckets) = (vocab, 16, 16, 24, 4, 32);
     let mut shapes: Vec<(String, Vec<usize>)> = vec![("shared.weight".into(), vec![v, d])];
     if gated {
         shapes.push(("lm_head.weight".into(), vec![v, d]));

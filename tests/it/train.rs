@@ -577,6 +577,74 @@ fn table2_quick_runs_every_row_and_skips_finished_runs() {
         .all(|r| r["skipped"] == true));
 }
 
+/// Table 3's runner in quick mode on a tiny random T5 with the real T5
+/// tokenizer: trains on newsdev2016, scores BLEU and ROUGE-L on
+/// newstest2016, and writes the table beside the paper's numbers.
+#[test]
+fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
+    use crate::t5::{config_json_with_vocab, random_t5_with_vocab};
+    use lora_mini::train::tables::{example_run, PaperTable};
+
+    let model = workdir("table3-model");
+    std::fs::write(
+        model.join("config.json"),
+        config_json_with_vocab(false, 32100),
+    )
+    .unwrap();
+    candle::safetensors::save(
+        &random_t5_with_vocab(false, 32100).unwrap(),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        shared("tokenizers/t5/tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    let out = workdir("table3-out");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let args: Vec<String> = [
+        "--quick",
+        "--only",
+        "lora-mini-dense+attention-r8",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        shared("data/wmt16_en_ro/newsdev2016_newstest2016")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--configs",
+        root.join("configs").to_str().unwrap(),
+        "--paper",
+        shared("paper/lora-mini-paper.txt").to_str().unwrap(),
+        "--set",
+        "run.device=cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    example_run(PaperTable::Table3, "table3_t5_small_wmt", args).unwrap();
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = records.as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{records}");
+    let bleu = runs[0]["metrics"]["bleu"].as_f64().unwrap();
+    let rouge = runs[0]["metrics"]["rougeL"].as_f64().unwrap();
+    assert!(
+        (0.0..=100.0).contains(&bleu) && (0.0..=1.0).contains(&rouge),
+        "{records}"
+    );
+    let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| Ours") && l.contains("| 8 |"))
+        .unwrap_or_else(|| panic!("{md}"));
+    // Our (tiny, 4-step) score beside the paper's: "x.xx (yy.yy)".
+    assert!(row.contains(" ("), "{row}");
+}
+
 /// The appendix sweep and Figure 2 in quick mode on a tiny random BERT:
 /// one row of the grid and the figure's SVG.
 #[test]
