@@ -23,14 +23,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle::{DType, Device, Tensor};
-use lora_mini::adapter::{AdapterConfig, LinearFactory, LoraMiniConfig, Method};
+use candle::{Device, Tensor};
 use lora_mini::data::batch::{collate_classification, encode_examples, load_tokenizer, BatchPlan};
 use lora_mini::data::{read_examples, task};
 use lora_mini::models::bert::sequence_classification_loss;
-use lora_mini::models::presets::{resolve_targets, Family};
-use lora_mini::models::task::load_task_model;
 use lora_mini::train::optim::{AdamW, AdamWConfig};
+
+#[path = "common/workload.rs"]
+mod workload;
 
 struct Args {
     model: String,
@@ -94,23 +94,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut summary = Vec::new();
     for scheme in ["fixed", "dynamic", "bucketed"] {
-        let adapter = AdapterConfig {
-            method: Method::LoraMini(LoraMiniConfig {
-                alpha: 16.0,
-                ..LoraMiniConfig::new(8, 64, 64)
-            }),
-            targets: resolve_targets(Family::Bert, "dense+attention", false)?,
-            modules_to_save: Family::Bert.head_modules(),
-        };
-        let loaded = load_task_model(
-            &args.model,
-            None,
-            task.num_labels(),
-            LinearFactory::new(adapter)?,
-            DType::F32,
-            &device,
-            42,
-        )?;
+        let loaded = workload::load_lora_mini_bert(&args.model, task.num_labels(), &device)?;
         let pad_id = loaded.pad_token_id();
         let vars = loaded.registry.trainable();
         let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;

@@ -18,11 +18,11 @@ use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
 use lora_mini::adapter::rng::SeededRng;
-use lora_mini::adapter::{AdapterConfig, LinearFactory, LoraMiniConfig, Method};
 use lora_mini::models::bert::sequence_classification_loss;
-use lora_mini::models::presets::{resolve_targets, Family};
-use lora_mini::models::task::load_task_model;
 use lora_mini::train::optim::{AdamW, AdamWConfig};
+
+#[path = "common/workload.rs"]
+mod workload;
 
 struct Args {
     model: String,
@@ -79,23 +79,7 @@ fn main() -> candle::Result<()> {
     let args = parse_args();
     lora_mini::alloc::keep_freed_buffers();
     let device = Device::Cpu;
-    let adapter = AdapterConfig {
-        method: Method::LoraMini(LoraMiniConfig {
-            alpha: 16.0,
-            ..LoraMiniConfig::new(8, 64, 64)
-        }),
-        targets: resolve_targets(Family::Bert, "dense+attention", false)?,
-        modules_to_save: Family::Bert.head_modules(),
-    };
-    let loaded = load_task_model(
-        &args.model,
-        None,
-        Some(2),
-        LinearFactory::new(adapter)?,
-        DType::F32,
-        &device,
-        42,
-    )?;
+    let loaded = workload::load_lora_mini_bert(&args.model, Some(2), &device)?;
     let vars = loaded.registry.trainable();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
 

@@ -17,13 +17,18 @@ struct FrozenMatmul {
     bias: Option<Tensor>,
 }
 
-/// The contiguous f32 values of a CPU tensor (the op's frozen operands).
-fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+/// Calls `f` on the contiguous f32 values of a CPU tensor (an op's operand
+/// or saved state); `what` names it in the error otherwise.
+pub(crate) fn with_cpu_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let (candle::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
         (&*storage, layout.contiguous_offsets())
     else {
-        candle::bail!("lora-mini-frozen-matmul: the {what} must be a contiguous f32 CPU tensor");
+        candle::bail!("the {what} must be a contiguous f32 CPU tensor");
     };
     f(&v[a..b])
 }

@@ -9,7 +9,7 @@ pub mod config;
 pub mod dropout;
 pub mod factory;
 pub mod file;
-mod frozen_matmul;
+pub(crate) mod frozen_matmul;
 mod host;
 pub mod init;
 pub mod linear;

@@ -18,8 +18,9 @@
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{softmax_in_place, vectorized};
+use super::fused::{f32_rows, softmax_in_place, vectorized};
 use crate::adapter::dropout::SeededDropout;
+use crate::adapter::frozen_matmul::with_cpu_f32;
 
 /// The dropout mask of one call on the attention probabilities: one byte
 /// per `(sequence, head, query, key)`, 1 where the probability is kept, and
@@ -250,17 +251,6 @@ impl AttentionCore {
     }
 }
 
-/// The contiguous f32 values of a CPU tensor.
-fn cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let (storage, layout) = x.storage_and_layout();
-    let (candle::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        candle::bail!("attention: expected a contiguous f32 CPU tensor");
-    };
-    f(&v[a..b])
-}
-
 impl CustomOp3 for AttentionCore {
     fn name(&self) -> &'static str {
         "lora-mini-attention"
@@ -276,21 +266,13 @@ impl CustomOp3 for AttentionCore {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(l1)?;
-        fn operand<'a>(s: &'a CpuStorage, l: &Layout, shape: &Shape) -> Result<&'a [f32]> {
-            let (CpuStorage::F32(x), Some((a, b))) = (s, l.contiguous_offsets()) else {
-                candle::bail!("attention: q, k and v must be contiguous f32");
-            };
-            if l.shape() != shape {
-                candle::bail!("attention: q, k and v shapes differ");
-            }
-            Ok(&x[a..b])
-        }
         let shape = l1.shape();
-        let (q, k, v) = (
-            operand(s1, l1, shape)?,
-            operand(s2, l2, shape)?,
-            operand(s3, l3, shape)?,
-        );
+        if l2.shape() != shape || l3.shape() != shape {
+            candle::bail!("attention: q, k and v shapes differ");
+        }
+        let (q, _) = f32_rows(s1, l1, self.name())?;
+        let (k, _) = f32_rows(s2, l2, self.name())?;
+        let (v, _) = f32_rows(s3, l3, self.name())?;
         let mut out = vec![0f32; q.len()];
         let out_ptr = SharedOut(out.as_mut_ptr());
         let row = g.hidden() as isize;
@@ -345,10 +327,10 @@ impl CustomOp3 for AttentionCore {
         );
         let row = hidden as isize;
         let tt = t as isize;
-        cpu_f32(q, |q| {
-            cpu_f32(k, |k| {
-                cpu_f32(v, |v| {
-                    cpu_f32(&grad, |go| {
+        with_cpu_f32(q, "q", |q| {
+            with_cpu_f32(k, "k", |k| {
+                with_cpu_f32(v, "v", |v| {
+                    with_cpu_f32(&grad, "gradient", |go| {
                         (0..batch * self.heads).into_par_iter().for_each(|task| {
                             vectorized(|| {
                                 let (s, h) = (task / g.heads, task % g.heads);

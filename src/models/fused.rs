@@ -12,7 +12,11 @@
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-fn f32_rows<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<(&'a [f32], usize)> {
+pub(crate) fn f32_rows<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<(&'a [f32], usize)> {
     let CpuStorage::F32(data) = storage else {
         candle::bail!("{op}: only f32 is fused");
     };

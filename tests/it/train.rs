@@ -508,6 +508,35 @@ fn lora_mini_on_minilm_beats_the_majority_class_on_sst2() {
     );
 }
 
+/// The table runner's command line in quick mode: configs from this
+/// repository, the paper from ../shared, on the CPU.
+fn runner_args(
+    only: &str,
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+) -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    vec![
+        "--quick".into(),
+        "--only".into(),
+        only.into(),
+        "--model".into(),
+        path(model),
+        "--data".into(),
+        path(data),
+        "--out".into(),
+        path(out),
+        "--configs".into(),
+        path(&root.join("configs")),
+        "--paper".into(),
+        path(&shared("paper/lora-mini-paper.txt")),
+        "--set".into(),
+        "run.device=cpu".into(),
+    ]
+}
+
 /// The table examples' runner in quick mode on a tiny random BERT and the
 /// real RTE files: every row runs, the table sets ours beside the paper's
 /// numbers, and a second invocation skips the finished runs.
@@ -517,32 +546,8 @@ fn table2_quick_runs_every_row_and_skips_finished_runs() {
 
     let (model, _) = tiny_setup_in("table2").unwrap();
     let out = workdir("table2-out");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--quick",
-            "--only",
-            "rte",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            shared("data/glue").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--configs",
-            root.join("configs").to_str().unwrap(),
-            "--paper",
-            shared("paper/lora-mini-paper.txt").to_str().unwrap(),
-            "--set",
-            "run.device=cpu",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
-    example_run(PaperTable::Table2, "table2_bert_glue", args(&[])).unwrap();
+    let args = || runner_args("rte", &model, &shared("data/glue"), &out);
+    example_run(PaperTable::Table2, "table2_bert_glue", args()).unwrap();
     let md = std::fs::read_to_string(out.join("table.md")).unwrap();
     let rows: Vec<&str> = md
         .lines()
@@ -567,7 +572,7 @@ fn table2_quick_runs_every_row_and_skips_finished_runs() {
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert_eq!(records.as_array().unwrap().len(), 10);
     // Rerunning skips every finished run.
-    example_run(PaperTable::Table2, "table2_bert_glue", args(&[])).unwrap();
+    example_run(PaperTable::Table2, "table2_bert_glue", args()).unwrap();
     let records: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     assert!(records
@@ -602,29 +607,12 @@ fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
     )
     .unwrap();
     let out = workdir("table3-out");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let args: Vec<String> = [
-        "--quick",
-        "--only",
+    let args = runner_args(
         "lora-mini-dense+attention-r8",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        shared("data/wmt16_en_ro/newsdev2016_newstest2016")
-            .to_str()
-            .unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--configs",
-        root.join("configs").to_str().unwrap(),
-        "--paper",
-        shared("paper/lora-mini-paper.txt").to_str().unwrap(),
-        "--set",
-        "run.device=cpu",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &model,
+        &shared("data/wmt16_en_ro/newsdev2016_newstest2016"),
+        &out,
+    );
     example_run(PaperTable::Table3, "table3_t5_small_wmt", args).unwrap();
     let records: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
@@ -652,29 +640,8 @@ fn appendix_grid_and_figure2_quick() {
     use lora_mini::train::tables::{appendix_main, figure2_main};
 
     let (model, _) = tiny_setup_in("appendix").unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let common = |out: &std::path::Path, only: &str| -> Vec<String> {
-        [
-            "--quick",
-            "--only",
-            only,
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            shared("data/glue").to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--configs",
-            root.join("configs").to_str().unwrap(),
-            "--paper",
-            shared("paper/lora-mini-paper.txt").to_str().unwrap(),
-            "--set",
-            "run.device=cpu",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let common =
+        |out: &std::path::Path, only: &str| runner_args(only, &model, &shared("data/glue"), out);
     let out = workdir("appendix-out");
     let mut args = common(&out, "-r16-a64-b32");
     args.extend(["--family", "bert", "--task", "rte"].map(String::from));
