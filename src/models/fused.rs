@@ -168,9 +168,11 @@ impl CustomOp1 for Softmax {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // dx = y * (g - sum(g * y))
-        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((grad.broadcast_sub(&dot)? * y)?))
+        // dx = y * (g - sum(g * y)), from the detached output so that the
+        // gradient carries no graph (see frozen_matmul's backward).
+        let y = y.detach();
+        let dot = (grad * &y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((grad.broadcast_sub(&dot)? * &y)?))
     }
 }
 
