@@ -206,6 +206,17 @@ fn quick_overrides(glue: bool) -> Vec<String> {
 /// Runs (or skips, or resumes) every config of `table` and returns the
 /// records; see [`write_table`] for the files.
 pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRecord>, String> {
+    run_table_with(table, options, &mut |_| Ok(()))
+}
+
+/// [`run_table`], calling `after_each` with the records so far after every
+/// run (finished or skipped), so that a table interrupted half-way still
+/// leaves its finished rows written.
+pub fn run_table_with(
+    table: PaperTable,
+    options: &TableOptions,
+    after_each: &mut dyn FnMut(&[RunRecord]) -> Result<(), String>,
+) -> Result<Vec<RunRecord>, String> {
     let mut configs: Vec<PathBuf> = std::fs::read_dir(&options.configs_dir)
         .map_err(|e| format!("{}: {e}", options.configs_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -246,6 +257,7 @@ pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRec
             task,
             outcome,
         });
+        after_each(&records)?;
     }
     Ok(records)
 }
@@ -497,8 +509,9 @@ pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Resul
         return Ok(());
     };
     let paper_text = read_paper(&paper)?;
-    let records = run_table(table, &options)?;
-    write_table(table, &records, &paper_text, &options.out_dir)?;
+    let records = run_table_with(table, &options, &mut |records| {
+        write_table(table, records, &paper_text, &options.out_dir)
+    })?;
     println!("{}", markdown(table, &records, &paper_text));
     eprintln!(
         "wrote {} and {}",
