@@ -338,8 +338,16 @@ impl CustomOp3 for AttentionCore {
                                 let (dq, dk, dv) = (dq_ptr, dk_ptr, dv_ptr);
                                 let mut probs = vec![0f32; t * t];
                                 self.probabilities(g, s, h, q, k, &mut probs);
-                                let mut dropped = probs.clone();
-                                self.apply_dropout(g, s, h, &mut dropped);
+                                // The dropped probabilities need a copy only
+                                // when dropout is on.
+                                let dropped = match self.dropout {
+                                    Some(_) => {
+                                        let mut d = probs.clone();
+                                        self.apply_dropout(g, s, h, &mut d);
+                                        std::borrow::Cow::Owned(d)
+                                    }
+                                    None => std::borrow::Cow::Borrowed(&probs[..]),
+                                };
                                 let mut dprobs = vec![0f32; t * t];
                                 // SAFETY (all four gemms): every head operand
                                 // spans t rows of stride `hidden` and d columns
