@@ -28,6 +28,7 @@ use lora_mini::data::batch::{collate_classification, encode_examples, load_token
 use lora_mini::data::{read_examples, task};
 use lora_mini::models::bert::sequence_classification_loss;
 use lora_mini::train::optim::{AdamW, AdamWConfig};
+use lora_mini::train::trainer::classify_batch;
 
 #[path = "common/workload.rs"]
 mod workload;
@@ -121,12 +122,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
             fed += batch.input_ids.elem_count();
             real += indices.iter().map(|&i| lengths[i]).sum::<usize>();
-            let logits = loaded.model.classify(
-                &batch.input_ids,
-                Some(&batch.token_type_ids),
-                Some(&batch.attention_mask),
-                true,
-            )?;
+            let logits = classify_batch(&loaded.model, &batch, true)?;
             let labels = batch
                 .labels
                 .as_ref()

@@ -19,7 +19,7 @@ use crate::data::{
     TranslationPair,
 };
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
-use crate::train::trainer::{evaluate, Data};
+use crate::train::trainer::{classify_batch, evaluate, Data};
 
 fn msg(e: candle::Error) -> CliError {
     crate::error::message(&e)
@@ -258,14 +258,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
             for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
                 let b = collate_classification(&items, pad, &device).map_err(msg)?;
-                let logits = model
-                    .classify(
-                        &b.input_ids,
-                        Some(&b.token_type_ids),
-                        Some(&b.attention_mask),
-                        false,
-                    )
-                    .map_err(msg)?;
+                let logits = classify_batch(model, &b, false).map_err(msg)?;
                 let values: Vec<Vec<f32>> = logits
                     .to_dtype(DType::F32)
                     .and_then(|l| l.to_vec2())

@@ -26,7 +26,7 @@ use crate::adapter::{
 };
 use crate::data::batch::{
     collate_classification, collate_seq2seq, encode_examples, encode_translation, load_tokenizer,
-    BatchPlan, Encoded, EncodedPair,
+    BatchPlan, ClassificationBatch, Encoded, EncodedPair,
 };
 use crate::data::{
     read_examples, read_parallel, task, Direction, Example, Label, Task, TaskKind, TranslationPair,
@@ -692,6 +692,20 @@ fn truncate_metrics_after(path: &Path, step: u64) -> Result<(), Error> {
     crate::adapter::file::write_atomic(path, kept.as_bytes()).map_err(msg)
 }
 
+/// The model's logits on a padded batch; `train` switches dropout on.
+pub fn classify_batch(
+    model: &TaskModel,
+    batch: &ClassificationBatch,
+    train: bool,
+) -> candle::Result<Tensor> {
+    model.classify(
+        &batch.input_ids,
+        Some(&batch.token_type_ids),
+        Some(&batch.attention_mask),
+        train,
+    )
+}
+
 fn batch_loss(
     loaded: &LoadedModel,
     data: &Data,
@@ -705,14 +719,9 @@ fn batch_loss(
             let b = collate_classification(&items, pad_id, dev)?;
             let labels = b
                 .labels
+                .as_ref()
                 .ok_or_else(|| candle::Error::msg("a training example has no label"))?;
-            let logits = model.classify(
-                &b.input_ids,
-                Some(&b.token_type_ids),
-                Some(&b.attention_mask),
-                true,
-            )?;
-            sequence_classification_loss(&logits, &labels)
+            sequence_classification_loss(&classify_batch(model, &b, true)?, labels)
         }
         (Data::Translation { train, .. }, TaskModel::T5(m)) => {
             let items: Vec<&EncodedPair> = batch.iter().map(|&i| &train[i]).collect();
@@ -741,14 +750,7 @@ pub(crate) fn evaluate(
             for chunk in examples.chunks(batch_size) {
                 let items: Vec<&Encoded> = chunk.iter().collect();
                 let b = collate_classification(&items, pad_id, dev).map_err(msg)?;
-                let logits = model
-                    .classify(
-                        &b.input_ids,
-                        Some(&b.token_type_ids),
-                        Some(&b.attention_mask),
-                        false,
-                    )
-                    .map_err(msg)?;
+                let logits = classify_batch(model, &b, false).map_err(msg)?;
                 if logits.dim(1).map_err(msg)? == 1 {
                     let v: Vec<f32> = logits
                         .squeeze(1)

@@ -148,8 +148,7 @@ fn score_prints_sacrebleu_scale_json_and_names_count_mismatches() {
 
 #[test]
 fn score_reports_undefined_correlations_as_null_with_a_warning() {
-    let dir = std::env::temp_dir().join(format!("lora-mini-score-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch("score");
     let preds = dir.join("constant.txt");
     std::fs::write(&preds, "2.5\n".repeat(1500)).unwrap();
     let (ok, stdout, stderr) = lora_mini(&[
@@ -194,7 +193,7 @@ fn export_writes_merged_and_peft_folders_that_reproduce_the_adapter() {
         1,
     )
     .unwrap();
-    let dir = std::env::temp_dir().join(format!("lora-mini-export-{}", std::process::id()));
+    let dir = crate::common::scratch("export");
     let adapter = dir.join("adapter.safetensors");
     save_adapter(
         &adapter,
@@ -264,8 +263,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
     use std::process::Stdio;
 
     let (model, data) = crate::train::tiny_setup_in("ctrlc").unwrap();
-    let dir = std::env::temp_dir().join(format!("lora-mini-ctrlc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch("ctrlc");
     let out = dir.join("run");
     let config = dir.join("config.toml");
     // Long enough that it is still running when the signal comes.
@@ -335,8 +333,7 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
 #[test]
 fn bad_configs_and_files_fail_with_one_line_naming_the_problem() {
     let (model, data) = crate::train::tiny_setup_in("cli-bad").unwrap();
-    let dir = std::env::temp_dir().join(format!("lora-mini-cli-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch("cli-bad");
     let base = crate::train::config_text(&model, &data, &dir.join("run"));
     let broken_data = dir.join("broken-data");
     std::fs::create_dir_all(&broken_data).unwrap();

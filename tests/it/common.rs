@@ -173,3 +173,32 @@ pub fn random_encoder(
 pub fn message(e: candle::Error) -> String {
     lora_mini::error::message(&e)
 }
+
+/// A fresh folder for one test's files, under one folder per test process
+/// that is removed when the test binary exits (set
+/// `LORA_MINI_KEEP_TEST_FILES=1` to keep it for a look after a failure).
+/// The binary's own exit is the only point that every test has finished
+/// with its files, hence `atexit` rather than a guard per test.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    static CLEANUP: std::sync::Once = std::sync::Once::new();
+    CLEANUP.call_once(|| {
+        if std::env::var_os("LORA_MINI_KEEP_TEST_FILES").is_none() {
+            extern "C" fn remove_root() {
+                let _ = std::fs::remove_dir_all(scratch_root());
+            }
+            extern "C" {
+                fn atexit(callback: extern "C" fn()) -> std::os::raw::c_int;
+            }
+            // SAFETY: atexit is the C library's, the callback takes no
+            // arguments and touches no state that exit has torn down.
+            unsafe { atexit(remove_root) };
+        }
+    });
+    let dir = scratch_root().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn scratch_root() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("lora-mini-tests-{}", std::process::id()))
+}

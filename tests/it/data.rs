@@ -103,8 +103,7 @@ fn reads_wmt16_parallel_text() {
 }
 
 fn temp(name: &str, bytes: &[u8]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-mini-data-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch("data");
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path

@@ -16,9 +16,7 @@ fn mini(seed: u64) -> AdapterConfig {
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-mini-it-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    crate::common::scratch("files").join(name)
 }
 
 #[test]

@@ -15,8 +15,7 @@ const BERT_CONFIG: &str = r#"{"model_type": "bert", "vocab_size": 50, "hidden_si
 
 /// A tiny BERT checkpoint folder; `edit` changes its tensors first.
 fn checkpoint(name: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("lora-mini-load-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let dir = crate::common::scratch(&format!("load-{name}"));
     std::fs::write(dir.join("config.json"), BERT_CONFIG)?;
     let mut tensors = random_encoder(
         "bert",
@@ -110,7 +109,7 @@ fn bad_checkpoints_are_errors_naming_the_tensor() -> Result<()> {
 #[test]
 #[cfg(feature = "hub")]
 fn offline_hub_ids_fail_without_the_network() {
-    let home = std::env::temp_dir().join(format!("lora-mini-hf-home-{}", std::process::id()));
+    let home = crate::common::scratch("hf-home");
     // Only this test reads these variables.
     std::env::set_var("HF_HOME", &home);
     std::env::set_var("HF_HUB_OFFLINE", "1");

@@ -70,8 +70,7 @@ fn merged_checkpoints_reproduce_model_plus_adapter() -> Result<()> {
             "{fixture}: the adapter changes nothing"
         );
 
-        let out =
-            std::env::temp_dir().join(format!("lora-mini-merged-{}-{fixture}", std::process::id()));
+        let out = crate::common::scratch(&format!("merged-{fixture}"));
         adapted.save_merged(&out)?;
         let merged = load(out.to_str().unwrap(), family, false)?;
         let err = max_abs_diff(&outputs(&merged.model)?, &expected)?;

@@ -32,7 +32,7 @@ fn options() -> PeftExportOptions {
 }
 
 fn out_dir(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("lora-mini-peft-{}-{name}", std::process::id()))
+    crate::common::scratch(&format!("peft-{name}"))
 }
 
 #[test]

@@ -11,9 +11,7 @@ use lora_mini::train::trainer::{adapter_config, train, train_with, TrainOptions,
 use crate::common::{random_encoder, shared};
 
 fn workdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("lora-mini-train-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::common::scratch(&format!("train-{name}"))
 }
 
 /// A tiny BERT with MiniLM's vocabulary (so its tokenizer fits) and a
