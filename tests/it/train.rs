@@ -580,15 +580,11 @@ fn table2_quick_runs_every_row_and_skips_finished_runs() {
         .all(|r| r["skipped"] == true));
 }
 
-/// Table 3's runner in quick mode on a tiny random T5 with the real T5
-/// tokenizer: trains on newsdev2016, scores BLEU and ROUGE-L on
-/// newstest2016, and writes the table beside the paper's numbers.
-#[test]
-fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
+/// A tiny random T5 v1.0 with the real T5 tokenizer (32,100 pieces).
+fn tiny_t5_with_real_tokenizer(tag: &str) -> PathBuf {
     use crate::t5::{config_json_with_vocab, random_t5_with_vocab};
-    use lora_mini::train::tables::{example_run, PaperTable};
 
-    let model = workdir("table3-model");
+    let model = workdir(&format!("{tag}-model"));
     std::fs::write(
         model.join("config.json"),
         config_json_with_vocab(false, 32100),
@@ -604,6 +600,17 @@ fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
         model.join("tokenizer.json"),
     )
     .unwrap();
+    model
+}
+
+/// Table 3's runner in quick mode on a tiny random T5 with the real T5
+/// tokenizer: trains on newsdev2016, scores BLEU and ROUGE-L on
+/// newstest2016, and writes the table beside the paper's numbers.
+#[test]
+fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
+    use lora_mini::train::tables::{example_run, PaperTable};
+
+    let model = tiny_t5_with_real_tokenizer("table3");
     let out = workdir("table3-out");
     let args = runner_args(
         "lora-mini-dense+attention-r8",
@@ -664,4 +671,69 @@ fn appendix_grid_and_figure2_quick() {
         svg.contains("\nrte\n</text>") && svg.matches("<circle").count() == 3,
         "{svg}"
     );
+}
+
+/// Tables 1 and 4 in quick mode, one row each: Table 1 on a tiny random
+/// RoBERTa (with MiniLM's tokenizer, whose vocabulary it shares) over the
+/// real RTE files, Table 4 on the tiny T5 over newsdev/newstest2016.
+#[test]
+fn table1_and_table4_quick_run_on_tiny_random_checkpoints() {
+    use lora_mini::train::tables::{example_run, PaperTable};
+
+    let roberta = workdir("table1-model");
+    let config = r#"{"model_type": "roberta", "vocab_size": 30522, "hidden_size": 16,
+      "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+      "max_position_embeddings": 130, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+      "pad_token_id": 1}"#;
+    std::fs::write(roberta.join("config.json"), config).unwrap();
+    let head = [("classifier.dense", 16, 16), ("classifier.out_proj", 16, 2)];
+    let tensors = random_encoder("roberta", [30522, 16, 32, 1, 130, 1], &head).unwrap();
+    candle::safetensors::save(&tensors, roberta.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        shared("models/all-MiniLM-L6-v2/tokenizer.json"),
+        roberta.join("tokenizer.json"),
+    )
+    .unwrap();
+
+    let t5 = tiny_t5_with_real_tokenizer("table4");
+    let wmt = shared("data/wmt16_en_ro/newsdev2016_newstest2016");
+    let cases = [
+        (
+            PaperTable::Table1,
+            "table1_roberta_glue",
+            roberta,
+            shared("data/glue"),
+            "rte",
+        ),
+        (PaperTable::Table4, "table4_t5_base_wmt", t5, wmt, "wmt16"),
+    ];
+    for (table, name, model, data, task) in cases {
+        let out = workdir(&format!("{name}-out"));
+        let mut args = runner_args(task, &model, &data, &out);
+        args.extend(["--only", "lora-mini-dense+attention-r8"].map(String::from));
+        example_run(table, name, args).unwrap();
+        let records: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
+                .unwrap();
+        let runs = records.as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{name}: {records}");
+        let metrics = runs[0]["metrics"].as_object().unwrap();
+        let metric = if task == "rte" { "accuracy" } else { "bleu" };
+        assert!(
+            metrics[metric].as_f64().is_some_and(f64::is_finite),
+            "{name}: {records}"
+        );
+        let md = std::fs::read_to_string(out.join("table.md")).unwrap();
+        // A measured cell of a rank-8 LoRA-Mini row beside the paper's:
+        // "x.xx (yy.yy)", where unmeasured cells read "- (yy.yy)".
+        let measured = |cell: &str| {
+            cell.contains(" (") && cell.split(' ').next().unwrap().parse::<f64>().is_ok()
+        };
+        assert!(
+            md.lines().any(|l| l.starts_with("| Ours")
+                && l.contains("| 8 |")
+                && l.split(" | ").any(measured)),
+            "{name}: {md}"
+        );
+    }
 }
