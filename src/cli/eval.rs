@@ -25,14 +25,15 @@ fn msg(e: candle::Error) -> CliError {
     crate::error::message(&e)
 }
 
-/// The model (with the adapter applied) and its tokenizer.
+/// The model (with the adapter applied) on the device `args` names, and its
+/// tokenizer.
 fn load(
-    model: &str,
-    adapter: Option<&Path>,
+    args: &ModelArgs,
     task: &Task,
-) -> Result<(LoadedModel, tokenizers::Tokenizer), CliError> {
-    let device = Device::Cpu;
-    let (factory, file) = match adapter {
+) -> Result<(LoadedModel, tokenizers::Tokenizer, Device), CliError> {
+    let device = crate::train::trainer::device(&args.device)
+        .map_err(|e| e.replace("run.device = ", "--device "))?;
+    let (factory, file) = match &args.adapter {
         Some(path) => {
             let file = AdapterFile::read(path, &device).map_err(msg)?;
             (
@@ -43,7 +44,7 @@ fn load(
         None => (LinearFactory::frozen(), None),
     };
     let loaded = load_task_model(
-        model,
+        &args.model,
         None,
         task.num_labels(),
         factory,
@@ -56,7 +57,7 @@ fn load(
         file.apply(&loaded.registry).map_err(msg)?;
     }
     let tokenizer = load_tokenizer(&loaded.dir.join("tokenizer.json"))?;
-    Ok((loaded, tokenizer))
+    Ok((loaded, tokenizer, device))
 }
 
 /// What `eval` and `predict` share: the model, its adapter, the task and
@@ -78,6 +79,10 @@ pub struct ModelArgs {
     /// Examples per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// auto (CUDA, then Metal, when built in and present; else the CPU),
+    /// cpu, cuda or metal.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "metal"])]
+    pub device: String,
 }
 
 /// Options of `lora-mini eval`.
@@ -115,7 +120,7 @@ fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, 
 
 pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
     let task = task(&args.common.task)?;
-    let (loaded, tokenizer) = load(&args.common.model, args.common.adapter.as_deref(), task)?;
+    let (loaded, tokenizer, device) = load(&args.common, task)?;
     let data = if task.kind == TaskKind::Translation {
         let pairs = eval_pairs(task, args.data.as_deref())?;
         let dev = encode_translation(
@@ -164,7 +169,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
         args.common.batch_size,
         args.common.max_len,
         loaded.pad_token_id(),
-        &Device::Cpu,
+        &device,
     )?;
     if args.json {
         println!(
@@ -205,8 +210,7 @@ pub struct PredictArgs {
 
 pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
     let task = task(&args.common.task)?;
-    let (loaded, tokenizer) = load(&args.common.model, args.common.adapter.as_deref(), task)?;
-    let device = Device::Cpu;
+    let (loaded, tokenizer, device) = load(&args.common, task)?;
     let pad = loaded.pad_token_id();
     let mut rows: Vec<serde_json::Value> = Vec::new();
     match (&loaded.model, task.kind) {

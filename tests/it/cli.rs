@@ -423,3 +423,86 @@ fn bad_configs_and_files_fail_with_one_line_naming_the_problem() {
         );
     }
 }
+
+/// A run trained on a tiny model is read back by the binary: `eval`
+/// reproduces the trainer's best dev accuracy from the saved adapter,
+/// `predict` writes one JSON row per dev example in input order, and
+/// `score` on those rows gives the same accuracy again.
+#[test]
+fn eval_and_predict_read_back_a_trained_run() {
+    use lora_mini::train::config::TrainConfig;
+    use lora_mini::train::trainer::train;
+
+    let (model, data) = crate::train::tiny_setup_in("readback").unwrap();
+    let dir = crate::common::scratch("readback");
+    let run = dir.join("run");
+    let config = dir.join("config.toml");
+    std::fs::write(&config, crate::train::config_text(&model, &data, &run)).unwrap();
+    let summary = train(&TrainConfig::load(&config, &[]).unwrap()).unwrap();
+    let trained = summary.best["accuracy"].unwrap();
+
+    let model = model.to_str().unwrap();
+    let adapter = run.join("adapter-best.safetensors");
+    let adapter = adapter.to_str().unwrap();
+    let common = [
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--task",
+        "sst2",
+        "--max-len",
+        "16",
+        "--batch-size",
+        "8",
+    ];
+    let mut eval = vec!["eval", "--data", data.to_str().unwrap(), "--json"];
+    eval.extend(common);
+    let (ok, stdout, stderr) = lora_mini(&eval);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["accuracy"].as_f64(), Some(trained), "{stdout}");
+
+    let dev = data.join("dev.tsv");
+    let preds = dir.join("preds.jsonl");
+    let mut predict = vec![
+        "predict",
+        "--input",
+        dev.to_str().unwrap(),
+        "--output",
+        preds.to_str().unwrap(),
+    ];
+    predict.extend(common);
+    let (ok, _, stderr) = lora_mini(&predict);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let dev_rows = std::fs::read_to_string(&dev).unwrap().lines().count() - 1;
+    assert_eq!(rows.len(), dev_rows);
+    for row in &rows {
+        let logits = row["logits"].as_array().unwrap();
+        assert_eq!(logits.len(), 2, "{row}");
+        let argmax = if logits[1].as_f64() > logits[0].as_f64() {
+            "1"
+        } else {
+            "0"
+        };
+        assert_eq!(row["prediction"], argmax, "{row}");
+    }
+    let (ok, stdout, stderr) = lora_mini(&[
+        "score",
+        "--task",
+        "sst2",
+        "--predictions",
+        preds.to_str().unwrap(),
+        "--references",
+        dev.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["accuracy"].as_f64(), Some(trained), "{stdout}");
+}
