@@ -119,8 +119,9 @@ impl CustomOp2 for FrozenMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Detached: Candle detaches the gradients of inner nodes itself but
         // stores a leaf `Var`'s as given, and `gradᵀ·x` built from the
-        // tracked `x` would keep the step's whole graph alive inside the
-        // optimizer's moments (LoRA on MRPC grew by 600 MB a step).
+        // tracked `x` would carry the step's whole graph (LoRA on MRPC grew
+        // by 600 MB a step once the optimizer kept it in its moments; AdamW
+        // now detaches what it reads as well).
         let weight_has_graph = w.track_op();
         let (grad, x, w) = (grad.detach(), x.detach(), w.detach());
         let dw = if weight_has_graph {

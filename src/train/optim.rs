@@ -61,8 +61,11 @@ impl AdamW {
         let slots = params
             .into_iter()
             .map(|(name, var)| {
+                // Detached: a copy made from the `Var` would record an op on
+                // it, and every step's master would then hold the previous
+                // one alive through its graph.
                 let master = (var.dtype() != DType::F32)
-                    .then(|| var.as_tensor().to_dtype(DType::F32))
+                    .then(|| var.as_tensor().detach().to_dtype(DType::F32))
                     .transpose()?;
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
                 Ok(Slot {
@@ -118,13 +121,16 @@ impl AdamW {
             let Some(g) = grads.get(&slot.name) else {
                 continue;
             };
-            let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+            // The optimizer's state must never hold a graph, whatever op
+            // produced the gradient (an op's backward may return one built
+            // from tracked tensors) and whatever the parameter is.
+            let g = (g.detach().to_dtype(DType::F32)? * grad_scale)?;
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&slot.m / bc1)? / ((&slot.v / bc2)?.sqrt()? + c.eps)?)?;
             let param = match &slot.master {
                 Some(m) => m.clone(),
-                None => slot.var.as_tensor().clone(),
+                None => slot.var.as_tensor().detach(),
             };
             let decayed = if slot.decay && c.weight_decay > 0.0 {
                 (&param * (1.0 - lr * c.weight_decay))?
@@ -202,6 +208,25 @@ pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
 mod tests {
     use super::*;
     use candle::Device;
+
+    /// Moments and master weights hold no graph after a step, even for a
+    /// bf16 parameter (master copy) and a gradient that carries one.
+    #[test]
+    fn state_holds_no_graph() -> Result<()> {
+        let w =
+            Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
+        let mut opt = AdamW::new(vec![("l.weight".into(), w.clone())], AdamWConfig::default())?;
+        let tracked = Var::new(&[0.5f32, 0.25], &Device::Cpu)?;
+        for _ in 0..2 {
+            let grad = (tracked.as_tensor() * 2.0)?;
+            assert!(grad.track_op());
+            opt.step_with(&[("l.weight".to_string(), grad)].into(), 1e-2, 1.0)?;
+        }
+        for (name, t) in opt.state().1 {
+            assert!(!t.track_op(), "{name} holds a graph");
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_the_adamw_update_rule_and_skips_decay_on_biases() -> Result<()> {
