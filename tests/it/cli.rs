@@ -430,15 +430,12 @@ fn bad_configs_and_files_fail_with_one_line_naming_the_problem() {
 /// `score` on those rows gives the same accuracy again.
 #[test]
 fn eval_and_predict_read_back_a_trained_run() {
-    use lora_mini::train::config::TrainConfig;
     use lora_mini::train::trainer::train;
 
     let (model, data) = crate::train::tiny_setup_in("readback").unwrap();
+    let (config, run) = crate::train::tiny_config("readback-run", &model, &data, &[]);
     let dir = crate::common::scratch("readback");
-    let run = dir.join("run");
-    let config = dir.join("config.toml");
-    std::fs::write(&config, crate::train::config_text(&model, &data, &run)).unwrap();
-    let summary = train(&TrainConfig::load(&config, &[]).unwrap()).unwrap();
+    let summary = train(&config).unwrap();
     let trained = summary.best["accuracy"].unwrap();
 
     let model = model.to_str().unwrap();

@@ -95,15 +95,27 @@ log_every = 5
     )
 }
 
+/// [`config_text`] written into a fresh folder `tag` and loaded with
+/// `overrides`; returns the config and its run folder (`<tag>/out`).
+pub fn tiny_config(
+    tag: &str,
+    model: &std::path::Path,
+    data: &std::path::Path,
+    overrides: &[&str],
+) -> (TrainConfig, PathBuf) {
+    let dir = workdir(tag);
+    let run = dir.join("out");
+    let path = dir.join("config.toml.in");
+    std::fs::write(&path, config_text(model, data, &run)).unwrap();
+    let overrides: Vec<String> = overrides.iter().map(|o| o.to_string()).collect();
+    (TrainConfig::load(&path, &overrides).unwrap(), run)
+}
+
 #[test]
 fn trains_a_tiny_model_and_writes_its_files() -> Result<()> {
     let (model, data) = tiny_setup()?;
-    let out = workdir("run");
-    let path = out.join("config.toml.in");
-    std::fs::write(&path, config_text(&model, &data, &out.join("out")))?;
-    let config = TrainConfig::load(&path, &[]).unwrap();
+    let (config, run) = tiny_config("run", &model, &data, &[]);
     let summary = train(&config).unwrap();
-    let run = out.join("out");
     for file in [
         "config.toml",
         "metrics.jsonl",
@@ -204,15 +216,9 @@ fn bf16_trains_through_the_composed_ops() -> Result<()> {
         assert!(norm.is_finite() && norm > 0.0, "gradient of {name}: {norm}");
     }
 
-    let out = workdir("bf16-run");
-    let path = out.join("config.toml.in");
-    std::fs::write(&path, config_text(&model, &data, &out.join("out")))?;
-    let config = TrainConfig::load(&path, &["model.dtype=bf16".to_string()]).unwrap();
+    let (config, run) = tiny_config("bf16-run", &model, &data, &["model.dtype=bf16"]);
     let summary = train(&config).unwrap();
-    let losses: Vec<f64> = logged_losses(&out.join("out"))
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
+    let losses: Vec<f64> = logged_losses(&run).into_iter().map(|(_, l)| l).collect();
     assert!(
         losses.len() >= 3 && losses.iter().all(|l| l.is_finite()) && losses.last() < losses.first(),
         "{losses:?}"
@@ -434,10 +440,7 @@ fn a_run_stopped_after_every_step_and_resumed_ends_bitwise_equal() -> Result<()>
 #[test]
 fn resume_refuses_a_changed_config_or_a_missing_checkpoint() -> Result<()> {
     let (model, data) = tiny_setup_in("refuse")?;
-    let out = workdir("refuse-run");
-    let path = out.join("config.toml.in");
-    std::fs::write(&path, config_text(&model, &data, &out.join("run")))?;
-    let mut config = TrainConfig::load(&path, &[]).unwrap();
+    let (mut config, _) = tiny_config("refuse-run", &model, &data, &[]);
     let resume = TrainOptions {
         resume: true,
         stop: None,
