@@ -12,12 +12,62 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "kebab-case")]
 pub enum InnerInit {
     /// `B` starts at zero, so `ΔW = 0` at step 0 and fine-tuning starts from
-    /// the pretrained function (PEFT's default, and ours).
+    /// the pretrained function exactly (PEFT's default, and ours). The first
+    /// step's gradient reaches only `B`; `A` starts moving from step 2.
     #[default]
     ZeroB,
     /// Every matrix is Kaiming-uniform, as the LoRA-Mini paper states ("all
-    /// matrices are initialised with Kaiming"). `ΔW ≠ 0` at step 0.
+    /// matrices are initialised with Kaiming"). `ΔW ≠ 0` at step 0: the model
+    /// before any training is the pretrained one plus a random update, so its
+    /// outputs already differ from the base model's.
     Kaiming,
+}
+
+/// How LoRA-Mini's frozen projections `A_aux: a x d_in` and `B_aux: d_out x b`
+/// are made. Every choice is reproducible: adapter files never need to store
+/// the matrices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuxInit {
+    /// Seeded Kaiming-uniform (PyTorch's `a=√5`), as the paper states. Rows
+    /// of `A_aux` have norm about `1/√3`, columns of `B_aux` about
+    /// `√(d_out/3b)`.
+    #[default]
+    Kaiming,
+    /// Seeded, with orthonormal rows of `A_aux` and orthonormal columns of
+    /// `B_aux` (Gram–Schmidt on Gaussian draws, in f64, so every platform
+    /// gets the same bits). Unit scale, chosen on purpose: the projections
+    /// then preserve norms, so `ΔW` has the singular values of
+    /// `B_in·A_in` and one optimizer step moves `ΔW` as much as a LoRA of
+    /// the inner shape would, instead of shrinking it by the random
+    /// factors' norms. Needs `a ≤ d_in` and `b ≤ d_out`.
+    Orthogonal,
+    /// From the frozen weight: `A_aux` holds the top-`a` right singular
+    /// vectors of `W`, `B_aux` the top-`b` left ones (orthonormal, the
+    /// singular values not folded in). The adapter then trains inside `W`'s
+    /// principal subspaces, like LoRA-XS. The file records a hash of each
+    /// `W`, and loading onto a different base weight is refused.
+    Svd,
+    /// [`AuxInit::Svd`] with the singular values folded into `B_aux`
+    /// (`B_aux = U_b·Σ_b`), as LoRA-XS does: directions `W` uses strongly
+    /// get proportionally larger updates.
+    SvdScaled,
+}
+
+impl AuxInit {
+    /// Whether the projections come from the base weight rather than the seed.
+    pub fn from_weight(self) -> bool {
+        matches!(self, AuxInit::Svd | AuxInit::SvdScaled)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AuxInit::Kaiming => "kaiming",
+            AuxInit::Orthogonal => "orthogonal",
+            AuxInit::Svd => "svd",
+            AuxInit::SvdScaled => "svd-scaled",
+        }
+    }
 }
 
 fn default_alpha() -> f64 {
@@ -49,6 +99,9 @@ pub struct LoraMiniConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub inner_init: InnerInit,
+    /// How the frozen `A_aux` and `B_aux` are made.
+    #[serde(default)]
+    pub aux_init: AuxInit,
     /// Seed of every random draw; each module derives its own stream from it
     /// and its path.
     #[serde(default = "default_seed")]
@@ -66,6 +119,7 @@ impl LoraMiniConfig {
             dropout: 0.0,
             use_rslora: false,
             inner_init: InnerInit::ZeroB,
+            aux_init: AuxInit::Kaiming,
             seed: default_seed(),
         }
     }

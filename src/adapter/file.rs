@@ -12,8 +12,10 @@
 //!   `format` (`lora-mini-adapter`), `format_version` (`1`), `method`, `r`,
 //!   `a`, `b`, `alpha`, `scaling`, `seed`, `targets` (a JSON list),
 //!   `modules_to_save`, `base_model`, `base_revision`, `dtype`,
-//!   `crate_version`, `aux_checksum`, `aux_stored`, and `config`: the whole
-//!   [`AdapterConfig`] as JSON, which is what loading reads.
+//!   `crate_version`, `aux_checksum`, `aux_stored`, `aux_init` (LoRA-Mini),
+//!   `base_weights` (a JSON map from module path to a hash of its frozen
+//!   weight, for projections made from that weight's SVD), and `config`: the
+//!   whole [`AdapterConfig`] as JSON, which is what loading reads.
 //!
 //! The frozen auxiliary matrices are not stored by default: they are
 //! regenerated from the seed and the module paths. `aux_checksum` is a hash of
@@ -86,6 +88,7 @@ pub fn save_adapter(
             put("b", c.b.to_string());
             put("alpha", c.alpha.to_string());
             put("seed", c.seed.to_string());
+            put("aux_init", c.aux_init.name().to_string());
         }
         Method::Lora(c) => {
             put("r", c.r.to_string());
@@ -111,6 +114,10 @@ pub fn save_adapter(
     put("crate_version", env!("CARGO_PKG_VERSION").to_string());
     put("aux_checksum", registry.aux_checksum()?.unwrap_or_default());
     put("aux_stored", options.store_aux.to_string());
+    let base_weights = registry.base_weight_hashes()?;
+    if !base_weights.is_empty() {
+        put("base_weights", json(&base_weights)?);
+    }
     put("config", json(config)?);
     write_safetensors_atomic(path.as_ref(), &tensors, meta)
 }
@@ -185,6 +192,7 @@ impl AdapterFile {
     /// matrices that do not reproduce.
     pub fn apply(&self, registry: &AdapterRegistry) -> Result<()> {
         let file = self.path.display();
+        self.check_base_weights(registry)?;
         let expected = self.metadata.get("aux_checksum").filter(|c| !c.is_empty());
         let actual = registry.aux_checksum()?;
         if expected != actual.as_ref() {
@@ -234,6 +242,34 @@ impl AdapterFile {
                 );
             }
             var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+impl AdapterFile {
+    /// For projections made from the base weights' SVD: refuses, naming the
+    /// first module, a base weight that differs from the one trained on.
+    fn check_base_weights(&self, registry: &AdapterRegistry) -> Result<()> {
+        let Some(text) = self.metadata.get("base_weights") else {
+            return Ok(());
+        };
+        let file = self.path.display();
+        let recorded: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
+            candle::Error::msg(format!("{file}: invalid `base_weights` metadata: {e}"))
+        })?;
+        let actual = registry.base_weight_hashes()?;
+        for (module, hash) in &recorded {
+            match actual.get(module) {
+                Some(h) if h == hash => {}
+                Some(_) => candle::bail!(
+                    "{file}: the base weight of module {module} differs from the one the adapter was trained on \
+                     (its frozen projections come from that weight's SVD): load it onto the same base model"
+                ),
+                None => candle::bail!(
+                    "{file}: module {module} has no LoRA-Mini layer with SVD projections in this model"
+                ),
+            }
         }
         Ok(())
     }

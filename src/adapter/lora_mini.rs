@@ -3,17 +3,19 @@
 use candle::{Result, Tensor, Var};
 use candle_nn::{Linear, ModuleT};
 
+use super::aux::aux_values;
 use super::config::{InnerInit, LoraMiniConfig};
 use super::dropout::SeededDropout;
 use super::host::AdapterHost;
-use super::init::{kaiming_uniform, kaiming_uniform_values};
+use super::init::kaiming_uniform;
 use super::linear::linear_fwd;
 
 /// A frozen linear layer plus a LoRA-Mini update:
 /// `y = W x + b + scaling · B_aux · B_in · A_in · A_aux · dropout(x)`.
 ///
-/// * `A_aux: a x d_in` and `B_aux: d_out x b` are frozen, Kaiming-uniform, and
-///   regenerated bit-for-bit from `(seed, module path)`, so adapter files need
+/// * `A_aux: a x d_in` and `B_aux: d_out x b` are frozen and regenerated from
+///   `(seed, module path)` (Kaiming-uniform or orthogonal) or from the frozen
+///   weight's SVD (see [`AuxInit`](super::AuxInit)), so adapter files need
 ///   not store them;
 /// * `A_in: r x a` (Kaiming) and `B_in: b x r` (zero by default) are trained:
 ///   `r·(a+b)` parameters, whatever the layer's width.
@@ -44,26 +46,6 @@ pub struct LoraMiniLinear {
     config: LoraMiniConfig,
 }
 
-/// The stream names of the two frozen matrices of module `path`.
-pub fn aux_stream_names(path: &str) -> (String, String) {
-    (format!("{path}/A_aux"), format!("{path}/B_aux"))
-}
-
-/// The frozen `(A_aux, B_aux)` values of module `path`, row-major f32, exactly
-/// as [`LoraMiniLinear::new`] draws them.
-pub fn aux_values(
-    config: &LoraMiniConfig,
-    path: &str,
-    d_in: usize,
-    d_out: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let (a_name, b_name) = aux_stream_names(path);
-    (
-        kaiming_uniform_values(config.seed, &a_name, config.a, d_in),
-        kaiming_uniform_values(config.seed, &b_name, d_out, config.b),
-    )
-}
-
 impl LoraMiniLinear {
     /// Wraps `base` (kept frozen). `path` is the module's full Hugging Face
     /// path; it names the RNG streams, so keep it stable.
@@ -71,7 +53,7 @@ impl LoraMiniLinear {
         config.validate()?;
         let (d_out, d_in) = base.weight().dims2()?;
         let (dtype, device) = (base.weight().dtype(), base.weight().device().clone());
-        let (a_vals, b_vals) = aux_values(config, path, d_in, d_out);
+        let (a_vals, b_vals) = aux_values(config, path, base.weight())?;
         let a_aux = Tensor::from_vec(a_vals, (config.a, d_in), &device)?.to_dtype(dtype)?;
         let b_aux = Tensor::from_vec(b_vals, (d_out, config.b), &device)?.to_dtype(dtype)?;
         let seed = config.seed;

@@ -5,6 +5,7 @@
 //! This module depends on Candle alone, so a user who only wants to adapt
 //! their own model gets nothing else.
 
+pub mod aux;
 pub mod config;
 pub mod dropout;
 pub mod factory;
@@ -20,7 +21,7 @@ pub mod registry;
 pub mod rng;
 pub mod targets;
 
-pub use config::{InnerInit, LoraConfig, LoraMiniConfig, Method};
+pub use config::{AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};
 pub use factory::{AdapterConfig, LinearFactory};
 pub use file::{save_adapter, AdapterFile, SaveOptions};
 pub use linear::{AdaptedLinear, FullLinear, LowRankUpdate};

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use candle::{Result, Var};
 
+use super::aux::{aux_values, weight_hash};
+use super::config::AuxInit;
 use super::dropout::SeededDropout;
 use super::linear::AdaptedLinear;
-use super::lora_mini::aux_values;
 use super::rng::fnv1a64_extend;
 
 /// Every trainable tensor of a model, keyed by full Hugging Face name.
@@ -127,24 +128,53 @@ impl AdapterRegistry {
     /// the seeded generator produces them (in f32, before any dtype cast), or
     /// `None` when there are none. Adapter files carry it so that loading can
     /// prove the regenerated matrices are the ones the adapter was trained with.
+    ///
+    /// Projections from the weight's SVD are checked through the weight
+    /// itself (its hash, see [`Self::base_weight_hashes`]) rather than the
+    /// singular vectors, whose last bits may differ between CPUs.
     pub fn aux_checksum(&self) -> Result<Option<String>> {
         let mut hash = None;
         for (path, layer) in &self.modules {
             if let AdaptedLinear::LoraMini(l) = layer {
+                let config = l.config();
                 let (d_out, d_in) = l.weight().dims2()?;
-                let (a, b) = aux_values(l.config(), path, d_in, d_out);
                 let mut h = hash.unwrap_or(0xCBF2_9CE4_8422_2325);
                 h = fnv1a64_extend(h, path.as_bytes());
-                for dim in [l.config().a, d_in, d_out, l.config().b] {
+                for dim in [config.a, d_in, d_out, config.b] {
                     h = fnv1a64_extend(h, &(dim as u64).to_le_bytes());
                 }
-                for v in a.iter().chain(b.iter()) {
-                    h = fnv1a64_extend(h, &v.to_bits().to_le_bytes());
+                if config.aux_init != AuxInit::Kaiming {
+                    // Kaiming files predate the choice: their checksum stays.
+                    h = fnv1a64_extend(h, config.aux_init.name().as_bytes());
+                }
+                if config.aux_init.from_weight() {
+                    h = fnv1a64_extend(h, weight_hash(l.weight())?.as_bytes());
+                } else {
+                    let (a, b) = aux_values(config, path, l.weight())?;
+                    for v in a.iter().chain(b.iter()) {
+                        h = fnv1a64_extend(h, &v.to_bits().to_le_bytes());
+                    }
                 }
                 hash = Some(h);
             }
         }
         Ok(hash.map(|h| format!("fnv1a64:{h:016x}")))
+    }
+
+    /// The hash of the frozen weight of every LoRA-Mini module whose
+    /// projections derive from it (`aux_init = "svd"` or `"svd-scaled"`), by
+    /// module path. Adapter files record it, and loading names the first
+    /// module whose base weight differs.
+    pub fn base_weight_hashes(&self) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for (path, layer) in &self.modules {
+            if let AdaptedLinear::LoraMini(l) = layer {
+                if l.config().aux_init.from_weight() {
+                    out.insert(path.clone(), weight_hash(l.weight())?);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Dropout-mask counters of every adapted layer (keyed by module path)

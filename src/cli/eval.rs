@@ -19,7 +19,7 @@ use crate::data::{
     TranslationPair,
 };
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
-use crate::train::trainer::{classify_batch, evaluate, Data};
+use crate::train::trainer::{classify_batch, evaluate, EvalSet};
 
 fn msg(e: candle::Error) -> CliError {
     crate::error::message(&e)
@@ -92,7 +92,7 @@ pub struct ModelArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub common: ModelArgs,
-    /// A GLUE task folder (reads <split>.tsv), the WMT16 folder (newstest2016),
+    /// A GLUE task folder (reads SPLIT.tsv), the WMT16 folder (newstest2016),
     /// or one file (.tsv, .jsonl, .csv, .parquet); without it, the hub.
     #[arg(long, value_name = "DIR_OR_FILE")]
     pub data: Option<PathBuf>,
@@ -118,10 +118,16 @@ fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, 
     }
 }
 
+/// The encoded evaluation data `eval` reads.
+enum EvalData {
+    Classification(Vec<crate::data::batch::Encoded>),
+    Translation(Vec<crate::data::batch::EncodedPair>),
+}
+
 pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
     let task = task(&args.common.task)?;
     let (loaded, tokenizer, device) = load(&args.common, task)?;
-    let data = if task.kind == TaskKind::Translation {
+    let (data, refs) = if task.kind == TaskKind::Translation {
         let pairs = eval_pairs(task, args.data.as_deref())?;
         let dev = encode_translation(
             &tokenizer,
@@ -131,11 +137,10 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
             args.common.max_len,
             args.common.max_len,
         )?;
-        Data::Translation {
-            train: vec![],
-            dev,
-            dev_refs: pairs.iter().map(|p| p.ro.clone()).collect(),
-        }
+        (
+            EvalData::Translation(dev),
+            pairs.iter().map(|p| p.ro.clone()).collect(),
+        )
     } else {
         let path = match &args.data {
             Some(d) if d.is_dir() => d.join(format!("{}.tsv", args.split)),
@@ -156,15 +161,19 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
                 path.display()
             ));
         }
-        Data::Classification {
-            train: vec![],
-            dev: encode_examples(&tokenizer, &examples, args.common.max_len)?,
-        }
+        (
+            EvalData::Classification(encode_examples(&tokenizer, &examples, args.common.max_len)?),
+            Vec::new(),
+        )
+    };
+    let set = match &data {
+        EvalData::Classification(examples) => EvalSet::Classification(examples),
+        EvalData::Translation(pairs) => EvalSet::Translation { pairs, refs: &refs },
     };
     let scores = evaluate(
         &loaded,
         task,
-        &data,
+        set,
         &tokenizer,
         args.common.batch_size,
         args.common.max_len,

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod export;
 pub mod params;
 pub mod score;
+pub mod sweep;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,10 @@ pub enum Command {
     /// Score a predictions file against references with the task's official
     /// metrics (sacreBLEU, rouge-score, scikit-learn and scipy definitions).
     Score(score::ScoreArgs),
+    /// Train every combination of a grid of config values and seeds
+    /// (resumable), and tabulate mean ± std with the setting the
+    /// validation slice chooses.
+    Sweep(sweep::SweepArgs),
 }
 
 /// A message for the user; the binary prints it and exits with status 1.
@@ -56,5 +61,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Predict(args) => eval::run_predict(&args),
         Command::Params(args) => params::run(&args),
         Command::Score(args) => score::run(&args),
+        Command::Sweep(args) => sweep::run(&args),
     }
 }

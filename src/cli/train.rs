@@ -25,7 +25,7 @@ Examples:\n  \
     lora-mini train --config configs/quickstart.toml --resume"
 )]
 pub struct TrainArgs {
-    /// The TOML config: [model], [task], [adapter], [optim] and [run] sections.
+    /// The TOML config, with model, task, adapter, optim and run sections.
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
     /// Override any key, e.g. --set optim.lr=1e-3 (repeatable).

@@ -26,7 +26,12 @@ const VERSION: &str = "1";
 pub struct Best {
     /// The headline metric (what "best" compares).
     pub value: Option<f64>,
+    /// The dev metrics at the best step.
     pub metrics: BTreeMap<String, Option<f64>>,
+    /// The validation-slice metrics at the best step, when a run holds one
+    /// out (`task.validation_split`); `value` is then read from them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub validation: BTreeMap<String, Option<f64>>,
     pub step: u64,
 }
 

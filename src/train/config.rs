@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::ScheduleKind;
 use crate::adapter::targets::ALL_LINEAR;
-use crate::adapter::InnerInit;
+use crate::adapter::{AuxInit, InnerInit};
 use crate::models::presets::LINEAR_MODULE_NAMES;
 
 /// The target presets `adapter.targets` accepts besides module names.
@@ -117,6 +117,12 @@ pub struct TaskSection {
     /// The source prefix (T5); by default T5's for the direction.
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Hold out this fraction of the training examples (seeded by
+    /// `run.seed`) as a validation slice that chooses the best step; the
+    /// official dev set is then only reported, never used to choose. Unset
+    /// (or 0): the dev set chooses, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_split: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,10 +145,21 @@ pub struct AdapterSection {
     pub dropout: f64,
     #[serde(default)]
     pub use_rslora: bool,
+    /// `zero-b` (the default: `ΔW = 0` at step 0, so training starts from
+    /// the pretrained model) or `kaiming` (the paper's literal reading: every
+    /// inner matrix random, so step 0 already perturbs the model).
     #[serde(default)]
     pub inner_init: InnerInit,
+    /// LoRA-Mini's frozen projections: `kaiming` (the paper's), `orthogonal`,
+    /// `svd` or `svd-scaled` (from the frozen weight).
+    #[serde(default, skip_serializing_if = "is_kaiming")]
+    pub aux_init: AuxInit,
     #[serde(default = "d_seed")]
     pub seed: u64,
+}
+
+fn is_kaiming(init: &AuxInit) -> bool {
+    *init == AuxInit::Kaiming
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -157,10 +174,20 @@ pub struct OptimSection {
     pub batch_size: usize,
     #[serde(default = "d_one")]
     pub grad_accum: usize,
+    /// The peak learning rate of the adapter's tensors (all trained tensors
+    /// but the head's; under full fine-tuning, the whole model's).
     #[serde(default = "d_lr")]
     pub lr: f64,
     #[serde(default = "d_wd")]
     pub weight_decay: f64,
+    /// The peak learning rate of the task head (`modules_to_save`, e.g.
+    /// `classifier`); `lr` when unset. Frozen-projection adapters train
+    /// their cores at rates a fresh head cannot take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_lr: Option<f64>,
+    /// The head's weight decay; `weight_decay` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_weight_decay: Option<f64>,
     #[serde(default = "d_b1")]
     pub beta1: f64,
     #[serde(default = "d_b2")]
@@ -328,6 +355,13 @@ impl TrainConfig {
                 ));
             }
         }
+        if a.method != "lora-mini" && a.aux_init != AuxInit::Kaiming {
+            return Err((
+                "adapter",
+                "aux_init",
+                format!("applies to lora-mini only, not {}", a.method),
+            ));
+        }
         if a.r == 0 {
             return Err(("adapter", "r", "must be at least 1".into()));
         }
@@ -346,6 +380,16 @@ impl TrainConfig {
         }
         if !o.lr.is_finite() || o.lr <= 0.0 {
             return Err(("optim", "lr", format!("{} must be positive", o.lr)));
+        }
+        if o.head_lr.is_some_and(|lr| !lr.is_finite() || lr <= 0.0) {
+            return Err((
+                "optim",
+                "head_lr",
+                format!("{} must be positive", o.head_lr.unwrap_or_default()),
+            ));
+        }
+        if o.head_weight_decay.is_some_and(|wd| wd < 0.0) {
+            return Err(("optim", "head_weight_decay", "must not be negative".into()));
         }
         if o.batch_size == 0 {
             return Err(("optim", "batch_size", "must be at least 1".into()));
@@ -379,6 +423,20 @@ impl TrainConfig {
                     "beta1"
                 },
                 "must be in [0, 1)".into(),
+            ));
+        }
+        if self
+            .task
+            .validation_split
+            .is_some_and(|f| !(0.0..0.5).contains(&f))
+        {
+            return Err((
+                "task",
+                "validation_split",
+                format!(
+                    "{} is not in [0, 0.5)",
+                    self.task.validation_split.unwrap_or_default()
+                ),
             ));
         }
         if self.task.max_len < 2 {

@@ -12,6 +12,8 @@ pub mod optim;
 pub mod plot;
 pub mod schedule;
 #[cfg(feature = "train")]
+pub mod sweep;
+#[cfg(feature = "train")]
 pub mod tables;
 #[cfg(feature = "train")]
 pub mod trainer;

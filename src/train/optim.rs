@@ -1,5 +1,6 @@
-//! AdamW with per-parameter weight decay, f32 moments and master weights,
-//! and state that saves and loads.
+//! AdamW with parameter groups (each its own learning rate and weight
+//! decay), per-parameter decay rules, f32 moments and master weights, and
+//! state that saves and loads.
 //!
 //! candle-nn's `AdamW` applies one weight decay to every parameter, keeps its
 //! moments in the parameter's dtype and hides its state, so it can neither
@@ -39,9 +40,30 @@ pub fn decays(name: &str) -> bool {
         || name.ends_with("norm.weight"))
 }
 
+/// A set of parameters trained at their own learning rate and weight decay,
+/// like a PyTorch optimizer's `param_groups` entry. Methods with frozen
+/// random projections (LoRA-Mini, VeRA) train their small cores at a much
+/// higher rate than the task head can take, so the head gets a group of its
+/// own.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ParamGroup {
+    /// A short name for logs and `results.json` (`adapter`, `head`).
+    pub name: String,
+    /// The group's peak learning rate, relative to which the schedule is
+    /// applied: at a step where the scheduled base rate is `lr`, this group
+    /// trains at `lr · lr_scale`.
+    pub lr_scale: f64,
+    pub weight_decay: f64,
+    /// The full names of the tensors in the group.
+    pub tensors: Vec<String>,
+}
+
 struct Slot {
     name: String,
     var: Var,
+    /// The learning-rate multiplier and weight decay of the slot's group.
+    lr_scale: f64,
+    weight_decay: f64,
     /// f32 copy of the parameter when it is not f32 itself.
     master: Option<Tensor>,
     m: Tensor,
@@ -50,6 +72,9 @@ struct Slot {
 }
 
 /// AdamW over named `Var`s (e.g. `AdapterRegistry::trainable()`).
+///
+/// Not candle-nn's `Optimizer`: that trait has no names, so it can neither
+/// skip decay on biases nor save its state by parameter.
 pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
@@ -57,6 +82,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// One group: every parameter at the step's learning rate and
+    /// `config.weight_decay`.
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
         let slots = params
             .into_iter()
@@ -70,6 +97,8 @@ impl AdamW {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
                 Ok(Slot {
                     decay: decays(&name),
+                    lr_scale: 1.0,
+                    weight_decay: config.weight_decay,
                     name,
                     var,
                     master,
@@ -85,11 +114,26 @@ impl AdamW {
         })
     }
 
+    /// Moves the parameters named in `group.tensors` into that group: they
+    /// then train at `lr · group.lr_scale` with `group.weight_decay`. A name
+    /// the optimizer does not hold is an error naming it.
+    pub fn set_group(&mut self, group: &ParamGroup) -> Result<()> {
+        for name in &group.tensors {
+            let Some(slot) = self.slots.iter_mut().find(|s| &s.name == name) else {
+                candle::bail!("parameter group {}: no parameter {name}", group.name);
+            };
+            slot.lr_scale = group.lr_scale;
+            slot.weight_decay = group.weight_decay;
+        }
+        Ok(())
+    }
+
     pub fn steps_taken(&self) -> u64 {
         self.step
     }
 
-    /// One update with learning rate `lr` from `grads`, each gradient first
+    /// One update with base learning rate `lr` (each group scales it) from
+    /// `grads`, each gradient first
     /// multiplied by `grad_scale` (for clipping). Parameters without a
     /// gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
@@ -132,8 +176,9 @@ impl AdamW {
                 Some(m) => m.clone(),
                 None => slot.var.as_tensor().detach(),
             };
-            let decayed = if slot.decay && c.weight_decay > 0.0 {
-                (&param * (1.0 - lr * c.weight_decay))?
+            let lr = lr * slot.lr_scale;
+            let decayed = if slot.decay && slot.weight_decay > 0.0 {
+                (&param * (1.0 - lr * slot.weight_decay))?
             } else {
                 param
             };
@@ -250,6 +295,53 @@ mod tests {
             (b1[0] - (0.5 - 0.1)).abs() < 1e-6,
             "bias must not decay: {b1:?}"
         );
+        Ok(())
+    }
+
+    /// Step 1 of Adam moves each parameter by about `lr·sign(g)`, so each
+    /// group's own rate (and decay) shows in the first update.
+    #[test]
+    fn each_group_trains_at_its_own_rate() -> Result<()> {
+        let a = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu)?)?;
+        let head = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu)?)?;
+        let mut opt = AdamW::new(
+            vec![
+                ("m.lora_mini_A_in".into(), a.clone()),
+                ("classifier.weight".into(), head.clone()),
+            ],
+            AdamWConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        opt.set_group(&ParamGroup {
+            name: "head".into(),
+            lr_scale: 0.1,
+            weight_decay: 0.5,
+            tensors: vec!["classifier.weight".into()],
+        })?;
+        let loss = (a.as_tensor() + head.as_tensor())?.sum_all()?;
+        opt.step(&loss.backward()?, 1e-2, 1.0)?;
+        let moved = |v: &Var| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!(
+            (moved(&a) - 1e-2).abs() < 1e-6,
+            "adapter moved {}",
+            moved(&a)
+        );
+        // lr 1e-3, and decay 0.5 at that rate: 1 - (1 - 5e-4) + 1e-3.
+        assert!(
+            (moved(&head) - 1.5e-3).abs() < 1e-6,
+            "head moved {}",
+            moved(&head)
+        );
+        let unknown = ParamGroup {
+            name: "head".into(),
+            lr_scale: 1.0,
+            weight_decay: 0.0,
+            tensors: vec!["nope".into()],
+        };
+        let err = opt.set_group(&unknown).unwrap_err().to_string();
+        assert!(err.contains("no parameter nope"), "{err}");
         Ok(())
     }
 

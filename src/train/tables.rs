@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::config::TrainConfig;
 use super::interrupt::ctrl_c_flag;
-use super::trainer::{train_with, TrainOptions, CHECKPOINT};
+use super::sweep::{run_or_skip, RunStatus};
 
 /// One of the paper's main tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,22 +280,13 @@ fn run_one(
     set.extend(options.set.iter().cloned());
     let config = TrainConfig::load(path, &set)?;
     let results = out.join("results.json");
-    let skipped = results.exists();
-    if skipped {
-        eprintln!("{progress}: finished earlier, skipped");
-    } else {
-        let resume = out.join(CHECKPOINT).exists();
-        eprintln!("{progress}{}", if resume { ": resuming" } else { "" });
-        let stop = options.stop.clone();
-        let summary = train_with(&config, &TrainOptions { resume, stop })
-            .map_err(|e| format!("{name}: {e}"))?;
-        if summary.interrupted {
-            return Err(format!(
-                "{name}: interrupted at step {} with a checkpoint; rerun the same command to resume",
-                summary.steps
-            ));
-        }
+    let status = run_or_skip(&config, name, progress, options.stop.clone())?;
+    if status == RunStatus::Interrupted {
+        return Err(format!(
+            "{name}: interrupted with a checkpoint; rerun the same command to resume"
+        ));
     }
+    let skipped = status == RunStatus::Skipped;
     let text =
         std::fs::read_to_string(&results).map_err(|e| format!("{}: {e}", results.display()))?;
     let value: serde_json::Value =

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::checkpoint::{config_differences, save_checkpoint, Best, Checkpoint, RunState};
 use super::config::TrainConfig;
 use super::eval::score_labels;
-use super::optim::{global_norm, AdamW, AdamWConfig};
+use super::optim::{global_norm, AdamW, AdamWConfig, ParamGroup};
 use super::plot::{write_svg, Curves};
 use super::schedule::learning_rate;
 use crate::adapter::rng::SeededRng;
@@ -83,6 +83,50 @@ pub struct TrainSummary {
     /// Stopped by [`TrainOptions::stop`] before the end; a checkpoint holds
     /// the progress.
     pub interrupted: bool,
+    /// Which trained tensor got which learning rate and weight decay.
+    pub param_groups: Vec<ParamGroup>,
+    /// What chose the best step: `dev` (the official dev set, the old
+    /// protocol) or `validation-split` (a slice of the training data; the
+    /// dev metrics in `best` were then never used to choose anything).
+    pub selection: &'static str,
+    /// The validation-slice metrics at the best step (empty under `dev`).
+    pub best_validation: BTreeMap<String, Option<f64>>,
+}
+
+/// The optimizer's parameter groups: the head (`modules_to_save`) at
+/// `optim.head_lr` and `optim.head_weight_decay`, everything else at
+/// `optim.lr` and `optim.weight_decay`. Both always appear, so a run's
+/// `results.json` says what each tensor trained at.
+pub fn param_groups(
+    config: &TrainConfig,
+    adapter: &AdapterConfig,
+    trainable: &[(String, candle::Var)],
+) -> Vec<ParamGroup> {
+    let o = &config.optim;
+    let in_head = |name: &str| {
+        adapter
+            .modules_to_save
+            .iter()
+            .any(|m| crate::adapter::targets::is_within(name, m))
+    };
+    let (head, rest): (Vec<String>, Vec<String>) = trainable
+        .iter()
+        .map(|(n, _)| n.clone())
+        .partition(|n| in_head(n));
+    vec![
+        ParamGroup {
+            name: "adapter".into(),
+            lr_scale: 1.0,
+            weight_decay: o.weight_decay,
+            tensors: rest,
+        },
+        ParamGroup {
+            name: "head".into(),
+            lr_scale: o.head_lr.map_or(1.0, |h| h / o.lr),
+            weight_decay: o.head_weight_decay.unwrap_or(o.weight_decay),
+            tensors: head,
+        },
+    ]
 }
 
 /// The device a config asks for.
@@ -127,6 +171,7 @@ pub fn adapter_config(
                 dropout: a.dropout,
                 use_rslora: a.use_rslora,
                 inner_init: a.inner_init,
+                aux_init: a.aux_init,
                 seed: a.seed,
                 ..LoraMiniConfig::new(a.r, a.a, a.b)
             }),
@@ -140,34 +185,108 @@ pub fn adapter_config(
     })
 }
 
-/// Tokenised training and evaluation data.
+/// Tokenised training and evaluation data. `validation` is carved out of
+/// the training set (`task.validation_split`) and empty without it.
 pub(crate) enum Data {
     Classification {
         train: Vec<Encoded>,
+        validation: Vec<Encoded>,
         dev: Vec<Encoded>,
     },
     Translation {
         train: Vec<EncodedPair>,
+        validation: Vec<EncodedPair>,
+        validation_refs: Vec<String>,
         dev: Vec<EncodedPair>,
         dev_refs: Vec<String>,
     },
+}
+
+/// What a model is evaluated on: encoded examples with their labels, or
+/// source sentences with reference translations.
+pub(crate) enum EvalSet<'a> {
+    Classification(&'a [Encoded]),
+    Translation {
+        pairs: &'a [EncodedPair],
+        refs: &'a [String],
+    },
+}
+
+impl Data {
+    /// The official dev set.
+    fn dev(&self) -> EvalSet<'_> {
+        match self {
+            Data::Classification { dev, .. } => EvalSet::Classification(dev),
+            Data::Translation { dev, dev_refs, .. } => EvalSet::Translation {
+                pairs: dev,
+                refs: dev_refs,
+            },
+        }
+    }
+
+    /// The validation slice carved out of the training data, if any.
+    fn validation(&self) -> Option<EvalSet<'_>> {
+        match self {
+            Data::Classification { validation, .. } if !validation.is_empty() => {
+                Some(EvalSet::Classification(validation))
+            }
+            Data::Translation {
+                validation,
+                validation_refs,
+                ..
+            } if !validation.is_empty() => Some(EvalSet::Translation {
+                pairs: validation,
+                refs: validation_refs,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The indices `0..n` in a seeded random order (Fisher–Yates on the stream
+/// `name`): the one shuffle behind slicing and validation splits.
+fn seeded_permutation(n: usize, seed: u64, name: &str) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = SeededRng::for_stream(seed, name);
+    for i in (1..idx.len()).rev() {
+        idx.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    idx
 }
 
 /// The first `max` items after a seeded shuffle (a fair slice of a dataset).
 fn slice<T: Clone>(items: Vec<T>, max: Option<usize>, seed: u64, name: &str) -> Vec<T> {
     match max {
         Some(n) if n < items.len() => {
-            let mut idx: Vec<usize> = (0..items.len()).collect();
-            let mut rng = SeededRng::for_stream(seed, name);
-            for i in (1..idx.len()).rev() {
-                idx.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            let mut keep: Vec<usize> = idx[..n].to_vec();
+            let mut keep: Vec<usize> = seeded_permutation(items.len(), seed, name)[..n].to_vec();
             keep.sort_unstable();
             keep.into_iter().map(|i| items[i].clone()).collect()
         }
         _ => items,
     }
+}
+
+/// Splits `fraction` of `items` (rounded, at least one when the fraction
+/// is positive) off as a seeded validation slice: `(train, validation)`,
+/// disjoint, each in the original order.
+pub fn split_validation<T>(items: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
+    if fraction <= 0.0 || items.len() < 2 {
+        return (items, Vec::new());
+    }
+    let n = ((items.len() as f64 * fraction).round() as usize).clamp(1, items.len() - 1);
+    let mut held = vec![false; items.len()];
+    for i in &seeded_permutation(items.len(), seed, "validation-split")[..n] {
+        held[*i] = true;
+    }
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
+    for (item, held) in items.into_iter().zip(held) {
+        if held {
+            validation.push(item);
+        } else {
+            train.push(item);
+        }
+    }
+    (train, validation)
 }
 
 fn read_split(task: &Task, config: &TrainConfig, split: &str) -> Result<Vec<Example>, Error> {
@@ -294,6 +413,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
 
     let tokenizer = load_tokenizer(&source_dir.join("tokenizer.json"))?;
     let seed = config.run.seed;
+    let validation_split = config.task.validation_split.unwrap_or(0.0);
     let data = if task.kind == TaskKind::Translation {
         let direction = if config.task.direction == "ro-en" {
             Direction::RoEn
@@ -305,11 +425,15 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             .prefix
             .clone()
             .unwrap_or_else(|| direction.t5_prefix().to_string());
-        let train = slice(
-            read_pairs(task, config, "train")?,
-            config.task.max_train_examples,
+        let (train, validation) = split_validation(
+            slice(
+                read_pairs(task, config, "train")?,
+                config.task.max_train_examples,
+                seed,
+                "train-slice",
+            ),
+            validation_split,
             seed,
-            "train-slice",
         );
         let dev_pairs = slice(
             read_pairs(task, config, "dev")?,
@@ -327,21 +451,33 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
                 config.task.max_target_len,
             )
         };
-        Data::Translation {
-            train: enc(&train)?,
-            dev: enc(&dev_pairs)?,
-            dev_refs: dev_pairs
+        let refs = |pairs: &[TranslationPair]| {
+            pairs
                 .iter()
                 .map(|p| direction.split(p).1.to_string())
-                .collect(),
+                .collect()
+        };
+        Data::Translation {
+            train: enc(&train)?,
+            validation: enc(&validation)?,
+            validation_refs: refs(&validation),
+            dev: enc(&dev_pairs)?,
+            dev_refs: refs(&dev_pairs),
         }
     } else {
-        let train = slice(
-            read_split(task, config, "train")?,
-            config.task.max_train_examples,
+        let (train, validation) = split_validation(
+            slice(
+                read_split(task, config, "train")?,
+                config.task.max_train_examples,
+                seed,
+                "train-slice",
+            ),
+            validation_split,
             seed,
-            "train-slice",
         );
+        if validation.iter().any(|e| e.label.is_none()) {
+            return Err("the training split has unlabelled rows".into());
+        }
         let dev_examples = slice(
             read_split(task, config, "dev")?,
             config.task.max_dev_examples,
@@ -353,6 +489,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         }
         Data::Classification {
             train: encode_examples(&tokenizer, &train, config.task.max_len)?,
+            validation: encode_examples(&tokenizer, &validation, config.task.max_len)?,
             dev: encode_examples(&tokenizer, &dev_examples, config.task.max_len)?,
         }
     };
@@ -393,6 +530,22 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         },
     )
     .map_err(msg)?;
+    let groups = param_groups(config, &adapter, &vars);
+    for group in &groups {
+        opt.set_group(group).map_err(msg)?;
+        let params: usize = vars
+            .iter()
+            .filter(|(n, _)| group.tensors.contains(n))
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        eprintln!(
+            "group {}: {} tensors, {params} parameters, lr {:.2e}, weight decay {}",
+            group.name,
+            group.tensors.len(),
+            o.lr * group.lr_scale,
+            group.weight_decay
+        );
+    }
 
     // Resume, or start afresh.
     let checkpoint_path = out.join(CHECKPOINT);
@@ -499,18 +652,30 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             &Curves::from_metrics_jsonl(&text, &headline_name),
         )
     };
+    let selection = if data.validation().is_some() {
+        "validation-split"
+    } else {
+        "dev"
+    };
     let evaluate = |state: &mut RunState, log: &mut Log| -> Result<(), Error> {
-        let scores = evaluate(
-            &loaded,
-            task,
-            &data,
-            &tokenizer,
-            config.optim.batch_size,
-            config.task.max_target_len,
-            pad_id,
-            &dev,
-        )?;
-        let value = scores.get(&headline_name).copied().flatten();
+        let run = |set: EvalSet| {
+            evaluate(
+                &loaded,
+                task,
+                set,
+                &tokenizer,
+                config.optim.batch_size,
+                config.task.max_target_len,
+                pad_id,
+                &dev,
+            )
+        };
+        let scores = run(data.dev())?;
+        let validation = data.validation().map(run).transpose()?;
+        // Model selection reads the validation slice when there is one; the
+        // dev set is then only reported.
+        let chooser = validation.as_ref().unwrap_or(&scores);
+        let value = chooser.get(&headline_name).copied().flatten();
         let best = &mut state.best;
         let improved = match (value, best.value) {
             (Some(v), Some(b)) => v > b,
@@ -521,22 +686,32 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             *best = Best {
                 value,
                 metrics: scores.clone(),
+                validation: validation.clone().unwrap_or_default(),
                 step: state.step,
             };
             save("adapter-best.safetensors")?;
         }
         let shown = |v: Option<f64>| v.map_or("undefined".to_string(), |v| format!("{v:.4}"));
-        let line = format!(
-            "epoch {} | step {} | dev {headline_name} {} | best {}",
-            state.epoch,
-            state.step,
-            shown(value),
-            shown(best.value)
-        );
+        let dev_value = scores.get(&headline_name).copied().flatten();
+        let line = match &validation {
+            Some(_) => format!(
+                "epoch {} | step {} | validation {headline_name} {} | dev {} | best validation {}",
+                state.epoch,
+                state.step,
+                shown(value),
+                shown(dev_value),
+                shown(best.value)
+            ),
+            None => format!(
+                "epoch {} | step {} | dev {headline_name} {} | best {}",
+                state.epoch,
+                state.step,
+                shown(value),
+                shown(best.value)
+            ),
+        };
         bar.suspend(|| eprintln!("{line}"));
-        log.write(
-            json!({"eval": true, "step": state.step, "epoch": state.epoch, "metrics": scores}),
-        )?;
+        log.write(json!({"eval": true, "step": state.step, "epoch": state.epoch, "metrics": scores, "validation": validation}))?;
         plot()
     };
 
@@ -662,6 +837,9 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         crate_version: env!("CARGO_PKG_VERSION"),
         output_dir: out.clone(),
         interrupted,
+        param_groups: groups,
+        selection,
+        best_validation: state.best.validation.clone(),
     };
     if interrupted {
         return Ok(summary);
@@ -732,20 +910,20 @@ fn batch_loss(
     }
 }
 
-/// The task's metrics on the evaluation half of `data`.
+/// The task's metrics on `set`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn evaluate(
     loaded: &LoadedModel,
     task: &Task,
-    data: &Data,
+    set: EvalSet,
     tokenizer: &tokenizers::Tokenizer,
     batch_size: usize,
     max_new_tokens: usize,
     pad_id: u32,
     dev: &Device,
 ) -> Result<BTreeMap<String, Option<f64>>, Error> {
-    match (data, &loaded.model) {
-        (Data::Classification { dev: examples, .. }, model) => {
+    match (set, &loaded.model) {
+        (EvalSet::Classification(examples), model) => {
             let mut predicted = Vec::with_capacity(examples.len());
             for chunk in examples.chunks(batch_size) {
                 let items: Vec<&Encoded> = chunk.iter().collect();
@@ -767,18 +945,11 @@ pub(crate) fn evaluate(
             }
             let gold: Vec<Label> = examples
                 .iter()
-                .map(|e| e.label.expect("dev labels were checked"))
+                .map(|e| e.label.expect("evaluation labels were checked"))
                 .collect();
             Ok(score_labels(task, &predicted, &gold))
         }
-        (
-            Data::Translation {
-                dev: pairs,
-                dev_refs,
-                ..
-            },
-            TaskModel::T5(m),
-        ) => {
+        (EvalSet::Translation { pairs, refs }, TaskModel::T5(m)) => {
             let mut hyps = Vec::with_capacity(pairs.len());
             for chunk in pairs.chunks(batch_size) {
                 let items: Vec<&EncodedPair> = chunk.iter().collect();
@@ -790,8 +961,8 @@ pub(crate) fn evaluate(
                     hyps.push(tokenizer.decode(&ids, true).map_err(|e| e.to_string())?);
                 }
             }
-            let bleu = crate::metrics::corpus_bleu(&hyps, dev_refs);
-            let rouge = crate::metrics::corpus_rouge(&hyps, dev_refs, false);
+            let bleu = crate::metrics::corpus_bleu(&hyps, refs);
+            let rouge = crate::metrics::corpus_rouge(&hyps, refs, false);
             let mut scores = BTreeMap::new();
             scores.insert("bleu".to_string(), Some(bleu.score));
             scores.insert("rougeL".to_string(), rouge.map(|r| r.rouge_l));
@@ -804,6 +975,23 @@ pub(crate) fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let items: Vec<usize> = (0..100).collect();
+        let (train, validation) = split_validation(items.clone(), 0.1, 7);
+        assert_eq!((train.len(), validation.len()), (90, 10));
+        assert!(validation.iter().all(|v| !train.contains(v)));
+        let mut all = [train.clone(), validation.clone()].concat();
+        all.sort_unstable();
+        assert_eq!(all, items);
+        assert_eq!(
+            split_validation(items.clone(), 0.1, 7),
+            (train, validation.clone())
+        );
+        assert_ne!(split_validation(items.clone(), 0.1, 8).1, validation);
+        assert_eq!(split_validation(items, 0.0, 7).1, Vec::<usize>::new());
+    }
 
     #[test]
     fn auto_uses_the_cpu_when_no_accelerator_is_compiled_in() {

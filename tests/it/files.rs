@@ -2,7 +2,8 @@
 
 use candle::{DType, Device, Result};
 use lora_mini::adapter::{
-    save_adapter, AdapterConfig, AdapterFile, LoraConfig, LoraMiniConfig, Method, SaveOptions,
+    save_adapter, AdapterConfig, AdapterFile, AuxInit, LinearFactory, LoraConfig, LoraMiniConfig,
+    Method, SaveOptions,
 };
 
 use crate::common::{uniform, ToyModel};
@@ -199,5 +200,75 @@ fn lora_and_full_adapters_round_trip_too() -> Result<()> {
         let x = uniform(10, &[2, 64], 1.0, DType::F32)?;
         assert_eq!(fresh.outputs(&x)?, trained.outputs(&x)?);
     }
+    Ok(())
+}
+
+fn mini_with(aux_init: AuxInit) -> AdapterConfig {
+    let mut config = mini(9);
+    if let Method::LoraMini(c) = &mut config.method {
+        c.aux_init = aux_init;
+    }
+    config
+}
+
+#[test]
+fn every_aux_init_round_trips_without_storing_the_projections() -> Result<()> {
+    for init in [AuxInit::Orthogonal, AuxInit::Svd, AuxInit::SvdScaled] {
+        let trained = ToyModel::build(mini_with(init))?;
+        trained.perturb(3)?;
+        let path = tmp(&format!("init-{}.safetensors", init.name()));
+        save_adapter(
+            &path,
+            &trained.registry,
+            &mini_with(init),
+            &SaveOptions::default(),
+        )?;
+        let file = AdapterFile::read(&path, &Device::Cpu)?;
+        assert_eq!(file.metadata["aux_init"], init.name());
+        assert_eq!(
+            file.metadata.contains_key("base_weights"),
+            init.from_weight()
+        );
+        assert!(!file.tensors.keys().any(|k| k.contains("aux")));
+        let fresh = ToyModel::build(file.config.clone())?;
+        file.apply(&fresh.registry)?;
+        let x = uniform(2, &[5, 64], 1.0, DType::F32)?;
+        assert_eq!(fresh.outputs(&x)?, trained.outputs(&x)?, "{init:?}");
+    }
+    Ok(())
+}
+
+/// SVD projections come from the base weights, so an adapter loaded onto a
+/// model whose weight differs is refused, naming the module.
+#[test]
+fn svd_refuses_a_changed_base_weight_naming_the_module() -> Result<()> {
+    let config = AdapterConfig::new(
+        Method::LoraMini(LoraMiniConfig {
+            aux_init: AuxInit::Svd,
+            ..LoraMiniConfig::new(2, 4, 4)
+        }),
+        &["query", "value"],
+    );
+    let registry = |value_seed: u64| -> Result<lora_mini::adapter::AdapterRegistry> {
+        let mut factory = LinearFactory::new(config.clone())?;
+        factory.build(
+            "l.0.query",
+            &crate::common::base_linear(1, 16, 16, false, DType::F32)?,
+        )?;
+        let value = crate::common::base_linear(value_seed, 16, 16, false, DType::F32)?;
+        factory.build("l.0.value", &value)?;
+        factory.finish()
+    };
+    let path = tmp("svd-base.safetensors");
+    save_adapter(&path, &registry(2)?, &config, &SaveOptions::default())?;
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+    file.apply(&registry(2)?)?;
+    let err = file.apply(&registry(3)?).unwrap_err().to_string();
+    assert!(
+        err.contains("module l.0.value")
+            && err.contains("base weight")
+            && !err.contains("l.0.query"),
+        "{err}"
+    );
     Ok(())
 }

@@ -387,16 +387,25 @@ fn a_run_stopped_after_every_step_and_resumed_ends_bitwise_equal() -> Result<()>
     let (model, data) = tiny_setup_in("resume")?;
     let out = workdir("resume-run");
     // Adapter dropout and the model's own dropouts (0.1 by default) are on,
-    // and steps accumulate two batches: every piece of state must resume.
+    // steps accumulate two batches, the head has its own learning rate and
+    // weight decay, and a validation slice chooses the best step: every
+    // piece of state must resume.
     let text = config_text(&model, &data, &out.join("straight"))
-        .replace("b = 8", "b = 8\ndropout = 0.1")
-        .replace("epochs = 8", "epochs = 2\ngrad_accum = 2")
+        .replace("b = 8", "b = 8\ndropout = 0.1\naux_init = \"orthogonal\"")
+        .replace(
+            "epochs = 8",
+            "epochs = 2\ngrad_accum = 2\nhead_lr = 0.002\nhead_weight_decay = 0.1",
+        )
+        .replace("max_len = 16", "max_len = 16\nvalidation_split = 0.2")
         .replace("log_every = 5", "log_every = 1\neval_every = 3");
     let path = out.join("config.toml.in");
     std::fs::write(&path, &text)?;
     let straight = TrainConfig::load(&path, &[]).unwrap();
     let summary = train(&straight).unwrap();
-    assert_eq!(summary.steps, 10);
+    // 80 rows, 16 held out: 64 train in 8 batches, 4 steps an epoch.
+    assert_eq!(summary.steps, 8);
+    assert_eq!(summary.selection, "validation-split");
+    assert!(summary.best_validation.contains_key("accuracy"));
 
     // The same run, stopped after each step and resumed from its checkpoint.
     let mut stopped = straight.clone();
@@ -422,7 +431,7 @@ fn a_run_stopped_after_every_step_and_resumed_ends_bitwise_equal() -> Result<()>
         assert!(!stopped.run.output_dir.join("results.json").exists());
         resume = true;
     }
-    assert_eq!(runs, 10);
+    assert_eq!(runs, 8);
     let (a, b) = (out.join("straight"), out.join("stopped"));
     for file in ["adapter-last.safetensors", "adapter-best.safetensors"] {
         assert_eq!(
@@ -433,7 +442,116 @@ fn a_run_stopped_after_every_step_and_resumed_ends_bitwise_equal() -> Result<()>
     }
     // Same losses, logged once per step despite ten restarts.
     assert_eq!(logged_losses(&a), logged_losses(&b));
-    assert_eq!(logged_losses(&b).len(), 10);
+    assert_eq!(logged_losses(&b).len(), 8);
+    Ok(())
+}
+
+/// The head trains at `optim.head_lr`, the rest at `optim.lr`; results.json
+/// and the log say which tensor got which, and a validation slice (never
+/// the dev set) chooses the best step.
+#[test]
+fn head_lr_and_validation_split_are_recorded() -> Result<()> {
+    let (model, data) = tiny_setup_in("groups")?;
+    let (config, run) = tiny_config(
+        "groups-run",
+        &model,
+        &data,
+        &[
+            "optim.head_lr=0.001",
+            "optim.max_steps=6",
+            "task.validation_split=0.25",
+            "run.eval_every=3",
+        ],
+    );
+    let summary = train(&config).unwrap();
+    let head = &summary.param_groups[1];
+    assert_eq!(head.name, "head");
+    assert_eq!(
+        head.tensors,
+        vec![
+            "classifier.bias".to_string(),
+            "classifier.weight".to_string()
+        ]
+    );
+    assert!((0.01 * head.lr_scale - 0.001).abs() < 1e-12);
+    let adapter = &summary.param_groups[0];
+    assert!(adapter.tensors.iter().all(|t| t.contains("lora_mini_")));
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("results.json"))?).unwrap();
+    assert_eq!(results["selection"], "validation-split");
+    assert_eq!(results["param_groups"][1]["tensors"][0], "classifier.bias");
+    let evals: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["eval"] == true)
+        .collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals
+        .iter()
+        .all(|e| e["validation"]["accuracy"].is_number()));
+    // The best step is the one with the best validation accuracy.
+    let best_val = evals
+        .iter()
+        .map(|e| e["validation"]["accuracy"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(summary.best_validation["accuracy"], Some(best_val));
+    Ok(())
+}
+
+/// A sweep stopped in its first run resumes that run, then finishes the
+/// grid; run again, it skips everything and rewrites the same table.
+#[test]
+fn sweep_resumes_an_interrupted_run_and_skips_finished_ones() -> Result<()> {
+    use lora_mini::train::sweep::{run_sweep, GridAxis, SweepEnd, SweepOptions};
+    let (model, data) = tiny_setup_in("sweep")?;
+    let dir = workdir("sweep-run");
+    let config = dir.join("base.toml");
+    std::fs::write(&config, config_text(&model, &data, &dir.join("unused")))?;
+    let options = |stop: bool| SweepOptions {
+        config: config.clone(),
+        set: vec![
+            "optim.max_steps=3".into(),
+            "run.log_every=1".into(),
+            "task.validation_split=0.25".into(),
+        ],
+        axes: vec![GridAxis::parse("optim.lr=0.01,0.02").unwrap()],
+        seeds: vec![1, 2],
+        out_dir: dir.join("sweep"),
+        stop: stop.then(|| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true))),
+    };
+    let first = "optim.lr=0.01_seed=1";
+    match run_sweep(&options(true), "accuracy").unwrap() {
+        SweepEnd::Interrupted { run, runs } => {
+            assert_eq!(run, first);
+            assert!(runs.is_empty());
+        }
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    let run_dir = dir.join("sweep").join(first);
+    assert!(run_dir.join(CHECKPOINT).exists() && !run_dir.join("results.json").exists());
+    let SweepEnd::Finished(runs) = run_sweep(&options(false), "accuracy").unwrap() else {
+        panic!("the sweep did not finish");
+    };
+    assert_eq!(runs.len(), 4);
+    assert!(runs
+        .iter()
+        .all(|r| !r.skipped && r.validation.contains_key("accuracy")));
+    // Resumed, not restarted: each of the three steps logged once.
+    let steps: Vec<u64> = logged_losses(&run_dir).iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, vec![1, 2, 3]);
+    let table = std::fs::read_to_string(dir.join("sweep").join("sweep.md"))?;
+    assert!(
+        table.contains("(chosen)") && table.contains("| 2 |"),
+        "{table}"
+    );
+    let SweepEnd::Finished(again) = run_sweep(&options(false), "accuracy").unwrap() else {
+        panic!("the second sweep did not finish");
+    };
+    assert!(again.iter().all(|r| r.skipped));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sweep").join("sweep.md"))?,
+        table
+    );
     Ok(())
 }
 
