@@ -58,7 +58,8 @@ pub fn fetch(
     }
     if options.offline {
         candle::bail!(
-            "HF_HUB_OFFLINE is set and {repo_id}@{revision}/{filename} is not in the hub cache at {}",
+            "hub id {repo_id}: HF_HUB_OFFLINE is set and {repo_id}@{revision}/{filename} is not in the hub cache at {} \
+             (for a local copy, give its folder as a path, e.g. ./{repo_id})",
             options.cache_dir.display()
         );
     }
@@ -67,7 +68,11 @@ pub fn fetch(
         .build()
         .map_err(|e| candle::Error::msg(format!("hub client: {e}")))?;
     api.repo(repo).get(filename).map_err(|e| {
-        candle::Error::msg(format!("downloading {repo_id}@{revision}/{filename}: {e}"))
+        candle::Error::msg(format!(
+            "hub id {repo_id}: {filename} (revision {revision}) is not in the hub cache at {} and downloading it failed ({e}); \
+             offline, set HF_HUB_OFFLINE=1 and fill that cache, or give a local folder as a path, e.g. ./{repo_id}",
+            options.cache_dir.display()
+        ))
     })
 }
 

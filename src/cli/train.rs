@@ -37,8 +37,12 @@ pub struct TrainArgs {
     /// Continue the run in the output directory from its checkpoint. The
     /// config must match the checkpointed run's, except for run.output_dir,
     /// run.device, run.time_budget_minutes, run.log_every and run.save_every.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start afresh in an output directory that holds an earlier run,
+    /// replacing it. Without --resume or --overwrite that is refused.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &TrainArgs) -> Result<(), CliError> {
@@ -52,6 +56,7 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         &TrainOptions {
             resume: args.resume,
             stop: Some(stop),
+            overwrite: args.overwrite,
         },
     )?;
     if summary.interrupted {
@@ -74,7 +79,8 @@ pub fn run(args: &TrainArgs) -> Result<(), CliError> {
         })
         .collect();
     println!(
-        "done: {} steps in {:.0} s ({:.1} examples/s); best dev {} at step {}; files in {}",
+        "done ({}): {} steps in {:.0} s ({:.1} examples/s); best dev {} at step {}; files in {}",
+        summary.stopped.name(),
         summary.steps,
         summary.wall_seconds,
         summary.train_examples_per_second,

@@ -19,12 +19,35 @@ pub struct Checkpoint {
 /// (`model.safetensors`, or `pytorch_model.bin`) and `tokenizer.json` (when
 /// present) are fetched through the hub cache. `HF_HOME` and `HF_HUB_OFFLINE`
 /// are honoured.
+///
+/// A `spec` that reads as a path ([`looks_like_path`]) is never sent to the
+/// hub: a missing folder is reported as such.
 pub fn resolve_checkpoint_dir(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
+    if path.exists() {
+        candle::bail!("{spec} is a file; the model must be a checkpoint folder (holding config.json) or a hub id");
+    }
+    if looks_like_path(spec) {
+        candle::bail!("no such directory: {spec}");
+    }
     fetch_from_hub(spec, revision)
+}
+
+/// Whether a model spec names a local path rather than a hub id
+/// (`owner/name` or `name`): it starts with `/`, `./`, `../` or `~`, or has
+/// more than one `/`, or names something that exists.
+pub fn looks_like_path(spec: &str) -> bool {
+    spec.starts_with('/')
+        || spec.starts_with("./")
+        || spec.starts_with("../")
+        || spec.starts_with('~')
+        || spec == "."
+        || spec == ".."
+        || spec.matches('/').count() > 1
+        || Path::new(spec).exists()
 }
 
 #[cfg(feature = "hub")]
@@ -192,5 +215,34 @@ impl Checkpoint {
             self.dir.display()
         );
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_never_sent_to_the_hub() {
+        for spec in [
+            "../shared/models/MiniLM",
+            "./model",
+            "/nonexistent/bert",
+            "~/models/bert",
+            "a/b/c",
+        ] {
+            assert!(looks_like_path(spec), "{spec}");
+            let err = resolve_checkpoint_dir(spec, None).unwrap_err();
+            assert_eq!(
+                crate::error::message(&err),
+                format!("no such directory: {spec}")
+            );
+        }
+        for id in [
+            "bert-base-uncased",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ] {
+            assert!(!looks_like_path(id), "{id}");
+        }
     }
 }

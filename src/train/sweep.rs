@@ -174,8 +174,14 @@ pub fn run_or_skip(
     }
     let resume = out.join(CHECKPOINT).exists();
     eprintln!("{progress}{}", if resume { ": resuming" } else { "" });
-    let summary =
-        train_with(config, &TrainOptions { resume, stop }).map_err(|e| format!("{name}: {e}"))?;
+    // The runner owns the folder: a run that never reached its first
+    // checkpoint is started again.
+    let options = TrainOptions {
+        resume,
+        stop,
+        overwrite: true,
+    };
+    let summary = train_with(config, &options).map_err(|e| format!("{name}: {e}"))?;
     Ok(if summary.interrupted {
         RunStatus::Interrupted
     } else {

@@ -62,6 +62,57 @@ pub struct TrainOptions {
     /// When set (by a Ctrl-C handler, say), the run stops after the step in
     /// progress, writes a checkpoint and returns with `interrupted`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Start afresh even when the output folder holds an earlier run
+    /// (otherwise that is refused, so a finished run is never lost by
+    /// accident).
+    pub overwrite: bool,
+}
+
+/// Why a run stopped, as `results.json` records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Every scheduled epoch ran.
+    Completed,
+    /// `run.time_budget_minutes` ran out first; the schedule is unfinished.
+    TimeBudget,
+    /// `optim.max_steps` ended it before the epochs did.
+    MaxSteps,
+    /// Stopped from outside (Ctrl-C); a checkpoint holds the progress.
+    Interrupted,
+}
+
+impl StopReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Completed => "completed",
+            StopReason::TimeBudget => "time_budget",
+            StopReason::MaxSteps => "max_steps",
+            StopReason::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// The files that mark an earlier run in an output folder.
+const RUN_FILES: &[&str] = &[
+    CHECKPOINT,
+    "results.json",
+    "adapter-best.safetensors",
+    "metrics.jsonl",
+];
+
+/// Refuses to start afresh over an earlier run unless told to.
+fn check_fresh_start(out: &Path, options: &TrainOptions) -> Result<(), Error> {
+    if options.resume || options.overwrite {
+        return Ok(());
+    }
+    if let Some(found) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
+        return Err(format!(
+            "{} holds an earlier run ({found}): pass --resume to continue it, --overwrite to replace it, or choose another --output-dir",
+            out.display()
+        ));
+    }
+    Ok(())
 }
 
 /// What a run reports (also written to `results.json` when it finishes).
@@ -83,6 +134,8 @@ pub struct TrainSummary {
     /// Stopped by [`TrainOptions::stop`] before the end; a checkpoint holds
     /// the progress.
     pub interrupted: bool,
+    /// Why the run stopped.
+    pub stopped: StopReason,
     /// Which trained tensor got which learning rate and weight decay.
     pub param_groups: Vec<ParamGroup>,
     /// What chose the best step: `dev` (the official dev set, the old
@@ -362,6 +415,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         _ => DType::F32,
     };
     let out = &config.run.output_dir;
+    check_fresh_start(out, options)?;
     std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
     let config_toml = toml::to_string(config).map_err(|e| e.to_string())?;
     std::fs::write(out.join("config.toml"), &config_toml)
@@ -579,13 +633,25 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             state.next_batch,
             checkpoint_path.display()
         );
-    } else if checkpoint_path.exists() {
-        eprintln!(
-            "note: starting afresh in {}; its earlier checkpoint is discarded (pass --resume to continue a run instead)",
-            out.display()
-        );
-        std::fs::remove_file(&checkpoint_path)
-            .map_err(|e| format!("removing {}: {e}", checkpoint_path.display()))?;
+    } else {
+        // Files of an earlier run exist here only with `overwrite` (see
+        // `check_fresh_start`); remove them all, so that a replaced run
+        // interrupted early never passes for the finished old one.
+        let old: Vec<PathBuf> = RUN_FILES
+            .iter()
+            .map(|f| out.join(f))
+            .chain([out.join("adapter-last.safetensors")])
+            .filter(|p| p.exists())
+            .collect();
+        if !old.is_empty() {
+            eprintln!(
+                "--overwrite: starting afresh in {}; its earlier run is replaced",
+                out.display()
+            );
+        }
+        for path in old {
+            std::fs::remove_file(&path).map_err(|e| format!("removing {}: {e}", path.display()))?;
+        }
     }
     // A resumed run appends to its log (trimmed above); a fresh one starts it.
     let log_file = if options.resume {
@@ -692,26 +758,31 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             save("adapter-best.safetensors")?;
         }
         let shown = |v: Option<f64>| v.map_or("undefined".to_string(), |v| format!("{v:.4}"));
+        // The 1-based epoch the step belongs to, as training rows log it:
+        // an epoch's last step has already moved `state` to the next epoch.
+        let epoch = if state.next_batch == 0 {
+            state.epoch
+        } else {
+            state.epoch + 1
+        };
         let dev_value = scores.get(&headline_name).copied().flatten();
         let line = match &validation {
             Some(_) => format!(
-                "epoch {} | step {} | validation {headline_name} {} | dev {} | best validation {}",
-                state.epoch,
+                "epoch {epoch} | step {} | validation {headline_name} {} | dev {} | best validation {}",
                 state.step,
                 shown(value),
                 shown(dev_value),
                 shown(best.value)
             ),
             None => format!(
-                "epoch {} | step {} | dev {headline_name} {} | best {}",
-                state.epoch,
+                "epoch {epoch} | step {} | dev {headline_name} {} | best {}",
                 state.step,
                 shown(value),
                 shown(best.value)
             ),
         };
         bar.suspend(|| eprintln!("{line}"));
-        log.write(json!({"eval": true, "step": state.step, "epoch": state.epoch, "metrics": scores, "validation": validation}))?;
+        log.write(json!({"eval": true, "step": state.step, "epoch": epoch, "metrics": scores, "validation": validation}))?;
         plot()
     };
 
@@ -785,7 +856,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
                         "step {step}/{total_steps} | loss {mean:.4} | lr {lr:.2e} | {rate:.1} ex/s"
                     );
                 }
-                log.write(json!({"step": step, "epoch": epoch, "loss": mean, "lr": lr, "grad_norm": norm, "examples_per_second": rate}))?;
+                log.write(json!({"step": step, "epoch": epoch + 1, "loss": mean, "lr": lr, "grad_norm": norm, "examples_per_second": rate}))?;
                 (loss_sum, loss_n) = (0.0, 0);
             }
             let finished = step >= total_steps;
@@ -837,6 +908,18 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         crate_version: env!("CARGO_PKG_VERSION"),
         output_dir: out.clone(),
         interrupted,
+        stopped: if interrupted {
+            StopReason::Interrupted
+        } else if state.step < total_steps {
+            StopReason::TimeBudget
+        } else if o
+            .max_steps
+            .is_some_and(|m| (m as u64) < steps_per_epoch * o.epochs as u64)
+        {
+            StopReason::MaxSteps
+        } else {
+            StopReason::Completed
+        },
         param_groups: groups,
         selection,
         best_validation: state.best.validation.clone(),

@@ -419,6 +419,7 @@ fn a_run_stopped_after_every_step_and_resumed_ends_bitwise_equal() -> Result<()>
             &TrainOptions {
                 resume,
                 stop: Some(stop.clone()),
+                ..Default::default()
             },
         )
         .unwrap();
@@ -561,20 +562,41 @@ fn resume_refuses_a_changed_config_or_a_missing_checkpoint() -> Result<()> {
     let (mut config, _) = tiny_config("refuse-run", &model, &data, &[]);
     let resume = TrainOptions {
         resume: true,
-        stop: None,
+        ..Default::default()
     };
     let err = train_with(&config, &resume).unwrap_err();
     assert!(err.contains("holds no checkpoint"), "{err}");
     let stop = TrainOptions {
-        resume: false,
         stop: Some(std::sync::Arc::new(true.into())),
+        ..Default::default()
     };
-    assert!(train_with(&config, &stop).unwrap().interrupted);
+    let summary = train_with(&config, &stop).unwrap();
+    assert!(summary.interrupted);
+    assert_eq!(summary.stopped.name(), "interrupted");
+    // A fresh start over it is refused, naming the way out.
+    let err = train_with(&config, &stop).unwrap_err();
+    assert!(
+        err.contains("holds an earlier run") && err.contains("--overwrite"),
+        "{err}"
+    );
     config.optim.lr = 0.02;
     config.run.log_every = 2; // allowed to change
     let err = train_with(&config, &resume).unwrap_err();
     assert!(err.contains("optim.lr: 0.01 -> 0.02"), "{err}");
     assert!(!err.contains("log_every"), "{err}");
+    // --overwrite replaces it; max_steps ending the run is recorded as such.
+    config.optim.max_steps = Some(2);
+    let overwrite = TrainOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    let summary = train_with(&config, &overwrite).unwrap();
+    assert_eq!((summary.steps, summary.stopped.name()), (2, "max_steps"));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        config.run.output_dir.join("results.json"),
+    )?)
+    .unwrap();
+    assert_eq!(results["stopped"], "max_steps");
     Ok(())
 }
 
