@@ -129,6 +129,19 @@ impl LinearFactory {
         }
     }
 
+    /// Whether the layer at `path` will hold trained values (adapted or
+    /// fully trained, from the config or a PEFT adapter) rather than stay
+    /// as the checkpoint has it.
+    pub fn trains(&self, path: &str) -> bool {
+        match &self.source {
+            Source::Frozen => false,
+            Source::Config(config) => config.method_for(path) != Method::Frozen,
+            Source::Peft(adapter) => {
+                adapter.is_saved_module(path) || adapter.lora_modules().any(|m| m == path)
+            }
+        }
+    }
+
     /// Wraps `base`, the pretrained layer at `path`.
     pub fn build(&mut self, path: &str, base: &Linear) -> Result<AdaptedLinear> {
         let layer = match &self.source {

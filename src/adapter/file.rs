@@ -14,7 +14,9 @@
 //!   `modules_to_save`, `base_model`, `base_revision`, `dtype`,
 //!   `crate_version`, `aux_checksum`, `aux_stored`, `aux_init` (LoRA-Mini),
 //!   `base_weights` (a JSON map from module path to a hash of its frozen
-//!   weight, for projections made from that weight's SVD), and `config`: the
+//!   weight, for projections made from that weight's SVD), `task`, `max_len`,
+//!   `max_target_len` and `source_prefix` (how the training data was read;
+//!   see [`DataSettings`]), and `config`: the
 //!   whole [`AdapterConfig`] as JSON, which is what loading reads.
 //!
 //! The frozen auxiliary matrices are not stored by default: they are
@@ -47,6 +49,20 @@ pub struct SaveOptions {
     /// Hub id or path of the base model.
     pub base_model: Option<String>,
     pub base_revision: Option<String>,
+    /// How the training data was read, so that evaluation reads data the
+    /// same way by default: the task name, `max_len`, and for translation
+    /// the target length and source prefix.
+    pub data: Option<DataSettings>,
+}
+
+/// How a run read its data (stored as the metadata keys `task`, `max_len`,
+/// `max_target_len` and `source_prefix`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DataSettings {
+    pub task: String,
+    pub max_len: usize,
+    pub max_target_len: Option<usize>,
+    pub source_prefix: Option<String>,
 }
 
 /// Writes the registry's trainable tensors and metadata to `path`, atomically
@@ -114,6 +130,16 @@ pub fn save_adapter(
     put("crate_version", env!("CARGO_PKG_VERSION").to_string());
     put("aux_checksum", registry.aux_checksum()?.unwrap_or_default());
     put("aux_stored", options.store_aux.to_string());
+    if let Some(d) = &options.data {
+        put("task", d.task.clone());
+        put("max_len", d.max_len.to_string());
+        if let Some(n) = d.max_target_len {
+            put("max_target_len", n.to_string());
+        }
+        if let Some(p) = &d.source_prefix {
+            put("source_prefix", p.clone());
+        }
+    }
     let base_weights = registry.base_weight_hashes()?;
     if !base_weights.is_empty() {
         put("base_weights", json(&base_weights)?);
@@ -248,6 +274,17 @@ impl AdapterFile {
 }
 
 impl AdapterFile {
+    /// The data settings the adapter was trained with, when recorded.
+    pub fn data_settings(&self) -> Option<DataSettings> {
+        let m = &self.metadata;
+        Some(DataSettings {
+            task: m.get("task").filter(|t| !t.is_empty())?.clone(),
+            max_len: m.get("max_len")?.parse().ok()?,
+            max_target_len: m.get("max_target_len").and_then(|v| v.parse().ok()),
+            source_prefix: m.get("source_prefix").cloned(),
+        })
+    }
+
     /// For projections made from the base weights' SVD: refuses, naming the
     /// first module, a base weight that differs from the one trained on.
     fn check_base_weights(&self, registry: &AdapterRegistry) -> Result<()> {

@@ -23,7 +23,7 @@ pub mod targets;
 
 pub use config::{AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};
 pub use factory::{AdapterConfig, LinearFactory};
-pub use file::{save_adapter, AdapterFile, SaveOptions};
+pub use file::{save_adapter, AdapterFile, DataSettings, SaveOptions};
 pub use linear::{AdaptedLinear, FullLinear, LowRankUpdate};
 pub use lora::LoraLinear;
 pub use lora_mini::LoraMiniLinear;

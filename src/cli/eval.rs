@@ -25,23 +25,64 @@ fn msg(e: candle::Error) -> CliError {
     crate::error::message(&e)
 }
 
-/// The model (with the adapter applied) on the device `args` names, and its
-/// tokenizer.
-fn load(
-    args: &ModelArgs,
-    task: &Task,
-) -> Result<(LoadedModel, tokenizers::Tokenizer, Device), CliError> {
+/// The model (with the adapter applied) on the device `args` names, its
+/// tokenizer, and how to read data for it.
+struct Session {
+    loaded: LoadedModel,
+    tokenizer: tokenizers::Tokenizer,
+    device: Device,
+    task: &'static Task,
+    /// Source (and, by default, target) truncation.
+    max_len: usize,
+    max_target_len: usize,
+    /// T5's source prefix.
+    prefix: String,
+}
+
+/// A setting from its flag, else from the adapter's metadata, else
+/// `default`; a flag that differs from the adapter's value says so.
+fn setting<T: PartialEq + std::fmt::Display + Clone>(
+    flag: (&str, Option<T>),
+    recorded: Option<T>,
+    default: Option<T>,
+) -> Option<T> {
+    match (flag.1, recorded) {
+        (Some(f), Some(r)) => {
+            if f != r {
+                eprintln!(
+                    "note: {} {f} overrides the adapter's {r} (what it was trained with)",
+                    flag.0
+                );
+            }
+            Some(f)
+        }
+        (Some(f), None) => Some(f),
+        (None, Some(r)) => Some(r),
+        (None, None) => default,
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<Session, CliError> {
     let device = crate::train::trainer::device(&args.device)
         .map_err(|e| e.replace("run.device = ", "--device "))?;
-    let (factory, file) = match &args.adapter {
-        Some(path) => {
-            let file = AdapterFile::read(path, &device).map_err(msg)?;
-            (
-                LinearFactory::new(file.config.clone()).map_err(msg)?,
-                Some(file),
-            )
-        }
-        None => (LinearFactory::frozen(), None),
+    let file = match &args.adapter {
+        Some(path) => Some(AdapterFile::read(path, &device).map_err(msg)?),
+        None => None,
+    };
+    let recorded = file.as_ref().and_then(|f| f.data_settings());
+    let r = recorded.as_ref();
+    let task_name = setting(
+        ("--task", args.task.clone()),
+        r.map(|d| d.task.clone()),
+        None,
+    )
+    .ok_or("--task is required (the adapter does not record its task)")?;
+    let task = task(&task_name)?;
+    let max_len =
+        setting(("--max-len", args.max_len), r.map(|d| d.max_len), Some(128)).unwrap_or(128);
+    let factory = match &file {
+        Some(f) => LinearFactory::new(f.config.clone()).map_err(msg)?,
+        None => LinearFactory::frozen(),
     };
     let loaded = load_task_model(
         &args.model,
@@ -57,7 +98,20 @@ fn load(
         file.apply(&loaded.registry).map_err(msg)?;
     }
     let tokenizer = load_tokenizer(&loaded.dir.join("tokenizer.json"))?;
-    Ok((loaded, tokenizer, device))
+    Ok(Session {
+        loaded,
+        tokenizer,
+        device,
+        task,
+        max_len,
+        max_target_len: r
+            .and_then(|d| d.max_target_len)
+            .filter(|_| args.max_len.is_none())
+            .unwrap_or(max_len),
+        prefix: r
+            .and_then(|d| d.source_prefix.clone())
+            .unwrap_or_else(|| Direction::EnRo.t5_prefix().to_string()),
+    })
 }
 
 /// What `eval` and `predict` share: the model, its adapter, the task and
@@ -70,12 +124,14 @@ pub struct ModelArgs {
     /// A lora-mini adapter file to apply.
     #[arg(long, value_name = "FILE")]
     pub adapter: Option<PathBuf>,
-    /// cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli or wmt16-en-ro.
+    /// cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli or wmt16-en-ro;
+    /// by default the adapter's (recorded when it was trained).
     #[arg(long)]
-    pub task: String,
-    /// Truncate inputs (and translations) to this many tokens.
-    #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
+    pub task: Option<String>,
+    /// Truncate inputs (and translations) to this many tokens; by default
+    /// what the adapter was trained with, else 128.
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// Examples per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -125,17 +181,24 @@ enum EvalData {
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
-    let task = task(&args.common.task)?;
-    let (loaded, tokenizer, device) = load(&args.common, task)?;
+    let Session {
+        loaded,
+        tokenizer,
+        device,
+        task,
+        max_len,
+        max_target_len,
+        prefix,
+    } = load(&args.common)?;
     let (data, refs) = if task.kind == TaskKind::Translation {
         let pairs = eval_pairs(task, args.data.as_deref())?;
         let dev = encode_translation(
             &tokenizer,
             &pairs,
             Direction::EnRo,
-            Direction::EnRo.t5_prefix(),
-            args.common.max_len,
-            args.common.max_len,
+            &prefix,
+            max_len,
+            max_target_len,
         )?;
         (
             EvalData::Translation(dev),
@@ -162,7 +225,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
             ));
         }
         (
-            EvalData::Classification(encode_examples(&tokenizer, &examples, args.common.max_len)?),
+            EvalData::Classification(encode_examples(&tokenizer, &examples, max_len)?),
             Vec::new(),
         )
     };
@@ -176,7 +239,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
         set,
         &tokenizer,
         args.common.batch_size,
-        args.common.max_len,
+        max_target_len,
         loaded.pad_token_id(),
         &device,
     )?;
@@ -218,8 +281,15 @@ pub struct PredictArgs {
 }
 
 pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
-    let task = task(&args.common.task)?;
-    let (loaded, tokenizer, device) = load(&args.common, task)?;
+    let Session {
+        loaded,
+        tokenizer,
+        device,
+        task,
+        max_len,
+        max_target_len,
+        prefix,
+    } = load(&args.common)?;
     let pad = loaded.pad_token_id();
     let mut rows: Vec<serde_json::Value> = Vec::new();
     match (&loaded.model, task.kind) {
@@ -241,9 +311,9 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
                 &tokenizer,
                 &sources,
                 Direction::EnRo,
-                Direction::EnRo.t5_prefix(),
-                args.common.max_len,
-                args.common.max_len,
+                &prefix,
+                max_len,
+                max_target_len,
             )?;
             for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
@@ -267,7 +337,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
         }
         (model, TaskKind::Classification { .. } | TaskKind::Regression { .. }) => {
             let examples = read_examples(task, &args.input).map_err(|e| e.to_string())?;
-            let enc = encode_examples(&tokenizer, &examples, args.common.max_len)?;
+            let enc = encode_examples(&tokenizer, &examples, max_len)?;
             for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
                 let b = collate_classification(&items, pad, &device).map_err(msg)?;

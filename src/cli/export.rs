@@ -65,7 +65,7 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
                     "SEQ_CLS"
                 }
                 .into(),
-                base_model: Some(args.model.clone()),
+                base_model: Some(base_model_name(&args.model)),
                 modules_to_save: if loaded.family == Family::T5 {
                     vec![]
                 } else {
@@ -78,4 +78,16 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
     }
     println!("wrote {}", args.output.display());
     Ok(())
+}
+
+/// What the PEFT config names as its base model: the hub id as given, or a
+/// local folder's absolute path (a relative one would only hold from the
+/// folder the export ran in).
+fn base_model_name(spec: &str) -> String {
+    if crate::models::loader::looks_like_path(spec) {
+        if let Ok(path) = std::fs::canonicalize(spec) {
+            return path.display().to_string();
+        }
+    }
+    spec.to_string()
 }

@@ -34,7 +34,7 @@ pub enum Command {
     /// Write a trained adapter as a PEFT LoRA adapter or a merged checkpoint.
     Export(export::ExportArgs),
     /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
-    /// save, reload and export them (the default job; see README.md).
+    /// save, reload and export them (a quick tour of the library API; the main job is `train`, see README.md).
     Demo(demo::DemoArgs),
     /// Count trainable and total parameters for a model config, task and
     /// adapter, without loading weights.

@@ -182,7 +182,8 @@ impl Checkpoint {
 
     /// Adds a linear layer the checkpoint lacks (a new task head), initialised
     /// as transformers does: weights `N(0, std²)` from the seeded generator,
-    /// zero bias. Returns whether it was missing; says so in one line.
+    /// zero bias. Returns whether it was missing (the caller knows whether
+    /// training or an adapter will replace it, and warns when not).
     pub fn init_missing_linear(
         &mut self,
         path: &str,
@@ -209,10 +210,6 @@ impl Checkpoint {
         self.tensors.insert(
             format!("{path}.bias"),
             Tensor::zeros(d_out, DType::F32, &device)?,
-        );
-        eprintln!(
-            "{}: no {path} in the checkpoint; initialised it as transformers does (weights N(0, {std}^2), zero bias)",
-            self.dir.display()
         );
         Ok(true)
     }

@@ -1,6 +1,6 @@
 //! Loading a task model of any supported family from a checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Result};
 
@@ -50,6 +50,17 @@ impl LoadedModel {
 /// Tensor names are accepted with or without the `bert.` / `roberta.` /
 /// `transformer.` prefix; a missing task head is initialised as transformers
 /// does, and said so. Every linear layer goes through `factory`.
+/// The one warning a missing task head deserves: when nothing (training or
+/// an adapter) will replace its random initialisation.
+fn warn_if_random_head(dir: &Path, missing: bool, factory: &LinearFactory, path: &str) {
+    if missing && !factory.trains(path) {
+        eprintln!(
+            "warning: {}: the checkpoint has no {path} and no adapter supplies one; it stays randomly initialised, so the predictions are meaningless",
+            dir.display()
+        );
+    }
+}
+
 pub fn load_task_model(
     spec: &str,
     revision: Option<&str>,
@@ -77,7 +88,8 @@ pub fn load_task_model(
             if family == Family::Bert {
                 ckpt = ckpt.with_prefix("bert", &["embeddings", "encoder", "pooler"]);
                 ckpt.init_missing_linear("bert.pooler.dense", h, h, std, seed)?;
-                ckpt.init_missing_linear("classifier", h, n, std, seed)?;
+                let head = ckpt.init_missing_linear("classifier", h, n, std, seed)?;
+                warn_if_random_head(&dir, head, &factory, "classifier");
                 let vb = ckpt.var_builder(dtype, device);
                 TaskModel::Bert(BertForSequenceClassification::new(
                     &config,
@@ -89,7 +101,8 @@ pub fn load_task_model(
             } else {
                 ckpt = ckpt.with_prefix("roberta", &["embeddings", "encoder", "pooler"]);
                 ckpt.init_missing_linear("classifier.dense", h, h, std, seed)?;
-                ckpt.init_missing_linear("classifier.out_proj", h, n, std, seed)?;
+                let head = ckpt.init_missing_linear("classifier.out_proj", h, n, std, seed)?;
+                warn_if_random_head(&dir, head, &factory, "classifier.out_proj");
                 let vb = ckpt.var_builder(dtype, device);
                 TaskModel::Roberta(RobertaForSequenceClassification::new(
                     &config,

@@ -22,7 +22,8 @@ use super::schedule::learning_rate;
 use crate::adapter::rng::SeededRng;
 use crate::adapter::targets::ALL_LINEAR;
 use crate::adapter::{
-    save_adapter, AdapterConfig, LinearFactory, LoraConfig, LoraMiniConfig, Method, SaveOptions,
+    save_adapter, AdapterConfig, DataSettings, LinearFactory, LoraConfig, LoraMiniConfig, Method,
+    SaveOptions,
 };
 use crate::data::batch::{
     collate_classification, collate_seq2seq, encode_examples, encode_translation, load_tokenizer,
@@ -236,6 +237,24 @@ pub fn adapter_config(
         targets,
         modules_to_save: loaded_family.head_modules(),
     })
+}
+
+/// The translation direction a config asks for.
+fn direction(config: &TrainConfig) -> Direction {
+    if config.task.direction == "ro-en" {
+        Direction::RoEn
+    } else {
+        Direction::EnRo
+    }
+}
+
+/// The T5 source prefix: the config's, or T5's own for the direction.
+fn source_prefix(config: &TrainConfig) -> String {
+    config
+        .task
+        .prefix
+        .clone()
+        .unwrap_or_else(|| direction(config).t5_prefix().to_string())
 }
 
 /// Tokenised training and evaluation data. `validation` is carved out of
@@ -469,16 +488,8 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     let seed = config.run.seed;
     let validation_split = config.task.validation_split.unwrap_or(0.0);
     let data = if task.kind == TaskKind::Translation {
-        let direction = if config.task.direction == "ro-en" {
-            Direction::RoEn
-        } else {
-            Direction::EnRo
-        };
-        let prefix = config
-            .task
-            .prefix
-            .clone()
-            .unwrap_or_else(|| direction.t5_prefix().to_string());
+        let direction = direction(config);
+        let prefix = source_prefix(config);
         let (train, validation) = split_validation(
             slice(
                 read_pairs(task, config, "train")?,
@@ -546,6 +557,13 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             validation: encode_examples(&tokenizer, &validation, config.task.max_len)?,
             dev: encode_examples(&tokenizer, &dev_examples, config.task.max_len)?,
         }
+    };
+    let translation = task.kind == TaskKind::Translation;
+    let data_settings = DataSettings {
+        task: task.name.to_string(),
+        max_len: config.task.max_len,
+        max_target_len: translation.then_some(config.task.max_target_len),
+        source_prefix: translation.then(|| source_prefix(config)),
     };
     let pad_id = loaded.pad_token_id();
     let train_lengths: Vec<usize> = match &data {
@@ -692,6 +710,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             &SaveOptions {
                 base_model: Some(config.model.source.clone()),
                 base_revision: Some(config.model.revision.clone()),
+                data: Some(data_settings.clone()),
                 ..Default::default()
             },
         )

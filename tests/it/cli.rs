@@ -253,6 +253,12 @@ fn export_writes_merged_and_peft_folders_that_reproduce_the_adapter() {
                 out.join("adapter_config.json").exists()
                     && out.join("adapter_model.safetensors").exists()
             );
+            let config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            let base = config["base_model_name_or_path"].as_str().unwrap();
+            assert!(std::path::Path::new(base).is_absolute(), "{base}");
         }
     }
 }
@@ -459,6 +465,50 @@ fn eval_and_predict_read_back_a_trained_run() {
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["accuracy"].as_f64(), Some(trained), "{stdout}");
+    // The tiny checkpoint has no classifier, but the adapter supplies it.
+    assert!(!stderr.contains("warning"), "{stderr}");
+    // The adapter records its task and max_len (16): eval needs neither flag.
+    let data_dir = data.to_str().unwrap();
+    let recorded = [
+        "eval",
+        "--data",
+        data_dir,
+        "--json",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+    ];
+    let (ok, stdout, stderr) = lora_mini(&recorded);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["accuracy"].as_f64(), Some(trained), "{stdout}");
+    let mut shorter = recorded.to_vec();
+    shorter.extend(["--max-len", "8"]);
+    let (ok, _, stderr) = lora_mini(&shorter);
+    assert!(
+        ok && stderr.contains("--max-len 8 overrides the adapter's 16"),
+        "{stderr}"
+    );
+    // Without the adapter the head stays random, and eval says so.
+    let bare = [
+        "eval",
+        "--data",
+        data.to_str().unwrap(),
+        "--model",
+        model,
+        "--task",
+        "sst2",
+        "--max-len",
+        "16",
+    ];
+    let (ok, _, stderr) = lora_mini(&bare);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("no classifier and no adapter supplies one")
+            && stderr.contains("meaningless"),
+        "{stderr}"
+    );
 
     let dev = data.join("dev.tsv");
     let preds = dir.join("preds.jsonl");
