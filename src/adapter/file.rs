@@ -14,10 +14,12 @@
 //!   `modules_to_save`, `base_model`, `base_revision`, `dtype`,
 //!   `crate_version`, `aux_checksum`, `aux_stored`, `aux_init` (LoRA-Mini),
 //!   `base_weights` (a JSON map from module path to a hash of its frozen
-//!   weight, for projections made from that weight's SVD), `task`, `max_len`,
-//!   `max_target_len` and `source_prefix` (how the training data was read;
-//!   see [`DataSettings`]), and `config`: the
-//!   whole [`AdapterConfig`] as JSON, which is what loading reads.
+//!   weight, for projections made from that weight's SVD), `module_shapes`
+//!   (each adapted module's `[d_out, d_in]`, so that an adapter loaded onto
+//!   another model names the first module that differs), optionally `task`,
+//!   `max_len`, `max_target_len` and `source_prefix` (how the training data
+//!   was read; see [`DataSettings`]), and `config`: the whole
+//!   [`AdapterConfig`] as JSON, which is what loading reads.
 //!
 //! The frozen auxiliary matrices are not stored by default: they are
 //! regenerated from the seed and the module paths. `aux_checksum` is a hash of
@@ -140,6 +142,11 @@ pub fn save_adapter(
             put("source_prefix", p.clone());
         }
     }
+    let shapes: BTreeMap<&str, (usize, usize)> = registry
+        .modules()
+        .map(|(m, layer)| Ok((m, layer.dims()?)))
+        .collect::<Result<_>>()?;
+    put("module_shapes", json(&shapes)?);
     let base_weights = registry.base_weight_hashes()?;
     if !base_weights.is_empty() {
         put("base_weights", json(&base_weights)?);
@@ -218,15 +225,17 @@ impl AdapterFile {
     /// matrices that do not reproduce.
     pub fn apply(&self, registry: &AdapterRegistry) -> Result<()> {
         let file = self.path.display();
+        self.check_module_shapes(registry)?;
         self.check_base_weights(registry)?;
         let expected = self.metadata.get("aux_checksum").filter(|c| !c.is_empty());
         let actual = registry.aux_checksum()?;
         if expected != actual.as_ref() {
             candle::bail!(
                 "{file}: the frozen auxiliary matrices do not reproduce (file checksum {}, regenerated {}): \
-                 the model's adapted modules, the seed, or the generator differ from the ones the adapter was trained with",
+                 the model's adapted modules, the seed, or the generator differ from the ones the adapter was trained with{}",
                 expected.map_or("none", |s| s.as_str()),
-                actual.as_deref().unwrap_or("none")
+                actual.as_deref().unwrap_or("none"),
+                self.trained_on()
             );
         }
         let trainable = registry.trainable();
@@ -274,6 +283,45 @@ impl AdapterFile {
 }
 
 impl AdapterFile {
+    /// ` (the adapter was trained on M)`, when the file records its base model.
+    fn trained_on(&self) -> String {
+        match self.metadata.get("base_model").filter(|m| !m.is_empty()) {
+            Some(m) => format!(" (the adapter was trained on {m})"),
+            None => String::new(),
+        }
+    }
+
+    /// Refuses, naming the first mismatch, an adapter whose modules the
+    /// model does not adapt or whose base weights have other shapes (an
+    /// adapter trained on another model). Files before `module_shapes` was
+    /// recorded skip this check.
+    fn check_module_shapes(&self, registry: &AdapterRegistry) -> Result<()> {
+        let Some(text) = self.metadata.get("module_shapes") else {
+            return Ok(());
+        };
+        let file = self.path.display();
+        let recorded: BTreeMap<String, (usize, usize)> =
+            serde_json::from_str(text).map_err(|e| {
+                candle::Error::msg(format!("{file}: invalid `module_shapes` metadata: {e}"))
+            })?;
+        for (module, (d_out, d_in)) in &recorded {
+            let Some(layer) = registry.module(module) else {
+                candle::bail!(
+                    "{file}: module {module} of the adapter is not adapted in this model{}",
+                    self.trained_on()
+                );
+            };
+            let (found_out, found_in) = layer.dims()?;
+            if (found_out, found_in) != (*d_out, *d_in) {
+                candle::bail!(
+                    "{file}: module {module}: the adapter expects a base weight of shape [{d_out}, {d_in}], this model's is [{found_out}, {found_in}]{}",
+                    self.trained_on()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The data settings the adapter was trained with, when recorded.
     pub fn data_settings(&self) -> Option<DataSettings> {
         let m = &self.metadata;

@@ -272,3 +272,32 @@ fn svd_refuses_a_changed_base_weight_naming_the_module() -> Result<()> {
     );
     Ok(())
 }
+
+/// An adapter trained on another model (same module names, other widths)
+/// is refused naming the module and both shapes, before any checksum.
+#[test]
+fn another_models_adapter_names_the_module_and_both_shapes() -> Result<()> {
+    let config = AdapterConfig::new(Method::LoraMini(LoraMiniConfig::new(2, 4, 4)), &["query"]);
+    let registry = |width: usize| -> Result<lora_mini::adapter::AdapterRegistry> {
+        let mut factory = LinearFactory::new(config.clone())?;
+        let base = crate::common::base_linear(1, width, width, false, DType::F32)?;
+        factory.build("l.0.query", &base)?;
+        factory.finish()
+    };
+    let path = tmp("other-model.safetensors");
+    let options = SaveOptions {
+        base_model: Some("small-model".into()),
+        ..Default::default()
+    };
+    save_adapter(&path, &registry(16)?, &config, &options)?;
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+    let err = file.apply(&registry(24)?).unwrap_err().to_string();
+    assert!(
+        err.contains("module l.0.query")
+            && err.contains("[16, 16]")
+            && err.contains("[24, 24]")
+            && err.contains("trained on small-model"),
+        "{err}"
+    );
+    Ok(())
+}
