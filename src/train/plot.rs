@@ -52,8 +52,18 @@ fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     if !lo.is_finite() {
         return 0.0..1.0;
     }
-    let pad = ((hi - lo) * 0.05).max(1e-3);
+    // A flat series (one evaluation, say) gets a visible span around it
+    // rather than a ±0.001 axis that looks empty.
+    let pad = ((hi - lo) * 0.08).max(0.05 * hi.abs().max(lo.abs()).max(0.1));
     (lo - pad)..(hi + pad)
+}
+
+/// The step axis, padded on both sides so a point at the first or last
+/// step is drawn whole.
+fn step_range(max_step: u64) -> std::ops::Range<f64> {
+    let max = max_step.max(1) as f64;
+    let pad = (max * 0.03).max(0.5);
+    -pad..max + pad
 }
 
 type DrawResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -71,13 +81,18 @@ fn panel(
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(56)
-        .build_cartesian_2d(
-            0f64..max_step.max(1) as f64,
-            range(points.iter().map(|p| p.1)),
-        )?;
+        .build_cartesian_2d(step_range(max_step), range(points.iter().map(|p| p.1)))?;
     chart
         .configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x| {
+            // Steps are whole numbers: label only the integer ticks.
+            if x.fract().abs() < 1e-9 && *x >= 0.0 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
         .y_desc(y_name)
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
@@ -194,6 +209,15 @@ mod tests {
         let c = Curves::from_metrics_jsonl(METRICS, "accuracy");
         assert_eq!(c.loss, vec![(10, 0.9), (20, 0.7), (30, 0.5)]);
         assert_eq!(c.dev, vec![(20, 0.61), (40, 0.72)]);
+    }
+
+    #[test]
+    fn axes_are_padded_around_single_points() {
+        let r = range([0.8028].into_iter());
+        assert!(r.end - r.start > 0.05, "{r:?}");
+        assert!(r.start < 0.8028 && r.end > 0.8028);
+        let s = step_range(250);
+        assert!(s.start < 0.0 && s.end > 250.0, "{s:?}");
     }
 
     #[test]

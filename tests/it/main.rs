@@ -15,6 +15,7 @@ mod merged;
 mod metrics;
 mod params;
 mod peft;
+mod readme;
 mod roberta;
 mod t5;
 #[cfg(feature = "train")]
