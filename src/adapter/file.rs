@@ -75,6 +75,7 @@ pub fn save_adapter(
     config: &AdapterConfig,
     options: &SaveOptions,
 ) -> Result<()> {
+    check_config_matches(registry, config)?;
     let mut tensors = BTreeMap::new();
     let mut dtype = None;
     for (name, var) in registry.trainable() {
@@ -153,6 +154,28 @@ pub fn save_adapter(
     }
     put("config", json(config)?);
     write_safetensors_atomic(path.as_ref(), &tensors, meta)
+}
+
+/// The config is what loading rebuilds the model from, so it must give
+/// every registered layer the method it has (a hand-built registry saved
+/// with empty or wrong `targets` would otherwise write a file that never
+/// loads back).
+fn check_config_matches(registry: &AdapterRegistry, config: &AdapterConfig) -> Result<()> {
+    config.validate()?;
+    for (module, layer) in registry.modules() {
+        let expected = config.method_for(module);
+        if expected.name() != layer.method_name() {
+            candle::bail!(
+                "module {module} is {} in the registry, but the adapter config gives it {} \
+                 (targets {:?}, modules_to_save {:?}): the file would not load back",
+                layer.method_name(),
+                expected.name(),
+                config.targets,
+                config.modules_to_save
+            );
+        }
+    }
+    Ok(())
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<String> {

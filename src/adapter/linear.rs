@@ -127,6 +127,32 @@ pub enum AdaptedLinear {
     LoraMini(LoraMiniLinear),
 }
 
+// Each layer type converts into the enum, so that a hand-built layer goes
+// into an `AdapterRegistry` without naming the variant.
+impl From<LoraMiniLinear> for AdaptedLinear {
+    fn from(layer: LoraMiniLinear) -> Self {
+        Self::LoraMini(layer)
+    }
+}
+
+impl From<LoraLinear> for AdaptedLinear {
+    fn from(layer: LoraLinear) -> Self {
+        Self::Lora(layer)
+    }
+}
+
+impl From<FullLinear> for AdaptedLinear {
+    fn from(layer: FullLinear) -> Self {
+        Self::Full(layer)
+    }
+}
+
+impl From<Linear> for AdaptedLinear {
+    fn from(layer: Linear) -> Self {
+        Self::Frozen(layer)
+    }
+}
+
 impl AdaptedLinear {
     /// Applies `method` to `base`; `path` is the module's full Hugging Face path.
     pub fn new(base: &Linear, method: &Method, path: &str) -> Result<Self> {

@@ -50,14 +50,23 @@ impl AdapterRegistry {
 
     /// Records an adapted layer under its module path. Frozen layers hold
     /// nothing trainable and are skipped.
-    pub fn register(&mut self, path: &str, layer: &AdaptedLinear) -> Result<()> {
+    ///
+    /// Takes any layer type (`&LoraMiniLinear`, `&LoraLinear`, `&FullLinear`
+    /// or `&AdaptedLinear`); the registry keeps a clone, which shares the
+    /// layer's trainable `Var`s.
+    pub fn register<L: Clone + Into<AdaptedLinear>>(
+        &mut self,
+        path: &str,
+        layer: &L,
+    ) -> Result<()> {
+        let layer: AdaptedLinear = layer.clone().into();
         if matches!(layer, AdaptedLinear::Frozen(_)) {
             return Ok(());
         }
         if self.modules.contains_key(path) {
             candle::bail!("module {path} is registered twice");
         }
-        self.modules.insert(path.to_string(), layer.clone());
+        self.modules.insert(path.to_string(), layer);
         Ok(())
     }
 

@@ -301,3 +301,33 @@ fn another_models_adapter_names_the_module_and_both_shapes() -> Result<()> {
     );
     Ok(())
 }
+
+/// A registry saved with a config that does not describe it (here: empty
+/// targets) is refused, since the file could never be loaded back.
+#[test]
+fn save_refuses_a_config_that_does_not_describe_the_registry() -> Result<()> {
+    let base = crate::common::base_linear(1, 16, 16, false, DType::F32)?;
+    let layer =
+        lora_mini::adapter::LoraMiniLinear::new(&base, &LoraMiniConfig::new(2, 4, 4), "m.fc")?;
+    let mut registry = lora_mini::adapter::AdapterRegistry::new();
+    registry.register("m.fc", &layer)?; // no AdaptedLinear::LoraMini(...) needed
+    let method = Method::LoraMini(LoraMiniConfig::new(2, 4, 4));
+    let path = tmp("undescribed.safetensors");
+    let empty = AdapterConfig::new(method.clone(), &[]);
+    let err = save_adapter(&path, &registry, &empty, &SaveOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("targets are empty"), "{err}");
+    let other = AdapterConfig::new(method.clone(), &["proj"]);
+    let err = save_adapter(&path, &registry, &other, &SaveOptions::default()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("module m.fc is lora-mini in the registry"),
+        "{err}"
+    );
+    save_adapter(
+        &path,
+        &registry,
+        &AdapterConfig::new(method, &["fc"]),
+        &SaveOptions::default(),
+    )?;
+    Ok(())
+}

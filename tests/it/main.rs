@@ -7,6 +7,7 @@ mod cli;
 mod common;
 #[cfg(feature = "data")]
 mod data;
+mod examples;
 mod files;
 mod golden;
 mod layers;
