@@ -25,8 +25,8 @@ fn custom_model_trains_saves_and_reloads_exactly() {
     assert!(stdout.contains("outputs equal bit for bit"), "{stdout}");
     let last: f64 = stdout
         .lines()
-        .filter_map(|l| l.split("accuracy ").nth(1)?.trim().parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.split("accuracy ").nth(1)?.trim().parse().ok())
         .unwrap();
     assert!(last > 0.8, "the toy task was not learned: {stdout}");
 }
