@@ -52,8 +52,16 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
         .find_map(|n| file.tensors.get(*n).map(|t| t.dims()[0]))
         .or(Some(2));
     let factory = LinearFactory::new(file.config.clone()).map_err(msg)?;
-    let loaded =
+    let mut loaded =
         load_task_model(&args.model, None, labels, factory, DType::F32, &device, 0).map_err(msg)?;
+    // GLUE's class names, when the adapter records its task.
+    if let Some(settings) = file.data_settings() {
+        if let Ok(task) = crate::data::task(&settings.task) {
+            if let crate::data::TaskKind::Classification { labels } = task.kind {
+                loaded = loaded.with_label_names(labels);
+            }
+        }
+    }
     file.apply(&loaded.registry).map_err(msg)?;
     match args.format {
         Format::Merged => loaded.save_merged(&args.output).map_err(msg)?,

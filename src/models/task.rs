@@ -29,6 +29,9 @@ pub struct LoadedModel {
     /// The weights the model was built from, under the task model's names
     /// (prefixes added, a new head included).
     pub checkpoint: Checkpoint,
+    /// The class names a merged export records (see
+    /// [`LoadedModel::with_label_names`]); empty for `LABEL_0`...
+    pub label_names: Vec<String>,
 }
 
 impl LoadedModel {
@@ -148,6 +151,7 @@ pub fn load_task_model(
         family,
         dir,
         checkpoint: ckpt,
+        label_names: Vec::new(),
     })
 }
 
@@ -187,8 +191,59 @@ impl LoadedModel {
         for (name, var) in self.registry.extra_vars() {
             tensors.insert(name.to_string(), var.as_tensor().clone());
         }
+        self.describe_head(&mut config, &tensors);
         let config = serde_json::to_string_pretty(&config).map_err(candle::Error::wrap)?;
         Ok((tensors, config))
+    }
+
+    /// Sets the names of the classes (`id2label`), e.g. GLUE's label
+    /// strings, for the merged `config.json`; `LABEL_0`... otherwise.
+    pub fn with_label_names(mut self, names: &[&str]) -> Self {
+        self.label_names = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    /// What transformers' `AutoModelForSequenceClassification` reads to
+    /// build the right head: `architectures`, `num_labels`, `id2label`,
+    /// `label2id` and `problem_type` (regression for one output).
+    fn describe_head(
+        &self,
+        config: &mut serde_json::Value,
+        tensors: &std::collections::HashMap<String, candle::Tensor>,
+    ) {
+        let (architecture, head) = match self.family {
+            Family::Bert => ("BertForSequenceClassification", "classifier.weight"),
+            Family::Roberta => (
+                "RobertaForSequenceClassification",
+                "classifier.out_proj.weight",
+            ),
+            Family::T5 => return,
+        };
+        let Some(n) = tensors.get(head).map(|t| t.dims()[0]) else {
+            return;
+        };
+        let names: Vec<String> = if self.label_names.len() == n {
+            self.label_names.clone()
+        } else {
+            (0..n).map(|i| format!("LABEL_{i}")).collect()
+        };
+        config["architectures"] = serde_json::json!([architecture]);
+        config["num_labels"] = serde_json::json!(n);
+        config["id2label"] = names
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
+            .collect();
+        config["label2id"] = names
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), serde_json::json!(i)))
+            .collect();
+        config["problem_type"] = serde_json::json!(if n == 1 {
+            "regression"
+        } else {
+            "single_label_classification"
+        });
     }
 
     /// Writes [`Self::merged_weights`] as a checkpoint folder

@@ -195,13 +195,15 @@ fn export_writes_merged_and_peft_folders_that_reproduce_the_adapter() {
     .unwrap();
     let dir = crate::common::scratch("export");
     let adapter = dir.join("adapter.safetensors");
-    save_adapter(
-        &adapter,
-        &adapted.registry,
-        &config,
-        &SaveOptions::default(),
-    )
-    .unwrap();
+    let with_task = SaveOptions {
+        data: Some(lora_mini::adapter::DataSettings {
+            task: "rte".into(),
+            max_len: 16,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    save_adapter(&adapter, &adapted.registry, &config, &with_task).unwrap();
     let logits = |m: &TaskModel| match m {
         TaskModel::Bert(b) => b
             .forward_t(
@@ -248,6 +250,15 @@ fn export_writes_merged_and_peft_folders_that_reproduce_the_adapter() {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(err < 1e-5, "{err}");
+            // transformers' AutoModelForSequenceClassification reads these.
+            let config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                    .unwrap();
+            assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+            assert_eq!(config["num_labels"], 2);
+            assert_eq!(config["id2label"]["1"], "not_entailment");
+            assert_eq!(config["label2id"]["entailment"], 0);
+            assert_eq!(config["problem_type"], "single_label_classification");
         } else {
             assert!(
                 out.join("adapter_config.json").exists()
