@@ -30,3 +30,26 @@ fn custom_model_trains_saves_and_reloads_exactly() {
         .unwrap();
     assert!(last > 0.8, "the toy task was not learned: {stdout}");
 }
+
+/// Our adapter, merged, runs on candle-transformers' own BERT with the same
+/// predictions (here on the tiny random BERT the trainer tests use).
+#[cfg(feature = "train")]
+#[test]
+fn candle_transformers_bert_runs_our_merged_adapter() {
+    let (model, data) = crate::train::tiny_setup_in("ct-bert").unwrap();
+    let (config, run) = crate::train::tiny_config("ct-bert-run", &model, &data, &[]);
+    lora_mini::train::trainer::train(&config).unwrap();
+    let out = Command::new(example("candle_transformers_bert"))
+        .arg(&model)
+        .arg(run.join("adapter-best.safetensors"))
+        .arg(data.join("dev.tsv"))
+        .output()
+        .expect("examples/candle_transformers_bert is built by a plain `cargo test`");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("same prediction as ours on 20"), "{stdout}");
+}
