@@ -37,13 +37,21 @@ final)
     mkdir -p "$2"
     [ -e "$2/$3" ] || cp -r "$1/$3" "$2/$3"
   }
-  copy_seed1 "$OUT/$TASK-lora" "$OUT/$TASK-final-lora" "optim.lr=${LORA_LR:?}_seed=1"
-  "$BIN" sweep --config "$lora" "${common[@]}" --grid "optim.lr=$LORA_LR" \
-    --seeds 1,2,3 --out "$OUT/$TASK-final-lora"
   copy_seed1 "$OUT/$TASK-lora-mini" "$OUT/$TASK-final-lora-mini" \
     "adapter.aux_init=${MINI_INIT:?}_optim.lr=${MINI_LR:?}_seed=1"
   "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
     --grid "adapter.aux_init=$MINI_INIT" --grid "optim.lr=$MINI_LR" \
     --seeds 1,2,3 --out "$OUT/$TASK-final-lora-mini"
+  copy_seed1 "$OUT/$TASK-lora" "$OUT/$TASK-final-lora" "optim.lr=${LORA_LR:?}_seed=1"
+  "$BIN" sweep --config "$lora" "${common[@]}" --grid "optim.lr=$LORA_LR" \
+    --seeds 1,2,3 --out "$OUT/$TASK-final-lora"
+  ;;
+shape)
+  # The same trainable budget per module, r·(a+b) = 1024, in a wider frozen
+  # subspace (VeRA's is 256 wide): r=2, a=b=256 against r=8, a=b=64.
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --set adapter.r=2 --set adapter.a=256 --set adapter.b=256 \
+    --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
+    --seeds 1 --out "$OUT/$TASK-shape-r2-a256-lora-mini"
   ;;
 esac
