@@ -81,6 +81,8 @@ pub enum StopReason {
     MaxSteps,
     /// Stopped from outside (Ctrl-C); a checkpoint holds the progress.
     Interrupted,
+    /// The loss stopped being finite; training returned an error.
+    Nan,
 }
 
 impl StopReason {
@@ -90,6 +92,7 @@ impl StopReason {
             StopReason::TimeBudget => "time_budget",
             StopReason::MaxSteps => "max_steps",
             StopReason::Interrupted => "interrupted",
+            StopReason::Nan => "nan",
         }
     }
 }
@@ -806,6 +809,8 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     };
 
     let mut interrupted = false;
+    // The error of a run whose loss stopped being finite.
+    let mut diverged: Option<String> = None;
     let mut accumulated: BTreeMap<String, Tensor> = BTreeMap::new();
     'outer: while state.step < total_steps {
         let epoch = state.epoch;
@@ -825,10 +830,11 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
                 } else {
                     "no checkpoint was written before it".to_string()
                 };
-                return Err(format!(
+                diverged = Some(format!(
                     "the loss is {value} at step {} (epoch {epoch}, batch {i}): training stopped; {kept}",
                     state.step + 1,
                 ));
+                break 'outer;
             }
             let grads = (loss / o.grad_accum as f64)
                 .and_then(|l| l.backward())
@@ -927,7 +933,9 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         crate_version: env!("CARGO_PKG_VERSION"),
         output_dir: out.clone(),
         interrupted,
-        stopped: if interrupted {
+        stopped: if diverged.is_some() {
+            StopReason::Nan
+        } else if interrupted {
             StopReason::Interrupted
         } else if state.step < total_steps {
             StopReason::TimeBudget
@@ -946,10 +954,19 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     if interrupted {
         return Ok(summary);
     }
+    let write_results = || {
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        crate::adapter::file::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(msg)
+    };
+    if let Some(error) = diverged {
+        // Recorded as finished (a rerun would diverge the same way); the
+        // adapters and checkpoint stay as the last good evaluation left them.
+        write_results()?;
+        return Err(error);
+    }
     save("adapter-last.safetensors")?;
     plot()?;
-    let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-    crate::adapter::file::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(msg)?;
+    write_results()?;
     Ok(summary)
 }
 
