@@ -341,6 +341,15 @@ fn slice<T: Clone>(items: Vec<T>, max: Option<usize>, seed: u64, name: &str) -> 
     }
 }
 
+/// The training examples a config uses (`task.max_train_examples` of them,
+/// a seeded slice) and the validation slice carved out of those
+/// (`task.validation_split`): `(train, validation)`.
+fn training_examples<T: Clone>(items: Vec<T>, config: &TrainConfig) -> (Vec<T>, Vec<T>) {
+    let seed = config.run.seed;
+    let used = slice(items, config.task.max_train_examples, seed, "train-slice");
+    split_validation(used, config.task.validation_split.unwrap_or(0.0), seed)
+}
+
 /// Splits `fraction` of `items` (rounded, at least one when the fraction
 /// is positive) off as a seeded validation slice: `(train, validation)`,
 /// disjoint, each in the original order.
@@ -489,20 +498,10 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
 
     let tokenizer = load_tokenizer(&source_dir.join("tokenizer.json"))?;
     let seed = config.run.seed;
-    let validation_split = config.task.validation_split.unwrap_or(0.0);
     let data = if task.kind == TaskKind::Translation {
         let direction = direction(config);
         let prefix = source_prefix(config);
-        let (train, validation) = split_validation(
-            slice(
-                read_pairs(task, config, "train")?,
-                config.task.max_train_examples,
-                seed,
-                "train-slice",
-            ),
-            validation_split,
-            seed,
-        );
+        let (train, validation) = training_examples(read_pairs(task, config, "train")?, config);
         let dev_pairs = slice(
             read_pairs(task, config, "dev")?,
             config.task.max_dev_examples,
@@ -533,16 +532,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
             dev_refs: refs(&dev_pairs),
         }
     } else {
-        let (train, validation) = split_validation(
-            slice(
-                read_split(task, config, "train")?,
-                config.task.max_train_examples,
-                seed,
-                "train-slice",
-            ),
-            validation_split,
-            seed,
-        );
+        let (train, validation) = training_examples(read_split(task, config, "train")?, config);
         if validation.iter().any(|e| e.label.is_none()) {
             return Err("the training split has unlabelled rows".into());
         }
