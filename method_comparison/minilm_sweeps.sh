@@ -46,6 +46,13 @@ final)
   "$BIN" sweep --config "$lora" "${common[@]}" --grid "optim.lr=$LORA_LR" \
     --seeds 1,2,3 --out "$OUT/$TASK-final-lora"
   ;;
+rate)
+  # One more rate for the chosen projection, between the grid's 3e-3 and the
+  # collapsing 1e-2.
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --grid "adapter.aux_init=${MINI_INIT:?}" --grid optim.lr=5e-3 --seeds 1 \
+    --out "$OUT/$TASK-lora-mini-lr5e-3"
+  ;;
 shape)
   # The same trainable budget per module, r·(a+b) = 1024, in a wider frozen
   # subspace (VeRA's is 256 wide): r=2, a=b=256 against r=8, a=b=64.
