@@ -189,6 +189,12 @@ pub fn run_or_skip(
     })
 }
 
+/// A finished run's `results.json`, errors naming the file.
+pub(crate) fn read_results(path: &Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn read_run(
     results: &Path,
     name: String,
@@ -196,10 +202,7 @@ fn read_run(
     seed: u64,
     skipped: bool,
 ) -> Result<SweepRun, String> {
-    let text =
-        std::fs::read_to_string(results).map_err(|e| format!("{}: {e}", results.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+    let value = read_results(results)?;
     let metrics = |key: &str| serde_json::from_value(value[key].clone()).unwrap_or_default();
     Ok(SweepRun {
         name,

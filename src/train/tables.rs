@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::config::TrainConfig;
 use super::interrupt::ctrl_c_flag;
-use super::sweep::{run_or_skip, RunStatus};
+use super::sweep::{read_results, run_or_skip, RunStatus};
 
 /// One of the paper's main tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,10 +287,7 @@ fn run_one(
         ));
     }
     let skipped = status == RunStatus::Skipped;
-    let text =
-        std::fs::read_to_string(&results).map_err(|e| format!("{}: {e}", results.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", results.display()))?;
+    let value = read_results(&results)?;
     Ok(RunOutcome {
         metrics: serde_json::from_value(value["best"].clone()).unwrap_or_default(),
         trainable: value["trainable"].as_u64().unwrap_or(0),
