@@ -3,7 +3,7 @@
 use candle::{Result, Tensor, Var};
 use candle_nn::{Linear, ModuleT};
 
-use super::aux::aux_values;
+use super::aux::{aux_values, weight_hash};
 use super::config::{InnerInit, LoraMiniConfig};
 use super::dropout::SeededDropout;
 use super::host::AdapterHost;
@@ -44,6 +44,9 @@ pub struct LoraMiniLinear {
     a_in: Var,
     b_in: Var,
     config: LoraMiniConfig,
+    /// The hash of `W` when the projections derive from it (SVD inits),
+    /// computed once here: adapter files record it at every save.
+    base_hash: Option<String>,
 }
 
 impl LoraMiniLinear {
@@ -76,8 +79,14 @@ impl LoraMiniLinear {
                 &device,
             )?,
         };
+        let base_hash = config
+            .aux_init
+            .from_weight()
+            .then(|| weight_hash(base.weight()))
+            .transpose()?;
         Ok(Self {
             host: AdapterHost::new(base, config.dropout, seed, path),
+            base_hash,
             a_aux,
             b_aux,
             a_in: Var::from_tensor(&a_in)?,
@@ -105,6 +114,12 @@ impl LoraMiniLinear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.host.bias.as_ref()
+    }
+
+    /// The hash of the frozen weight the projections were made from, for
+    /// `svd` and `svd-scaled`; `None` for the seeded inits.
+    pub fn base_weight_hash(&self) -> Option<&str> {
+        self.base_hash.as_deref()
     }
 
     pub fn a_aux(&self) -> &Tensor {

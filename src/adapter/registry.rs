@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle::{Result, Var};
 
-use super::aux::{aux_values, weight_hash};
+use super::aux::aux_values;
 use super::config::AuxInit;
 use super::dropout::SeededDropout;
 use super::linear::AdaptedLinear;
@@ -156,8 +156,8 @@ impl AdapterRegistry {
                     // Kaiming files predate the choice: their checksum stays.
                     h = fnv1a64_extend(h, config.aux_init.name().as_bytes());
                 }
-                if config.aux_init.from_weight() {
-                    h = fnv1a64_extend(h, weight_hash(l.weight())?.as_bytes());
+                if let Some(base) = l.base_weight_hash() {
+                    h = fnv1a64_extend(h, base.as_bytes());
                 } else {
                     let (a, b) = aux_values(config, path, l.weight())?;
                     for v in a.iter().chain(b.iter()) {
@@ -178,8 +178,8 @@ impl AdapterRegistry {
         let mut out = BTreeMap::new();
         for (path, layer) in &self.modules {
             if let AdaptedLinear::LoraMini(l) = layer {
-                if l.config().aux_init.from_weight() {
-                    out.insert(path.clone(), weight_hash(l.weight())?);
+                if let Some(hash) = l.base_weight_hash() {
+                    out.insert(path.clone(), hash.to_string());
                 }
             }
         }
