@@ -72,14 +72,21 @@ pub fn weight_hash(weight: &Tensor) -> Result<String> {
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let mut h = 0xCBF2_9CE4_8422_2325;
-    for d in weight.dims() {
-        h = fnv1a64_extend(h, &(*d as u64).to_le_bytes());
-    }
-    for v in values {
-        h = fnv1a64_extend(h, &v.to_bits().to_le_bytes());
-    }
-    Ok(format!("fnv1a64:{h:016x}"))
+    let dims = weight.dims().iter().map(|d| (*d as u64).to_le_bytes());
+    let h = dims.fold(0xCBF2_9CE4_8422_2325, |h, d| fnv1a64_extend(h, &d));
+    Ok(format!("fnv1a64:{:016x}", extend_values(h, values.iter())))
+}
+
+/// A hash of f32 values by their bits.
+pub fn values_hash<'a>(values: impl Iterator<Item = &'a f32>) -> String {
+    format!(
+        "fnv1a64:{:016x}",
+        extend_values(0xCBF2_9CE4_8422_2325, values)
+    )
+}
+
+fn extend_values<'a>(h: u64, values: impl Iterator<Item = &'a f32>) -> u64 {
+    values.fold(h, |h, v| fnv1a64_extend(h, &v.to_bits().to_le_bytes()))
 }
 
 fn to_f32(v: &[f64]) -> Vec<f32> {

@@ -3,8 +3,8 @@
 use candle::{Result, Tensor, Var};
 use candle_nn::{Linear, ModuleT};
 
-use super::aux::{aux_values, weight_hash};
-use super::config::{InnerInit, LoraMiniConfig};
+use super::aux::{aux_values, values_hash, weight_hash};
+use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::dropout::SeededDropout;
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
@@ -44,9 +44,12 @@ pub struct LoraMiniLinear {
     a_in: Var,
     b_in: Var,
     config: LoraMiniConfig,
-    /// The hash of `W` when the projections derive from it (SVD inits),
-    /// computed once here: adapter files record it at every save.
-    base_hash: Option<String>,
+    /// What adapter files check the projections by, computed once here
+    /// (files record it at every save): the hash of `W` for the SVD inits,
+    /// the hash of the f32 projections for `orthogonal`. `None` for
+    /// `kaiming`, whose projections are cheap to regenerate and whose
+    /// checksum predates this field.
+    aux_fingerprint: Option<String>,
 }
 
 impl LoraMiniLinear {
@@ -57,6 +60,11 @@ impl LoraMiniLinear {
         let (d_out, d_in) = base.weight().dims2()?;
         let (dtype, device) = (base.weight().dtype(), base.weight().device().clone());
         let (a_vals, b_vals) = aux_values(config, path, base.weight())?;
+        let aux_fingerprint = match config.aux_init {
+            AuxInit::Kaiming => None,
+            AuxInit::Orthogonal => Some(values_hash(a_vals.iter().chain(&b_vals))),
+            AuxInit::Svd | AuxInit::SvdScaled => Some(weight_hash(base.weight())?),
+        };
         let a_aux = Tensor::from_vec(a_vals, (config.a, d_in), &device)?.to_dtype(dtype)?;
         let b_aux = Tensor::from_vec(b_vals, (d_out, config.b), &device)?.to_dtype(dtype)?;
         let seed = config.seed;
@@ -79,14 +87,9 @@ impl LoraMiniLinear {
                 &device,
             )?,
         };
-        let base_hash = config
-            .aux_init
-            .from_weight()
-            .then(|| weight_hash(base.weight()))
-            .transpose()?;
         Ok(Self {
             host: AdapterHost::new(base, config.dropout, seed, path),
-            base_hash,
+            aux_fingerprint,
             a_aux,
             b_aux,
             a_in: Var::from_tensor(&a_in)?,
@@ -119,7 +122,14 @@ impl LoraMiniLinear {
     /// The hash of the frozen weight the projections were made from, for
     /// `svd` and `svd-scaled`; `None` for the seeded inits.
     pub fn base_weight_hash(&self) -> Option<&str> {
-        self.base_hash.as_deref()
+        self.aux_fingerprint
+            .as_deref()
+            .filter(|_| self.config.aux_init.from_weight())
+    }
+
+    /// See the field: `None` for `kaiming`.
+    pub(crate) fn aux_fingerprint(&self) -> Option<&str> {
+        self.aux_fingerprint.as_deref()
     }
 
     pub fn a_aux(&self) -> &Tensor {

@@ -138,9 +138,11 @@ impl AdapterRegistry {
     /// `None` when there are none. Adapter files carry it so that loading can
     /// prove the regenerated matrices are the ones the adapter was trained with.
     ///
-    /// Projections from the weight's SVD are checked through the weight
-    /// itself (its hash, see [`Self::base_weight_hashes`]) rather than the
-    /// singular vectors, whose last bits may differ between CPUs.
+    /// Orthogonal projections enter through their hash, and projections
+    /// from the weight's SVD through the weight's hash (see
+    /// [`Self::base_weight_hashes`]) rather than the singular vectors, whose
+    /// last bits may differ between CPUs; both hashes are computed once, when
+    /// the layer is built, not at every save.
     pub fn aux_checksum(&self) -> Result<Option<String>> {
         let mut hash = None;
         for (path, layer) in &self.modules {
@@ -156,8 +158,9 @@ impl AdapterRegistry {
                     // Kaiming files predate the choice: their checksum stays.
                     h = fnv1a64_extend(h, config.aux_init.name().as_bytes());
                 }
-                if let Some(base) = l.base_weight_hash() {
-                    h = fnv1a64_extend(h, base.as_bytes());
+                if let Some(fingerprint) = l.aux_fingerprint() {
+                    // Computed once when the layer was built.
+                    h = fnv1a64_extend(h, fingerprint.as_bytes());
                 } else {
                     let (a, b) = aux_values(config, path, l.weight())?;
                     for v in a.iter().chain(b.iter()) {
