@@ -8,7 +8,7 @@
 //! the four thin matmuls per token would cost instead.
 
 use candle::{DType, Device, Result, Tensor, Var};
-use candle_nn::{Linear, ModuleT};
+use candle_nn::Linear;
 use criterion::{criterion_group, criterion_main, Criterion};
 use lora_mini::adapter::{
     AdaptedLinear, InnerInit, LoraConfig, LoraMiniConfig, LoraMiniLinear, Method,

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use candle::{DType, Device, Result, Tensor, Var};
-use candle_nn::{Linear, ModuleT};
+use candle_nn::Linear;
 use lora_mini::adapter::{
     AdaptedLinear, InnerInit, LoraConfig, LoraMiniConfig, LoraMiniLinear, Method,
 };

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
-use lora_mini::adapter::rng::SeededRng;
 use lora_mini::models::bert::sequence_classification_loss;
+use lora_mini::rng::SeededRng;
 use lora_mini::train::optim::{AdamW, AdamWConfig};
 
 #[path = "common/workload.rs"]

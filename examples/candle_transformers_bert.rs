@@ -1,8 +1,8 @@
 //! Our adapter on an unmodified `candle_transformers::models::bert::BertModel`:
-//! merge the adapter into the base weights, hand the merged tensors to
-//! candle-transformers through a `VarBuilder`, add the pooler and classifier
-//! (which candle-transformers' BERT does not have) from the same tensors,
-//! and check the logits against ours.
+//! `AdapterFile::merge_into` folds the adapter into the base checkpoint's
+//! tensors, candle-transformers reads them through a `VarBuilder`, the
+//! pooler and classifier (which candle-transformers' BERT does not have)
+//! come from the same tensors, and the logits are checked against ours.
 //!
 //! ```sh
 //! cargo run --release -- train --config configs/quickstart.toml   # writes the adapter
@@ -21,6 +21,7 @@ use candle_nn::VarBuilder;
 use lora_mini::adapter::{AdapterFile, LinearFactory};
 use lora_mini::data::batch::{collate_classification, encode_examples, load_tokenizer, Encoded};
 use lora_mini::data::{read_examples, task, Label};
+use lora_mini::models::loader::Checkpoint;
 use lora_mini::models::task::load_task_model;
 use lora_mini::train::trainer::classify_batch;
 
@@ -50,8 +51,16 @@ fn main() -> Result<()> {
     )?;
     file.apply(&ours.registry)?;
 
-    // candle-transformers: the merged weights, read by its own BERT.
-    let (merged, config_json) = ours.merged_weights()?;
+    // candle-transformers: the adapter folded into the untouched base
+    // checkpoint, read by its own BERT.
+    let base = Checkpoint::read_dir(&ours.dir, &dev)?;
+    let merged = file.merge_into(&base.tensors)?;
+    // The pooler keeps the base's name; the classifier, new, has ours.
+    let pooler_name = ["pooler.dense", "bert.pooler.dense"]
+        .into_iter()
+        .find(|n| merged.contains_key(&format!("{n}.weight")))
+        .ok_or_else(|| candle::Error::msg("the base checkpoint has no pooler"))?;
+    let config_json = base.config_json;
     let vb = VarBuilder::from_tensors(merged, DType::F32, &dev);
     // candle-transformers requires keys that transformers defaults when a
     // config.json omits them; fill in transformers' BertConfig defaults.
@@ -72,7 +81,7 @@ fn main() -> Result<()> {
         serde_json::from_value(json).map_err(candle::Error::wrap)?;
     let encoder = candle_transformers::models::bert::BertModel::load(vb.clone(), &config)?;
     let (h, n) = (config.hidden_size, task.num_labels().unwrap_or(2));
-    let pooler = candle_nn::linear(h, h, vb.pp("bert.pooler.dense"))?;
+    let pooler = candle_nn::linear(h, h, vb.pp(pooler_name))?;
     let classifier = candle_nn::linear(h, n, vb.pp("classifier"))?;
 
     let tokenizer = load_tokenizer(&ours.dir.join("tokenizer.json")).map_err(candle::Error::msg)?;

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use candle::{DType, Device, Result, Tensor, D};
-use candle_nn::{Linear, ModuleT};
+use candle_nn::Linear;
 use lora_mini::adapter::{
     save_adapter, AdaptedLinear, AdapterConfig, AdapterFile, AdapterRegistry, LinearFactory,
     LoraMiniConfig, Method, SaveOptions,

@@ -8,7 +8,7 @@
 extern crate candle as candle_core;
 // --- README snippet ---
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Linear, ModuleT, Optimizer};
+use candle_nn::{Linear, Optimizer};
 use lora_mini::adapter::{LoraMiniConfig, LoraMiniLinear};
 
 fn main() -> candle_core::Result<()> {
@@ -23,12 +23,14 @@ fn main() -> candle_core::Result<()> {
     let vars = vec![layer.a_in().clone(), layer.b_in().clone()];
     let mut opt = candle_nn::AdamW::new_lr(vars, 1e-2)?;
     let loss_at = |layer: &LoraMiniLinear| -> candle_core::Result<f32> {
-        candle_nn::loss::mse(&layer.forward(&xs)?, &target)?.to_scalar::<f32>()
+        // forward_t(.., false): inference, whatever the layer's mode.
+        candle_nn::loss::mse(&layer.forward_t(&xs, false)?, &target)?.to_scalar::<f32>()
     };
     let before = loss_at(&layer)?;
     for _ in 0..20 {
-        // forward_t(.., true): training mode, with the adapter's dropout.
-        let loss = candle_nn::loss::mse(&layer.forward_t(&xs, true)?, &target)?;
+        // Module::forward trains by default (dropout on, factored update),
+        // as a PyTorch module starts in train() mode.
+        let loss = candle_nn::loss::mse(&layer.forward(&xs)?, &target)?;
         opt.backward_step(&loss)?;
     }
     let after = loss_at(&layer)?;

@@ -26,9 +26,13 @@ pub mod alloc;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
+pub mod dropout;
 pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
+mod kernels;
 pub mod metrics;
 pub mod models;
+pub mod nn;
+pub mod rng;
 pub mod train;

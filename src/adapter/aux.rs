@@ -5,7 +5,7 @@ use candle::{DType, Result, Tensor};
 
 use super::config::{AuxInit, LoraMiniConfig};
 use super::init::{kaiming_uniform_values, normal_values};
-use super::rng::fnv1a64_extend;
+use crate::rng::fnv1a64_extend;
 
 /// The stream names of the two frozen matrices of module `path`.
 pub fn aux_stream_names(path: &str) -> (String, String) {

@@ -7,11 +7,11 @@ use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::config::Method;
-use super::dropout::SeededDropout;
 use super::linear::AdaptedLinear;
 use super::peft::PeftAdapter;
 use super::registry::AdapterRegistry;
 use super::targets::{is_within, matches_target, ALL_LINEAR};
+use crate::dropout::SeededDropout;
 
 /// What to adapt and how, like PEFT's `LoraConfig`.
 ///
@@ -95,6 +95,8 @@ pub struct LinearFactory {
     source: Source,
     registry: AdapterRegistry,
     used_targets: BTreeSet<String>,
+    /// Seeds the model's own dropout masks (see [`LinearFactory::dropout`]).
+    dropout_seed: u64,
 }
 
 impl LinearFactory {
@@ -118,7 +120,15 @@ impl LinearFactory {
             source,
             registry: AdapterRegistry::new(),
             used_targets: BTreeSet::new(),
+            dropout_seed: 0,
         }
+    }
+
+    /// Seeds the dropouts the model registers (the run's seed; 0 unless set).
+    /// Adapter dropouts keep the adapter config's own seed.
+    pub fn with_dropout_seed(mut self, seed: u64) -> Self {
+        self.dropout_seed = seed;
+        self
     }
 
     /// The config this factory applies, when built from one.
@@ -174,15 +184,15 @@ impl LinearFactory {
         Ok(layer)
     }
 
-    /// Loads the `(d_out, d_in)` weight (and bias) of the layer under `vb`
-    /// and wraps it; `path` is its full module path.
+    /// Loads the `(d_out, d_in)` weight (and bias) under `vb` and wraps
+    /// the layer; its module path is `vb`'s prefix, as candle-nn's
+    /// `linear_b(d_in, d_out, bias, vb)` names it.
     pub fn linear(
         &mut self,
-        vb: VarBuilder,
-        path: &str,
         d_in: usize,
         d_out: usize,
         bias: bool,
+        vb: VarBuilder,
     ) -> Result<AdaptedLinear> {
         let weight = vb.get((d_out, d_in), "weight")?;
         let bias = if bias {
@@ -190,7 +200,7 @@ impl LinearFactory {
         } else {
             None
         };
-        self.build(path, &Linear::new(weight, bias))
+        self.build(&vb.prefix(), &Linear::new(weight, bias))
     }
 
     /// Whether every weight of the model trains (full fine-tuning), not only
@@ -220,9 +230,10 @@ impl LinearFactory {
     }
 
     /// A dropout of the model itself, registered so checkpoints capture its
-    /// mask counter. `name` seeds its masks and must be unique.
-    pub fn dropout(&mut self, p: f64, seed: u64, name: &str) -> Result<SeededDropout> {
-        let dropout = SeededDropout::new(p, seed, name);
+    /// mask counter. `name` (with the factory's dropout seed) seeds its
+    /// masks and must be unique.
+    pub fn dropout(&mut self, p: f64, name: &str) -> Result<SeededDropout> {
+        let dropout = SeededDropout::new(p, self.dropout_seed, name);
         self.registry.register_dropout(name, &dropout)?;
         Ok(dropout)
     }

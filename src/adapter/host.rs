@@ -1,11 +1,14 @@
 //! What LoRA and LoRA-Mini share: the frozen layer an update is attached to,
 //! the dropout on the update's input, and the merged weight.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle::{Result, Tensor};
 use candle_nn::Linear;
 
-use super::dropout::SeededDropout;
 use super::linear::{linear_fwd, merged_weight};
+use crate::dropout::SeededDropout;
 
 /// The frozen base of a low-rank adapter: `y = W x + b + B_eff·A_eff·dropout(x)`.
 #[derive(Clone, Debug)]
@@ -15,6 +18,10 @@ pub(crate) struct AdapterHost {
     pub(crate) bias: Option<Tensor>,
     pub(crate) dropout: Option<SeededDropout>,
     merged: Option<Tensor>,
+    /// What `Module::forward` does: train (dropout on, factored update) or
+    /// infer. Shared by clones, so switching the registry's copy switches
+    /// the model's, like PyTorch's `model.train()` / `model.eval()`.
+    training: Arc<AtomicBool>,
 }
 
 impl AdapterHost {
@@ -25,7 +32,16 @@ impl AdapterHost {
             bias: base.bias().cloned(),
             dropout: (dropout > 0.0).then(|| SeededDropout::new(dropout, seed, path)),
             merged: None,
+            training: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    pub(crate) fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed)
     }
 
     pub(crate) fn is_merged(&self) -> bool {

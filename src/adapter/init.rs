@@ -2,7 +2,7 @@
 
 use candle::{DType, Device, Result, Tensor};
 
-use super::rng::SeededRng;
+use crate::rng::SeededRng;
 
 /// PyTorch's `kaiming_uniform_(w, a=sqrt(5))` bound for a weight with
 /// `fan_in` input columns: `gain·sqrt(3/fan_in)` with `gain = sqrt(2/(1+a²))`,

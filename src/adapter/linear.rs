@@ -1,12 +1,12 @@
 //! One type for every way a linear layer can be fine-tuned.
 
 use candle::{DType, Module, Result, Tensor, Var};
-use candle_nn::{Linear, ModuleT};
+use candle_nn::Linear;
 
 use super::config::Method;
-use super::frozen_matmul::linear_2d;
 use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
+use crate::kernels::frozen_matmul::linear_2d;
 
 /// `x·wᵀ + b` for inputs of shape `(.., d_in)`. Leading dimensions are folded
 /// into one so the CPU and CUDA backends run a plain 2-D matmul, which is much
@@ -108,7 +108,7 @@ impl Module for FullLinear {
 ///
 /// ```
 /// use candle::{Device, Tensor};
-/// use candle_nn::{Linear, ModuleT};
+/// use candle_nn::Linear;
 /// use lora_mini::adapter::{AdaptedLinear, LoraMiniConfig, Method};
 ///
 /// let base = Linear::new(Tensor::randn(0f32, 0.02, (96, 64), &Device::Cpu)?, None);
@@ -154,6 +154,12 @@ impl From<Linear> for AdaptedLinear {
 }
 
 impl AdaptedLinear {
+    /// A frozen layer from its weight and bias (candle-transformers'
+    /// `Linear::from_weights`, used for heads tied to an embedding).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::Frozen(Linear::new(weight, bias))
+    }
+
     /// Applies `method` to `base`; `path` is the module's full Hugging Face path.
     pub fn new(base: &Linear, method: &Method, path: &str) -> Result<Self> {
         let dtype = base.weight().dtype();
@@ -313,8 +319,11 @@ impl AdaptedLinear {
     }
 }
 
-impl ModuleT for AdaptedLinear {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+impl AdaptedLinear {
+    /// The forward pass in an explicit mode (`train = true`: dropout on the
+    /// adapter input and the factored update). Models written for this crate
+    /// thread `train` through; [`Module::forward`] reads the layer's mode.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Self::Frozen(l) => linear_fwd(xs, l.weight(), l.bias()),
             Self::Full(f) => f.forward(xs),
@@ -322,14 +331,38 @@ impl ModuleT for AdaptedLinear {
             Self::LoraMini(l) => l.forward_t(xs, train),
         }
     }
+
+    /// Whether [`Module::forward`] trains: `true` until switched off, as a
+    /// PyTorch module starts in `train()` mode. Frozen and fully trained
+    /// layers compute the same either way.
+    pub fn is_training(&self) -> bool {
+        match self {
+            Self::Lora(l) => l.is_training(),
+            Self::LoraMini(l) => l.is_training(),
+            _ => true,
+        }
+    }
+
+    /// Sets the mode [`Module::forward`] uses; clones share it.
+    pub fn set_training(&self, training: bool) {
+        match self {
+            Self::Lora(l) => l.set_training(training),
+            Self::LoraMini(l) => l.set_training(training),
+            _ => {}
+        }
+    }
 }
 
-impl AdaptedLinear {
-    /// The inference forward pass (no dropout); `ModuleT::forward_t` with
-    /// `train = true` is the training one. Like Candle's `Dropout`, the layer
-    /// implements `ModuleT` rather than `Module`, so training mode is never lost
-    /// behind a blanket impl.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        ModuleT::forward_t(self, xs, false)
+/// The training forward pass by default: a model forked from
+/// candle-transformers keeps its `self.q_proj.forward(&xs)` calls and trains
+/// the adapter with dropout, through the factored update. For inference,
+/// call [`AdapterRegistry::set_training`](super::AdapterRegistry::set_training)
+/// with `false` (PyTorch's `model.eval()`), or `forward_t(xs, false)`.
+///
+/// Candle's blanket `ModuleT` impl then calls this `forward` and ignores its
+/// `train` argument; the inherent [`AdaptedLinear::forward_t`] honours it.
+impl Module for AdaptedLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, self.is_training())
     }
 }

@@ -1,12 +1,13 @@
 //! Standard LoRA, the baseline LoRA-Mini is measured against.
 
+use candle::Module;
 use candle::{Result, Tensor, Var};
-use candle_nn::{Linear, ModuleT};
+use candle_nn::Linear;
 
 use super::config::{InnerInit, LoraConfig};
-use super::dropout::SeededDropout;
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
+use crate::dropout::SeededDropout;
 
 /// A frozen linear layer plus `scaling · B · A · dropout(x)`, with
 /// `A: r x d_in` Kaiming-uniform and `B: d_out x r` zero (PEFT's defaults).
@@ -162,18 +163,30 @@ impl LoraLinear {
     }
 }
 
-impl ModuleT for LoraLinear {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+impl LoraLinear {
+    /// The forward pass in an explicit mode: `train = true` applies dropout
+    /// and keeps the factored update, `false` infers. [`Module::forward`]
+    /// takes the mode from [`Self::is_training`] instead.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.host.forward_t(xs, train, || self.effective_factors())
+    }
+
+    /// Whether [`Module::forward`] trains; `true` for a new layer, as in
+    /// PyTorch. Clones share the flag.
+    pub fn is_training(&self) -> bool {
+        self.host.is_training()
+    }
+
+    pub fn set_training(&self, training: bool) {
+        self.host.set_training(training)
     }
 }
 
-impl LoraLinear {
-    /// The inference forward pass (no dropout); `ModuleT::forward_t` with
-    /// `train = true` is the training one. Like Candle's `Dropout`, the layer
-    /// implements `ModuleT` rather than `Module`, so training mode is never lost
-    /// behind a blanket impl.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        ModuleT::forward_t(self, xs, false)
+/// Training mode by default, so a model that calls `layer.forward(x)` trains
+/// the adapter as it should; switch to inference with `set_training(false)`
+/// (or [`AdapterRegistry::set_training`](super::AdapterRegistry::set_training)).
+impl Module for LoraLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, self.is_training())
     }
 }

@@ -1,14 +1,15 @@
 //! The LoRA-Mini layer.
 
+use candle::Module;
 use candle::{Result, Tensor, Var};
-use candle_nn::{Linear, ModuleT};
+use candle_nn::Linear;
 
 use super::aux::{aux_values, values_hash, weight_hash};
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
-use super::dropout::SeededDropout;
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
 use super::linear::linear_fwd;
+use crate::dropout::SeededDropout;
 
 /// A frozen linear layer plus a LoRA-Mini update:
 /// `y = W x + b + scaling · B_aux · B_in · A_in · A_aux · dropout(x)`.
@@ -220,18 +221,30 @@ impl LoraMiniLinear {
     }
 }
 
-impl ModuleT for LoraMiniLinear {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+impl LoraMiniLinear {
+    /// The forward pass in an explicit mode: `train = true` applies dropout
+    /// and keeps the factored update, `false` infers. [`Module::forward`]
+    /// takes the mode from [`Self::is_training`] instead.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.host.forward_t(xs, train, || self.effective_factors())
+    }
+
+    /// Whether [`Module::forward`] trains; `true` for a new layer, as in
+    /// PyTorch. Clones share the flag.
+    pub fn is_training(&self) -> bool {
+        self.host.is_training()
+    }
+
+    pub fn set_training(&self, training: bool) {
+        self.host.set_training(training)
     }
 }
 
-impl LoraMiniLinear {
-    /// The inference forward pass (no dropout); `ModuleT::forward_t` with
-    /// `train = true` is the training one. Like Candle's `Dropout`, the layer
-    /// implements `ModuleT` rather than `Module`, so training mode is never lost
-    /// behind a blanket impl.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        ModuleT::forward_t(self, xs, false)
+/// Training mode by default, so a model that calls `layer.forward(x)` trains
+/// the adapter as it should; switch to inference with `set_training(false)`
+/// (or [`AdapterRegistry::set_training`](super::AdapterRegistry::set_training)).
+impl Module for LoraMiniLinear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, self.is_training())
     }
 }

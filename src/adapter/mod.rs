@@ -7,18 +7,16 @@
 
 pub mod aux;
 pub mod config;
-pub mod dropout;
 pub mod factory;
 pub mod file;
-pub(crate) mod frozen_matmul;
 mod host;
 pub mod init;
 pub mod linear;
 pub mod lora;
 pub mod lora_mini;
+mod merge;
 pub mod peft;
 pub mod registry;
-pub mod rng;
 pub mod targets;
 
 pub use config::{AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};

@@ -6,9 +6,9 @@ use candle::{Result, Var};
 
 use super::aux::aux_values;
 use super::config::AuxInit;
-use super::dropout::SeededDropout;
 use super::linear::AdaptedLinear;
-use super::rng::fnv1a64_extend;
+use crate::dropout::SeededDropout;
+use crate::rng::fnv1a64_extend;
 
 /// Every trainable tensor of a model, keyed by full Hugging Face name.
 ///
@@ -203,6 +203,19 @@ impl AdapterRegistry {
             .iter()
             .map(|(n, d)| (format!("dropout:{n}"), d.calls()));
         adapters.chain(model).collect()
+    }
+
+    /// Switches every registered layer and dropout between training (the
+    /// default) and inference, as PyTorch's `model.train()` / `model.eval()`
+    /// do. It decides what `Module::forward` does; an explicit
+    /// `forward_t(xs, train)` is unaffected.
+    pub fn set_training(&self, training: bool) {
+        for layer in self.modules.values() {
+            layer.set_training(training);
+        }
+        for dropout in self.dropouts.values() {
+            dropout.set_training(training);
+        }
     }
 
     /// Restores [`Self::dropout_state`]. A name the model does not have is

@@ -11,16 +11,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
-use candle_nn::{Linear, ModuleT, Optimizer};
+use candle_nn::{Linear, Optimizer};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use super::CliError;
-use crate::adapter::rng::SeededRng;
 use crate::adapter::{
     export_peft, save_adapter, AdapterConfig, AdapterFile, AdapterRegistry, LinearFactory,
     LoraConfig, LoraMiniConfig, Method, PeftExportOptions, SaveOptions,
 };
+use crate::rng::SeededRng;
 
 /// Options of `lora-mini demo`. Every option can also be set in a TOML file
 /// given with `--config` (keys as below, with `_` for `-`); flags win.
@@ -350,7 +350,7 @@ impl Task {
         let layer = factory.build(&c.module, base)?;
         let registry = factory.finish()?;
         let held_mse = |layer: &crate::adapter::AdaptedLinear| -> candle::Result<f64> {
-            candle_nn::loss::mse(&layer.forward(&self.held_x)?, &self.held_y)?
+            candle_nn::loss::mse(&layer.forward_t(&self.held_x, false)?, &self.held_y)?
                 .to_scalar::<f32>()
                 .map(f64::from)
         };
@@ -450,11 +450,11 @@ fn save_and_check(
         .module(&c.module)
         .expect("the adapted module is registered");
     let same = fresh
-        .forward(&task.held_x)?
+        .forward_t(&task.held_x, false)?
         .flatten_all()?
         .to_vec1::<f32>()?
         == trained
-            .forward(&task.held_x)?
+            .forward_t(&task.held_x, false)?
             .flatten_all()?
             .to_vec1::<f32>()?;
     if !same {

@@ -9,7 +9,7 @@ use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 
 use super::examples::{Example, Label};
 use super::translation::{Direction, TranslationPair};
-use crate::adapter::rng::SeededRng;
+use crate::rng::SeededRng;
 
 /// Loads `tokenizer.json` with any stored padding and truncation switched
 /// off (both are per-batch decisions here; T5's file ships fixed padding).

@@ -2,13 +2,12 @@
 //! with every linear layer built through the adapter factory.
 
 use candle::{DType, Module, Result, Tensor, D};
-use candle_nn::{Embedding, ModuleT, VarBuilder};
 use serde::Deserialize;
 
-use super::attention::{attention, ProbsDropout};
-use super::ops::{Activation, LayerNorm};
-use crate::adapter::dropout::SeededDropout;
-use crate::adapter::{AdaptedLinear, LinearFactory};
+use crate::adapter::AdaptedLinear;
+use crate::dropout::SeededDropout;
+use crate::kernels::attention::{attention, ProbsDropout};
+use crate::nn::{embedding, layer_norm, linear, Activation, Embedding, LayerNorm, VarBuilder};
 
 fn default_act() -> String {
     "gelu".into()
@@ -106,27 +105,18 @@ pub struct Embeddings {
 }
 
 impl Embeddings {
-    pub fn new(
-        config: &BertConfig,
-        vb: VarBuilder,
-        factory: &mut LinearFactory,
-        positions: Positions,
-        seed: u64,
-        path: &str,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &BertConfig, positions: Positions) -> Result<Self> {
         let h = config.hidden_size;
-        let mut emb = |name: &str, n: usize| -> Result<Embedding> {
-            Ok(Embedding::new(
-                factory.tensor(&vb.pp(name), (n, h), "weight")?,
-                h,
-            ))
-        };
         Ok(Self {
-            word: emb("word_embeddings", config.vocab_size)?,
-            position: emb("position_embeddings", config.max_position_embeddings)?,
-            token_type: emb("token_type_embeddings", config.type_vocab_size)?,
-            norm: LayerNorm::load(vb.pp("LayerNorm"), h, config.layer_norm_eps, factory)?,
-            dropout: factory.dropout(config.hidden_dropout_prob, seed, path)?,
+            word: embedding(config.vocab_size, h, vb.pp("word_embeddings"))?,
+            position: embedding(
+                config.max_position_embeddings,
+                h,
+                vb.pp("position_embeddings"),
+            )?,
+            token_type: embedding(config.type_vocab_size, h, vb.pp("token_type_embeddings"))?,
+            norm: layer_norm(h, config.layer_norm_eps, vb.pp("LayerNorm"))?,
+            dropout: vb.dropout(config.hidden_dropout_prob)?,
             positions,
         })
     }
@@ -209,45 +199,29 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(
-        config: &BertConfig,
-        vb: VarBuilder,
-        f: &mut LinearFactory,
-        path: &str,
-        seed: u64,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
         let h = config.hidden_size;
         let ff = config.intermediate_size;
         let eps = config.layer_norm_eps;
         let p = config.hidden_dropout_prob;
-        let probs_dropout = f.dropout(
-            config.attention_probs_dropout_prob,
-            seed,
-            &format!("{path}.attention.self"),
-        )?;
-        let output_dropout = f.dropout(p, seed, &format!("{path}.attention.output"))?;
-        let dropout = f.dropout(p, seed, &format!("{path}.output"))?;
-        let attention_norm = LayerNorm::load(vb.pp("attention.output.LayerNorm"), h, eps, f)?;
-        let output_norm = LayerNorm::load(vb.pp("output.LayerNorm"), h, eps, f)?;
-        let mut lin = |sub: &str, d_in: usize, d_out: usize| {
-            f.linear(vb.pp(sub), &format!("{path}.{sub}"), d_in, d_out, true)
-        };
         let attention = SelfAttention {
-            query: lin("attention.self.query", h, h)?,
-            key: lin("attention.self.key", h, h)?,
-            value: lin("attention.self.value", h, h)?,
-            output: lin("attention.output.dense", h, h)?,
-            norm: attention_norm,
-            probs_dropout,
-            output_dropout,
+            query: linear(h, h, vb.pp("attention.self.query"))?,
+            key: linear(h, h, vb.pp("attention.self.key"))?,
+            value: linear(h, h, vb.pp("attention.self.value"))?,
+            output: linear(h, h, vb.pp("attention.output.dense"))?,
+            norm: layer_norm(h, eps, vb.pp("attention.output.LayerNorm"))?,
+            probs_dropout: vb
+                .pp("attention.self")
+                .dropout(config.attention_probs_dropout_prob)?,
+            output_dropout: vb.pp("attention.output").dropout(p)?,
             heads: config.num_attention_heads,
         };
         Ok(Self {
             attention,
-            intermediate: lin("intermediate.dense", h, ff)?,
-            output: lin("output.dense", ff, h)?,
-            norm: output_norm,
-            dropout,
+            intermediate: linear(h, ff, vb.pp("intermediate.dense"))?,
+            output: linear(ff, h, vb.pp("output.dense"))?,
+            norm: layer_norm(h, eps, vb.pp("output.LayerNorm"))?,
+            dropout: vb.pp("output").dropout(p)?,
             act: Activation::from_hf(&config.hidden_act)?,
         })
     }
@@ -282,42 +256,28 @@ pub struct BertModel {
 }
 
 impl BertModel {
-    /// Builds the model under `vb` (at the `bert` level); `path` is the HF
-    /// module prefix of its layers (`bert` inside a task model).
-    pub fn new(
-        config: &BertConfig,
+    /// `BertModel` under `vb` (at the `bert` level), with its pooler and
+    /// position ids from 0.
+    pub fn new(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        Self::with_options(vb, config, true, Positions::FromZero)
+    }
+
+    /// The encoder with or without a pooler, and with BERT's or RoBERTa's
+    /// position ids.
+    pub fn with_options(
         vb: VarBuilder,
-        factory: &mut LinearFactory,
-        path: &str,
+        config: &BertConfig,
         with_pooler: bool,
         positions: Positions,
-        seed: u64,
     ) -> Result<Self> {
         config.validate()?;
-        let join = |s: &str| {
-            if path.is_empty() {
-                s.to_string()
-            } else {
-                format!("{path}.{s}")
-            }
-        };
-        let embeddings = Embeddings::new(
-            config,
-            vb.pp("embeddings"),
-            factory,
-            positions,
-            seed,
-            &join("embeddings"),
-        )?;
+        let embeddings = Embeddings::new(vb.pp("embeddings"), config, positions)?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| {
-                let sub = format!("encoder.layer.{i}");
-                Layer::new(config, vb.pp(&sub), factory, &join(&sub), seed)
-            })
+            .map(|i| Layer::new(vb.pp(format!("encoder.layer.{i}")), config))
             .collect::<Result<_>>()?;
         let h = config.hidden_size;
         let pooler = if with_pooler {
-            Some(factory.linear(vb.pp("pooler.dense"), &join("pooler.dense"), h, h, true)?)
+            Some(linear(h, h, vb.pp("pooler.dense"))?)
         } else {
             None
         };
@@ -387,36 +347,16 @@ pub struct BertForSequenceClassification {
 
 impl BertForSequenceClassification {
     /// `vb` is the checkpoint root (holding `bert.*` and `classifier.*`).
-    pub fn new(
-        config: &BertConfig,
-        num_labels: usize,
-        vb: VarBuilder,
-        factory: &mut LinearFactory,
-        seed: u64,
-    ) -> Result<Self> {
-        let bert = BertModel::new(
-            config,
-            vb.pp("bert"),
-            factory,
-            "bert",
-            true,
-            Positions::FromZero,
-            seed,
-        )?;
+    pub fn new(vb: VarBuilder, config: &BertConfig, num_labels: usize) -> Result<Self> {
+        let bert = BertModel::new(vb.pp("bert"), config)?;
         let p = config
             .classifier_dropout
             .unwrap_or(config.hidden_dropout_prob);
-        let classifier = factory.linear(
-            vb.pp("classifier"),
-            "classifier",
-            config.hidden_size,
-            num_labels,
-            true,
-        )?;
+        let classifier = vb.pp("classifier");
         Ok(Self {
             bert,
-            dropout: factory.dropout(p, seed, "classifier")?,
-            classifier,
+            dropout: classifier.dropout(p)?,
+            classifier: linear(config.hidden_size, num_labels, classifier)?,
             num_labels,
         })
     }

@@ -2,11 +2,8 @@
 //! built by the [`LinearFactory`](crate::adapter::LinearFactory) under its full
 //! Hugging Face module path. Every op on the training path has a backward.
 
-mod attention;
 pub mod bert;
-mod fused;
 pub mod loader;
-pub mod ops;
 pub mod presets;
 pub mod roberta;
 pub mod shapes;

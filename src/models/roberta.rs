@@ -4,11 +4,11 @@
 //! classification head.
 
 use candle::{Result, Tensor};
-use candle_nn::{ModuleT, VarBuilder};
 
 use super::bert::{BertConfig, BertModel, Positions};
-use crate::adapter::dropout::SeededDropout;
-use crate::adapter::{AdaptedLinear, LinearFactory};
+use crate::adapter::AdaptedLinear;
+use crate::dropout::SeededDropout;
+use crate::nn::{linear, VarBuilder};
 
 /// `RobertaForSequenceClassification`: `classifier.dense`, tanh, then
 /// `classifier.out_proj`, on the `<s>` token, with dropout before each.
@@ -28,43 +28,21 @@ pub fn padding_idx(config: &BertConfig) -> u32 {
 
 impl RobertaForSequenceClassification {
     /// `vb` is the checkpoint root (holding `roberta.*` and `classifier.*`).
-    pub fn new(
-        config: &BertConfig,
-        num_labels: usize,
-        vb: VarBuilder,
-        factory: &mut LinearFactory,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &BertConfig, num_labels: usize) -> Result<Self> {
         let positions = Positions::AfterPadding {
             padding_idx: padding_idx(config),
         };
-        let roberta = BertModel::new(
-            config,
-            vb.pp("roberta"),
-            factory,
-            "roberta",
-            false,
-            positions,
-            seed,
-        )?;
+        let roberta = BertModel::with_options(vb.pp("roberta"), config, false, positions)?;
         let h = config.hidden_size;
         let head = vb.pp("classifier");
-        let dense = factory.linear(head.pp("dense"), "classifier.dense", h, h, true)?;
-        let out_proj = factory.linear(
-            head.pp("out_proj"),
-            "classifier.out_proj",
-            h,
-            num_labels,
-            true,
-        )?;
         let p = config
             .classifier_dropout
             .unwrap_or(config.hidden_dropout_prob);
         Ok(Self {
             roberta,
-            dense,
-            out_proj,
-            dropout: factory.dropout(p, seed, "classifier")?,
+            dense: linear(h, h, head.pp("dense"))?,
+            out_proj: linear(h, num_labels, head.pp("out_proj"))?,
+            dropout: head.dropout(p)?,
             num_labels,
         })
     }

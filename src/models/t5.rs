@@ -10,12 +10,13 @@
 //! embeddings the decoder output is scaled by `d_model^-0.5` before `lm_head`.
 
 use candle::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, ModuleT, VarBuilder};
+use candle_nn::Linear;
 use serde::Deserialize;
 
-use super::ops::{softmax_last_dim, Activation};
-use crate::adapter::dropout::SeededDropout;
-use crate::adapter::{AdaptedLinear, LinearFactory};
+use crate::adapter::AdaptedLinear;
+use crate::dropout::SeededDropout;
+use crate::nn::ops::softmax_last_dim;
+use crate::nn::{embedding, linear_no_bias, rms_norm, Activation, Embedding, RmsNorm, VarBuilder};
 
 fn d32() -> usize {
     32
@@ -101,33 +102,6 @@ impl T5Config {
     }
 }
 
-/// RMS normalisation with a weight and no bias, computed in f32.
-#[derive(Clone, Debug)]
-struct T5LayerNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl T5LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64, f: &mut LinearFactory) -> Result<Self> {
-        Ok(Self {
-            weight: f.tensor(&vb, size, "weight")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let x = xs.to_dtype(DType::F32)?;
-        let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        x.broadcast_mul(&scale)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)
-    }
-}
-
 /// transformers' `_relative_position_bucket`.
 pub fn relative_position_bucket(
     relative: i64,
@@ -176,48 +150,29 @@ struct Attention {
 }
 
 impl Attention {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        c: &T5Config,
-        vb: VarBuilder,
-        f: &mut LinearFactory,
-        path: &str,
-        has_bias: bool,
-        bidirectional: bool,
-        seed: u64,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, c: &T5Config, has_bias: bool, bidirectional: bool) -> Result<Self> {
         let inner = c.num_heads * c.d_kv;
-        let mut lin = |name: &str, d_in: usize, d_out: usize| {
-            f.linear(vb.pp(name), &format!("{path}.{name}"), d_in, d_out, false)
-        };
-        let (q, k, v, o) = (
-            lin("q", c.d_model, inner)?,
-            lin("k", c.d_model, inner)?,
-            lin("v", c.d_model, inner)?,
-            lin("o", inner, c.d_model)?,
-        );
         let relative_bias = if has_bias {
-            let w = f.tensor(
-                &vb.pp("relative_attention_bias"),
-                (c.relative_attention_num_buckets, c.num_heads),
-                "weight",
-            )?;
-            Some(Embedding::new(w, c.num_heads))
+            Some(embedding(
+                c.relative_attention_num_buckets,
+                c.num_heads,
+                vb.pp("relative_attention_bias"),
+            )?)
         } else {
             None
         };
         Ok(Self {
-            q,
-            k,
-            v,
-            o,
+            q: linear_no_bias(c.d_model, inner, vb.pp("q"))?,
+            k: linear_no_bias(c.d_model, inner, vb.pp("k"))?,
+            v: linear_no_bias(c.d_model, inner, vb.pp("v"))?,
+            o: linear_no_bias(inner, c.d_model, vb.pp("o"))?,
             heads: c.num_heads,
             d_kv: c.d_kv,
             relative_bias,
             bidirectional,
             num_buckets: c.relative_attention_num_buckets,
             max_distance: c.relative_attention_max_distance,
-            dropout: f.dropout(c.dropout_rate, seed, path)?,
+            dropout: vb.dropout(c.dropout_rate)?,
         })
     }
 
@@ -297,13 +252,7 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(
-        c: &T5Config,
-        vb: VarBuilder,
-        f: &mut LinearFactory,
-        path: &str,
-        seed: u64,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, c: &T5Config) -> Result<Self> {
         let names: &[&str] = if c.is_gated() {
             &["wi_0", "wi_1"]
         } else {
@@ -311,14 +260,13 @@ impl FeedForward {
         };
         let wi = names
             .iter()
-            .map(|n| f.linear(vb.pp(n), &format!("{path}.{n}"), c.d_model, c.d_ff, false))
+            .map(|n| linear_no_bias(c.d_model, c.d_ff, vb.pp(n)))
             .collect::<Result<_>>()?;
-        let wo = f.linear(vb.pp("wo"), &format!("{path}.wo"), c.d_ff, c.d_model, false)?;
         Ok(Self {
             wi,
-            wo,
+            wo: linear_no_bias(c.d_ff, c.d_model, vb.pp("wo"))?,
             act: c.activation()?,
-            inner_dropout: f.dropout(c.dropout_rate, seed, path)?,
+            inner_dropout: vb.dropout(c.dropout_rate)?,
         })
     }
 
@@ -335,21 +283,17 @@ impl FeedForward {
 /// A pre-norm residual sub-layer's norm and dropout.
 #[derive(Clone, Debug)]
 struct Residual {
-    norm: T5LayerNorm,
+    norm: RmsNorm,
     dropout: SeededDropout,
 }
 
 impl Residual {
-    fn new(
-        c: &T5Config,
-        vb: VarBuilder,
-        f: &mut LinearFactory,
-        seed: u64,
-        path: &str,
-    ) -> Result<Self> {
+    /// The norm under `vb` (a `layer.N`); the dropout is named `residual`
+    /// there.
+    fn new(vb: VarBuilder, c: &T5Config) -> Result<Self> {
         Ok(Self {
-            norm: T5LayerNorm::load(vb.pp("layer_norm"), c.d_model, c.layer_norm_epsilon, f)?,
-            dropout: f.dropout(c.dropout_rate, seed, &format!("{path}.residual"))?,
+            norm: rms_norm(c.d_model, c.layer_norm_epsilon, vb.pp("layer_norm"))?,
+            dropout: vb.pp("residual").dropout(c.dropout_rate)?,
         })
     }
 
@@ -366,55 +310,23 @@ struct Block {
 }
 
 impl Block {
-    fn new(
-        c: &T5Config,
-        vb: VarBuilder,
-        f: &mut LinearFactory,
-        path: &str,
-        decoder: bool,
-        first: bool,
-        seed: u64,
-    ) -> Result<Self> {
-        let l0 = format!("{path}.layer.0");
+    fn new(vb: VarBuilder, c: &T5Config, decoder: bool, first: bool) -> Result<Self> {
         let self_attention = (
-            Attention::new(
-                c,
-                vb.pp("layer.0.SelfAttention"),
-                f,
-                &format!("{l0}.SelfAttention"),
-                first,
-                !decoder,
-                seed,
-            )?,
-            Residual::new(c, vb.pp("layer.0"), f, seed, &l0)?,
+            Attention::new(vb.pp("layer.0.SelfAttention"), c, first, !decoder)?,
+            Residual::new(vb.pp("layer.0"), c)?,
         );
         let cross_attention = if decoder {
-            let l1 = format!("{path}.layer.1");
             Some((
-                Attention::new(
-                    c,
-                    vb.pp("layer.1.EncDecAttention"),
-                    f,
-                    &format!("{l1}.EncDecAttention"),
-                    false,
-                    true,
-                    seed,
-                )?,
-                Residual::new(c, vb.pp("layer.1"), f, seed, &l1)?,
+                Attention::new(vb.pp("layer.1.EncDecAttention"), c, false, true)?,
+                Residual::new(vb.pp("layer.1"), c)?,
             ))
         } else {
             None
         };
-        let ff = if decoder { "layer.2" } else { "layer.1" };
+        let ff = vb.pp(if decoder { "layer.2" } else { "layer.1" });
         let ffn = (
-            FeedForward::new(
-                c,
-                vb.pp(ff).pp("DenseReluDense"),
-                f,
-                &format!("{path}.{ff}.DenseReluDense"),
-                seed,
-            )?,
-            Residual::new(c, vb.pp(ff), f, seed, &format!("{path}.{ff}"))?,
+            FeedForward::new(ff.pp("DenseReluDense"), c)?,
+            Residual::new(ff, c)?,
         );
         Ok(Self {
             self_attention,
@@ -446,46 +358,24 @@ fn causal_mask(q_len: usize, k_len: usize, offset: usize, device: &Device) -> Re
 #[derive(Clone, Debug)]
 struct Stack {
     blocks: Vec<Block>,
-    final_norm: T5LayerNorm,
+    final_norm: RmsNorm,
     dropout: SeededDropout,
 }
 
 impl Stack {
-    fn new(
-        c: &T5Config,
-        vb: VarBuilder,
-        f: &mut LinearFactory,
-        path: &str,
-        decoder: bool,
-        seed: u64,
-    ) -> Result<Self> {
+    fn new(vb: VarBuilder, c: &T5Config, decoder: bool) -> Result<Self> {
         let n = if decoder {
             c.decoder_layers()
         } else {
             c.num_layers
         };
         let blocks = (0..n)
-            .map(|i| {
-                Block::new(
-                    c,
-                    vb.pp(format!("block.{i}")),
-                    f,
-                    &format!("{path}.block.{i}"),
-                    decoder,
-                    i == 0,
-                    seed,
-                )
-            })
+            .map(|i| Block::new(vb.pp(format!("block.{i}")), c, decoder, i == 0))
             .collect::<Result<_>>()?;
         Ok(Self {
             blocks,
-            final_norm: T5LayerNorm::load(
-                vb.pp("final_layer_norm"),
-                c.d_model,
-                c.layer_norm_epsilon,
-                f,
-            )?,
-            dropout: f.dropout(c.dropout_rate, seed, path)?,
+            final_norm: rms_norm(c.d_model, c.layer_norm_epsilon, vb.pp("final_layer_norm"))?,
+            dropout: vb.dropout(c.dropout_rate)?,
         })
     }
 }
@@ -528,33 +418,29 @@ pub struct T5ForConditionalGeneration {
 impl T5ForConditionalGeneration {
     /// `vb` is the checkpoint root (`shared`, `encoder.*`, `decoder.*`,
     /// `lm_head` when untied).
-    pub fn new(
-        config: &T5Config,
-        vb: VarBuilder,
-        factory: &mut LinearFactory,
-        seed: u64,
-    ) -> Result<Self> {
+    pub fn new(vb: VarBuilder, config: &T5Config) -> Result<Self> {
         let c = config;
-        let shared_w = factory.tensor(&vb.pp("shared"), (c.vocab_size, c.d_model), "weight")?;
-        let encoder = Stack::new(c, vb.pp("encoder"), factory, "encoder", false, seed)?;
-        let decoder = Stack::new(c, vb.pp("decoder"), factory, "decoder", true, seed)?;
-        let lm_head = if c.tie_word_embeddings && factory.trains_everything() {
+        let shared = embedding(c.vocab_size, c.d_model, vb.pp("shared"))?;
+        let encoder = Stack::new(vb.pp("encoder"), c, false)?;
+        let decoder = Stack::new(vb.pp("decoder"), c, true)?;
+        let tied = Linear::new(shared.embeddings().clone(), None);
+        let lm_head = if c.tie_word_embeddings && vb.trains_everything() {
             // The tied head must train the shared table itself, not a copy.
-            AdaptedLinear::Frozen(Linear::new(shared_w.clone(), None))
+            AdaptedLinear::Frozen(tied)
         } else if c.tie_word_embeddings {
-            factory.build("lm_head", &Linear::new(shared_w.clone(), None))?
+            vb.factory().build("lm_head", &tied)?
         } else {
-            factory.linear(vb.pp("lm_head"), "lm_head", c.d_model, c.vocab_size, false)?
+            linear_no_bias(c.d_model, c.vocab_size, vb.pp("lm_head"))?
         };
         Ok(Self {
             config: c.clone(),
-            shared: Embedding::new(shared_w, c.d_model),
+            shared,
             encoder,
             decoder,
             lm_head,
             embed_dropout: (
-                factory.dropout(c.dropout_rate, seed, "encoder.embed")?,
-                factory.dropout(c.dropout_rate, seed, "decoder.embed")?,
+                vb.pp("encoder.embed").dropout(c.dropout_rate)?,
+                vb.pp("decoder.embed").dropout(c.dropout_rate)?,
             ),
         })
     }

@@ -10,6 +10,7 @@ use super::presets::Family;
 use super::roberta::RobertaForSequenceClassification;
 use super::t5::{T5Config, T5ForConditionalGeneration};
 use crate::adapter::{AdapterRegistry, LinearFactory};
+use crate::nn::VarBuilder;
 
 /// A model with its task head.
 #[derive(Clone, Debug)]
@@ -68,7 +69,7 @@ pub fn load_task_model(
     spec: &str,
     revision: Option<&str>,
     num_labels: Option<usize>,
-    mut factory: LinearFactory,
+    factory: LinearFactory,
     dtype: DType,
     device: &Device,
     seed: u64,
@@ -83,7 +84,8 @@ pub fn load_task_model(
             ))
         })
     };
-    let model = match family {
+    let factory = factory.with_dropout_seed(seed);
+    let (model, vb) = match family {
         Family::Bert | Family::Roberta => {
             let config = BertConfig::from_json(&ckpt.config_json).map_err(|e| in_dir(&dir, e))?;
             let n = labels(family)?;
@@ -93,27 +95,17 @@ pub fn load_task_model(
                 ckpt.init_missing_linear("bert.pooler.dense", h, h, std, seed)?;
                 let head = ckpt.init_missing_linear("classifier", h, n, std, seed)?;
                 warn_if_random_head(&dir, head, &factory, "classifier");
-                let vb = ckpt.var_builder(dtype, device);
-                TaskModel::Bert(BertForSequenceClassification::new(
-                    &config,
-                    n,
-                    vb,
-                    &mut factory,
-                    seed,
-                )?)
+                let vb = VarBuilder::new(ckpt.var_builder(dtype, device), factory);
+                let model = BertForSequenceClassification::new(vb.clone(), &config, n)?;
+                (TaskModel::Bert(model), vb)
             } else {
                 ckpt = ckpt.with_prefix("roberta", &["embeddings", "encoder", "pooler"]);
                 ckpt.init_missing_linear("classifier.dense", h, h, std, seed)?;
                 let head = ckpt.init_missing_linear("classifier.out_proj", h, n, std, seed)?;
                 warn_if_random_head(&dir, head, &factory, "classifier.out_proj");
-                let vb = ckpt.var_builder(dtype, device);
-                TaskModel::Roberta(RobertaForSequenceClassification::new(
-                    &config,
-                    n,
-                    vb,
-                    &mut factory,
-                    seed,
-                )?)
+                let vb = VarBuilder::new(ckpt.var_builder(dtype, device), factory);
+                let model = RobertaForSequenceClassification::new(vb.clone(), &config, n)?;
+                (TaskModel::Roberta(model), vb)
             }
         }
         Family::T5 => {
@@ -135,16 +127,12 @@ pub fn load_task_model(
                     ckpt.tensors.insert("shared.weight".into(), t);
                 }
             }
-            let vb = ckpt.var_builder(dtype, device);
-            TaskModel::T5(T5ForConditionalGeneration::new(
-                &config,
-                vb,
-                &mut factory,
-                seed,
-            )?)
+            let vb = VarBuilder::new(ckpt.var_builder(dtype, device), factory);
+            let model = T5ForConditionalGeneration::new(vb.clone(), &config)?;
+            (TaskModel::T5(model), vb)
         }
     };
-    let registry = factory.finish()?;
+    let registry = vb.finish()?;
     Ok(LoadedModel {
         model,
         registry,

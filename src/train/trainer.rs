@@ -19,7 +19,6 @@ use super::eval::score_labels;
 use super::optim::{global_norm, AdamW, AdamWConfig, ParamGroup};
 use super::plot::{write_svg, Curves};
 use super::schedule::learning_rate;
-use crate::adapter::rng::SeededRng;
 use crate::adapter::targets::ALL_LINEAR;
 use crate::adapter::{
     save_adapter, AdapterConfig, DataSettings, LinearFactory, LoraConfig, LoraMiniConfig, Method,
@@ -35,6 +34,7 @@ use crate::data::{
 use crate::models::bert::sequence_classification_loss;
 use crate::models::presets::resolve_targets;
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
+use crate::rng::SeededRng;
 
 type Error = String;
 

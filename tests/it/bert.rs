@@ -5,9 +5,9 @@ use candle::{DType, Device, Result, Tensor};
 use lora_mini::adapter::{AdapterConfig, InnerInit, LinearFactory, LoraMiniConfig, Method};
 use lora_mini::models::bert::{
     mean_pool, sequence_classification_loss, BertConfig, BertForSequenceClassification, BertModel,
-    Positions,
 };
 use lora_mini::models::loader::Checkpoint;
+use lora_mini::nn::VarBuilder;
 
 use crate::common::{max_abs_diff, shared};
 
@@ -51,16 +51,8 @@ fn minilm_hidden_states_match_candle_transformers() -> Result<()> {
     let dev = Device::Cpu;
     let ckpt = Checkpoint::read_dir(shared("models/all-MiniLM-L6-v2"), &dev)?;
     let config = BertConfig::from_json(&ckpt.config_json)?;
-    let mut factory = LinearFactory::frozen();
-    let ours = BertModel::new(
-        &config,
-        ckpt.var_builder(DType::F32, &dev),
-        &mut factory,
-        "",
-        true,
-        Positions::FromZero,
-        0,
-    )?;
+    let vb = VarBuilder::frozen(ckpt.var_builder(DType::F32, &dev));
+    let ours = BertModel::new(vb, &config)?;
     let ct_config: candle_transformers::models::bert::Config =
         serde_json::from_str(&ckpt.config_json).map_err(candle::Error::wrap)?;
     let reference = candle_transformers::models::bert::BertModel::load(
@@ -111,15 +103,10 @@ fn every_trainable_tensor_of_the_classifier_gets_a_gradient() -> Result<()> {
     });
     let adapter = AdapterConfig::new(method, &["query", "key", "value", "dense"])
         .with_modules_to_save(&["classifier"]);
-    let mut factory = LinearFactory::new(adapter)?;
-    let model = BertForSequenceClassification::new(
-        &config,
-        2,
-        ckpt.var_builder(DType::F32, &dev),
-        &mut factory,
-        7,
-    )?;
-    let registry = factory.finish()?;
+    let factory = LinearFactory::new(adapter)?.with_dropout_seed(7);
+    let vb = VarBuilder::new(ckpt.var_builder(DType::F32, &dev), factory);
+    let model = BertForSequenceClassification::new(vb.clone(), &config, 2)?;
+    let registry = vb.finish()?;
     // 6 layers x 6 modules + pooler.dense, plus the classifier in full.
     assert_eq!(registry.num_trainable(), (6 * 6 + 1) * 4 * 32 + 384 * 2 + 2);
 

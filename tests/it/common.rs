@@ -1,6 +1,6 @@
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::Linear;
-use lora_mini::adapter::rng::SeededRng;
+use lora_mini::rng::SeededRng;
 
 /// A deterministic tensor with entries uniform in [-scale, scale).
 pub fn uniform(seed: u64, dims: &[usize], scale: f64, dtype: DType) -> Result<Tensor> {
@@ -86,7 +86,7 @@ impl ToyModel {
         let mut out = Vec::new();
         for (_, layer) in &self.layers {
             let d_in = layer.dims()?.1;
-            out.extend(values(&layer.forward(&x.narrow(1, 0, d_in)?)?)?);
+            out.extend(values(&layer.forward_t(&x.narrow(1, 0, d_in)?, false)?)?);
         }
         Ok(out)
     }

@@ -53,3 +53,72 @@ fn candle_transformers_bert_runs_our_merged_adapter() {
     );
     assert!(stdout.contains("same prediction as ours on 20"), "{stdout}");
 }
+
+/// The fork of candle-transformers' Llama trains LoRA-Mini on every
+/// projection, every adapter tensor gets a gradient, and the fork differs
+/// from the original in exactly the lines its docs state.
+#[test]
+fn forked_candle_llama_trains_with_a_six_line_diff() {
+    let run = Command::new(example("fork_candle_model"))
+        .output()
+        .expect("examples/fork_candle_model is built by a plain `cargo test`");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("all 28 adapter tensors have a non-zero gradient"),
+        "{stdout}"
+    );
+
+    let original = candle_transformers_source("src/models/llama.rs");
+    let fork = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/fork_candle_model/llama.rs"),
+    )
+    .unwrap();
+    let (removed, added) = changed_lines(&original, &fork);
+    assert_eq!((removed, added), (6, 6), "the docs say 6 changed lines");
+}
+
+/// A file of the candle-transformers version this crate's tests build
+/// against, from Cargo's registry sources.
+fn candle_transformers_source(file: &str) -> String {
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let registry = cargo_home.join("registry/src");
+    let found = std::fs::read_dir(&registry)
+        .unwrap_or_else(|e| panic!("{}: {e}", registry.display()))
+        .filter_map(|index| {
+            let path = index
+                .ok()?
+                .path()
+                .join("candle-transformers-0.11.1")
+                .join(file);
+            path.exists().then_some(path)
+        })
+        .next()
+        .unwrap_or_else(|| {
+            panic!(
+                "candle-transformers 0.11.1 sources not under {}",
+                registry.display()
+            )
+        });
+    std::fs::read_to_string(found).unwrap()
+}
+
+/// Lines only in `a` and lines only in `b`, by longest common subsequence
+/// (what `diff` counts as `<` and `>` lines).
+fn changed_lines(a: &str, b: &str) -> (usize, usize) {
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let mut lcs = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    (a.len() - lcs[0][0], b.len() - lcs[0][0])
+}

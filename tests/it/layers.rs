@@ -1,7 +1,7 @@
 //! The adapted linear layers: forward equivalences, merge, gradients, steps.
 
 use candle::{DType, Result, Tensor, Var};
-use candle_nn::{ModuleT, Optimizer};
+use candle_nn::Optimizer;
 use lora_mini::adapter::{
     AdaptedLinear, InnerInit, LoraConfig, LoraLinear, LoraMiniConfig, LoraMiniLinear, Method,
 };
@@ -82,10 +82,10 @@ fn zero_inner_init_starts_from_the_pretrained_function() -> Result<()> {
     let expected = lora_mini::adapter::linear::linear_fwd(&x, base.weight(), base.bias())?;
     let mini = LoraMiniLinear::new(&base, &mini_config(InnerInit::ZeroB), "m")?;
     let lora = LoraLinear::new(&base, &LoraConfig::new(4), "m")?;
-    assert_eq!(values(&mini.forward(&x)?)?, values(&expected)?);
-    assert_eq!(values(&lora.forward(&x)?)?, values(&expected)?);
+    assert_eq!(values(&mini.forward_t(&x, false)?)?, values(&expected)?);
+    assert_eq!(values(&lora.forward_t(&x, false)?)?, values(&expected)?);
     let kaiming = LoraMiniLinear::new(&base, &mini_config(InnerInit::Kaiming), "m")?;
-    assert!(max_abs_diff(&kaiming.forward(&x)?, &expected)? > 1e-4);
+    assert!(max_abs_diff(&kaiming.forward_t(&x, false)?, &expected)? > 1e-4);
     Ok(())
 }
 
@@ -136,14 +136,14 @@ fn merge_and_unmerge_preserve_outputs() -> Result<()> {
         }),
     ] {
         let mut layer = AdaptedLinear::new(&base, &method, "m")?;
-        let before = layer.forward(&x)?;
+        let before = layer.forward_t(&x, false)?;
         layer.merge()?;
-        let merged = layer.forward(&x)?;
+        let merged = layer.forward_t(&x, false)?;
         assert!(max_abs_diff(&before, &merged)? < 1e-5, "{}", method.name());
         // Training a merged layer would silently train nothing.
         assert!(layer.forward_t(&x, true).is_err());
         layer.unmerge();
-        assert_eq!(values(&layer.forward(&x)?)?, values(&before)?);
+        assert_eq!(values(&layer.forward_t(&x, false)?)?, values(&before)?);
         let plain = layer.to_merged_linear()?;
         assert!(max_abs_diff(&candle::Module::forward(&plain, &x)?, &before)? < 1e-5);
     }
@@ -152,7 +152,7 @@ fn merge_and_unmerge_preserve_outputs() -> Result<()> {
 
 /// Analytic gradients against central finite differences, in f64.
 fn check_gradients(layer: &AdaptedLinear, x: &Tensor) -> Result<()> {
-    let probe = uniform(11, layer.forward(x)?.dims(), 1.0, DType::F64)?;
+    let probe = uniform(11, layer.forward_t(x, false)?.dims(), 1.0, DType::F64)?;
     let loss = |layer: &AdaptedLinear| -> Result<Tensor> {
         (layer.forward_t(x, false)? * &probe)?.sum_all()
     };

@@ -188,18 +188,13 @@ fn shapes_list_the_linears_the_model_builds() -> Result<()> {
         .with_prefix("bert", &["embeddings", "encoder", "pooler"]);
     let config = BertConfig::from_json(&ckpt.config_json)?;
     ckpt.init_missing_linear("classifier", config.hidden_size, 3, 0.02, 0)?;
-    let mut factory = LinearFactory::new(AdapterConfig::new(
+    let factory = LinearFactory::new(AdapterConfig::new(
         Method::Full,
         &[lora_mini::adapter::targets::ALL_LINEAR],
     ))?;
-    BertForSequenceClassification::new(
-        &config,
-        3,
-        ckpt.var_builder(DType::F32, &dev),
-        &mut factory,
-        0,
-    )?;
-    let registry = factory.finish()?;
+    let vb = lora_mini::nn::VarBuilder::new(ckpt.var_builder(DType::F32, &dev), factory);
+    BertForSequenceClassification::new(vb.clone(), &config, 3)?;
+    let registry = vb.finish()?;
     let built: Vec<(String, usize, usize)> = registry
         .modules()
         .map(|(p, l)| {

@@ -7,6 +7,7 @@ use candle::{DType, Device, Result, Tensor};
 use lora_mini::adapter::LinearFactory;
 use lora_mini::models::bert::BertConfig;
 use lora_mini::models::roberta::RobertaForSequenceClassification;
+use lora_mini::nn::VarBuilder;
 
 use crate::common::{max_abs_diff, random_encoder};
 
@@ -33,8 +34,7 @@ fn logits_match_candle_transformers_xlm_roberta() -> Result<()> {
     let tensors = random_roberta(3)?;
     let config = BertConfig::from_json(CONFIG)?;
     let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev);
-    let mut factory = LinearFactory::frozen();
-    let ours = RobertaForSequenceClassification::new(&config, 3, vb, &mut factory, 0)?;
+    let ours = RobertaForSequenceClassification::new(VarBuilder::frozen(vb), &config, 3)?;
     let ct_config: candle_transformers::models::xlm_roberta::Config =
         serde_json::from_str(CONFIG).map_err(candle::Error::wrap)?;
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &dev);
@@ -71,16 +71,12 @@ fn every_trainable_tensor_gets_a_gradient() -> Result<()> {
         targets: resolve_targets(Family::Roberta, "dense+attention", false)?,
         modules_to_save: Family::Roberta.head_modules(),
     };
-    let mut factory = LinearFactory::new(adapter)?;
+    let factory = LinearFactory::new(adapter)?.with_dropout_seed(1);
     let vb = candle_nn::VarBuilder::from_tensors(random_roberta(1)?, DType::F32, &dev);
-    let model = RobertaForSequenceClassification::new(
-        &BertConfig::from_json(CONFIG)?,
-        1,
-        vb,
-        &mut factory,
-        1,
-    )?;
-    let registry = factory.finish()?;
+    let vb = VarBuilder::new(vb, factory);
+    let model =
+        RobertaForSequenceClassification::new(vb.clone(), &BertConfig::from_json(CONFIG)?, 1)?;
+    let registry = vb.finish()?;
     // 2 layers x 6 modules + classifier.dense, plus out_proj in full.
     assert_eq!(registry.num_trainable(), 13 * 2 * 16 + 32 + 1);
     let ids = Tensor::new(&[[0u32, 17, 42, 8, 33, 2], [0, 25, 9, 2, 1, 1]], &dev)?;

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use candle::{DType, Device, Result, Tensor};
-use lora_mini::adapter::{AdapterConfig, InnerInit, LinearFactory, LoraMiniConfig, Method};
+use lora_mini::adapter::{
+    AdapterConfig, AdapterRegistry, InnerInit, LinearFactory, LoraMiniConfig, Method,
+};
 use lora_mini::models::presets::{resolve_targets, Family};
 use lora_mini::models::t5::{relative_position_bucket, T5Config, T5ForConditionalGeneration};
 
@@ -97,10 +99,17 @@ pub fn random_t5_with_vocab(gated: bool, vocab: usize) -> Result<HashMap<String,
     Ok(tensors)
 }
 
-fn build(gated: bool, factory: &mut LinearFactory) -> Result<T5ForConditionalGeneration> {
+/// The model and the registry of what it trains.
+fn build(
+    gated: bool,
+    factory: LinearFactory,
+) -> Result<(T5ForConditionalGeneration, AdapterRegistry)> {
     let config = T5Config::from_json(&config_json(gated))?;
-    let vb = candle_nn::VarBuilder::from_tensors(random_t5(gated)?, DType::F32, &Device::Cpu);
-    T5ForConditionalGeneration::new(&config, vb, factory, 3)
+    let tensors = random_t5(gated)?;
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let vb = lora_mini::nn::VarBuilder::new(vb, factory.with_dropout_seed(3));
+    let model = T5ForConditionalGeneration::new(vb.clone(), &config)?;
+    Ok((model, vb.finish()?))
 }
 
 #[test]
@@ -121,7 +130,7 @@ fn relative_buckets_follow_transformers() {
 #[test]
 fn encoder_and_decoder_match_candle_transformers() -> Result<()> {
     for gated in [true, false] {
-        let ours = build(gated, &mut LinearFactory::frozen())?;
+        let (ours, _) = build(gated, LinearFactory::frozen())?;
         let ct_config: candle_transformers::models::t5::Config =
             serde_json::from_str(&config_json(gated)).map_err(candle::Error::wrap)?;
         let vb = candle_nn::VarBuilder::from_tensors(random_t5(gated)?, DType::F32, &Device::Cpu);
@@ -158,7 +167,7 @@ fn encoder_and_decoder_match_candle_transformers() -> Result<()> {
 #[test]
 fn cached_greedy_equals_uncached_and_beams_run() -> Result<()> {
     for gated in [false, true] {
-        let model = build(gated, &mut LinearFactory::frozen())?;
+        let (model, _) = build(gated, LinearFactory::frozen())?;
         let ids = Tensor::new(
             &[[5u32, 17, 42, 8, 33, 12, 9, 1], [6, 2, 19, 1, 0, 0, 0, 0]],
             &Device::Cpu,
@@ -185,13 +194,12 @@ fn loss_ignores_minus_100_and_every_trainable_gets_a_gradient() -> Result<()> {
             ..LoraMiniConfig::new(2, 4, 4)
         });
         let targets = resolve_targets(Family::T5, "dense+attention", gated)?;
-        let mut factory = LinearFactory::new(AdapterConfig {
+        let factory = LinearFactory::new(AdapterConfig {
             method,
             targets,
             modules_to_save: vec![],
         })?;
-        let model = build(gated, &mut factory)?;
-        let registry = factory.finish()?;
+        let (model, registry) = build(gated, factory)?;
         let ids = Tensor::new(&[[5u32, 17, 42, 8, 1], [6, 2, 19, 1, 0]], &Device::Cpu)?;
         let mask = ids.ne(0u32)?.to_dtype(DType::U32)?;
         let labels = Tensor::new(&[[7i64, 22, 3, 1], [9, 1, -100, -100]], &Device::Cpu)?;

@@ -1,12 +1,12 @@
 //! Seeded dropout on an adapter's input.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::rng::{stream_seed, SeededRng};
+use crate::rng::{stream_seed, SeededRng};
 
 /// Elements per independently seeded block of a mask.
 const MASK_BLOCK: usize = 1 << 14;
@@ -24,6 +24,8 @@ pub struct SeededDropout {
     p: f64,
     stream: u64,
     calls: Arc<AtomicU64>,
+    /// What `Module::forward` does (see [`SeededDropout::set_training`]).
+    training: Arc<AtomicBool>,
 }
 
 impl SeededDropout {
@@ -32,6 +34,7 @@ impl SeededDropout {
             p,
             stream: stream_seed(seed, &format!("{name}/dropout")),
             calls: Arc::new(AtomicU64::new(0)),
+            training: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -46,6 +49,16 @@ impl SeededDropout {
 
     pub fn set_calls(&self, calls: u64) {
         self.calls.store(calls, Ordering::Relaxed)
+    }
+
+    /// Whether [`candle::Module::forward`] drops: `true` until switched off.
+    /// Clones share the flag.
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed)
     }
 
     /// Applies dropout in training and is the identity otherwise.
@@ -84,6 +97,13 @@ impl SeededDropout {
                 }
             });
         mask
+    }
+}
+
+/// Dropout in the layer's mode: training unless switched off.
+impl candle::Module for SeededDropout {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, self.is_training())
     }
 }
 

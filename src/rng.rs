@@ -13,7 +13,7 @@
 //! never changes the numbers drawn for another.
 //!
 //! ```
-//! use lora_mini::adapter::rng::SeededRng;
+//! use lora_mini::rng::SeededRng;
 //! let mut a = SeededRng::for_stream(42, "encoder.layer.0.attention.self.query");
 //! let mut b = SeededRng::for_stream(42, "encoder.layer.0.attention.self.query");
 //! assert_eq!(a.next_u64(), b.next_u64());

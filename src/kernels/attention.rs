@@ -18,9 +18,9 @@
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::fused::{f32_rows, softmax_in_place, vectorized};
-use crate::adapter::dropout::SeededDropout;
-use crate::adapter::frozen_matmul::with_cpu_f32;
+use crate::dropout::SeededDropout;
+use crate::kernels::frozen_matmul::with_cpu_f32;
+use crate::kernels::fused::{f32_rows, softmax_in_place, vectorized};
 
 /// The dropout mask of one call on the attention probabilities: one byte
 /// per `(sequence, head, query, key)`, 1 where the probability is kept, and
@@ -98,7 +98,7 @@ fn composed(
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask)?;
-    let mut probs = super::ops::softmax_last_dim(&scores)?;
+    let mut probs = crate::nn::ops::softmax_last_dim(&scores)?;
     if let Some(drop) = dropout {
         let factors: Vec<f32> = drop
             .keep
@@ -454,7 +454,7 @@ mod tests {
             ],
             &dev,
         )?;
-        let mask = super::super::bert::additive_mask(&keep, DType::F32)?;
+        let mask = crate::models::bert::additive_mask(&keep, DType::F32)?;
         let probe = var(4.2)?.as_tensor().clone();
         for p in [0.0, 0.3] {
             let drop = |dropout: &SeededDropout| ProbsDropout::draw(dropout, true, b, heads, t);
@@ -495,7 +495,7 @@ mod tests {
         // Value rows 0..2 are 1, row 2 (padding) is 100.
         let v = Tensor::new(&[[[1f32; 4], [1.; 4], [100.; 4]]], &dev)?;
         let mask =
-            super::super::bert::additive_mask(&Tensor::new(&[[1f32, 1., 0.]], &dev)?, DType::F32)?;
+            crate::models::bert::additive_mask(&Tensor::new(&[[1f32, 1., 0.]], &dev)?, DType::F32)?;
         let out = attention(&q, &k, &v, &mask, 2, None)?;
         assert!(max_diff(&out, &Tensor::ones((1, 3, 4), DType::F32, &dev)?)? < 1e-6);
         Ok(())

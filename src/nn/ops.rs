@@ -1,0 +1,253 @@
+//! Differentiable versions of candle-nn's ops, with candle-nn's signatures.
+//!
+//! Candle 0.11's fused `candle_nn::ops::layer_norm`, `rms_norm` and
+//! `softmax_last_dim` (and `candle_nn::LayerNorm::forward` on contiguous
+//! input) record no backward op: a loss computed through them has a zero
+//! gradient for everything before them, and no error says so. A model
+//! forked from candle-transformers swaps `candle_nn::ops::X` for
+//! `lora_mini::nn::ops::X` and gets its gradients. On the CPU in f32 these
+//! run the crate's fused kernels, which have a backward; elsewhere they are
+//! built from basic ops that all have one.
+//!
+//! ```
+//! use candle::{Device, Tensor, Var};
+//!
+//! let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu)?)?;
+//! let alpha = Tensor::ones(8, candle::DType::F32, &Device::Cpu)?;
+//! let grad_norm = |y: Tensor| -> candle::Result<f32> {
+//!     let probe = Tensor::randn(0f32, 1.0, (2, 8), &Device::Cpu)?;
+//!     let grads = (y * probe)?.sum_all()?.backward()?;
+//!     match grads.get(&x) {
+//!         Some(g) => g.abs()?.sum_all()?.to_scalar::<f32>(),
+//!         None => Ok(0.0), // no gradient was recorded at all
+//!     }
+//! };
+//! // Candle's own op: the gradient silently vanishes.
+//! assert_eq!(grad_norm(candle_nn::ops::rms_norm(&x, &alpha, 1e-6)?)?, 0.0);
+//! // Ours: the same values, and a gradient.
+//! assert!(grad_norm(lora_mini::nn::ops::rms_norm(&x, &alpha, 1e-6)?)? > 0.0);
+//! # Ok::<(), candle::Error>(())
+//! ```
+
+use candle::{DType, Result, Tensor, D};
+
+use crate::kernels::fused::{GeluErf, LayerNormOp, Softmax};
+
+pub(crate) fn fusable(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// `(x - mean) / sqrt(var + eps) * alpha + beta` over the last dimension,
+/// computed in f32 for half-precision inputs; `candle_nn::ops::layer_norm`
+/// with a backward.
+pub fn layer_norm(xs: &Tensor, alpha: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    if fusable(xs) && alpha.dtype() == DType::F32 && beta.dtype() == DType::F32 {
+        return xs.contiguous()?.apply_op3(
+            &alpha.contiguous()?,
+            &beta.contiguous()?,
+            LayerNormOp { eps },
+        );
+    }
+    composed_layer_norm(xs, alpha, beta, eps as f64)
+}
+
+/// `x / sqrt(mean(x²) + eps) * alpha` over the last dimension, normalised in
+/// f32 and cast back before the scale (as transformers' T5 and Llama RMS
+/// norms do); `candle_nn::ops::rms_norm` with a backward.
+pub fn rms_norm(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let x = xs.to_dtype(DType::F32)?;
+    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
+        .sqrt()?
+        .recip()?;
+    x.broadcast_mul(&scale)?
+        .to_dtype(dtype)?
+        .broadcast_mul(alpha)
+}
+
+/// [`layer_norm`] from basic ops (any device and dtype).
+pub(crate) fn composed_layer_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let x = upcast(xs)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dtype)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// The exact, erf-based GELU (`Tensor::gelu_erf`), fused on the CPU in f32.
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if fusable(xs) {
+        return xs.contiguous()?.apply_op1(GeluErf);
+    }
+    xs.gelu_erf()
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if fusable(xs) {
+        return xs.contiguous()?.apply_op1(Softmax);
+    }
+    composed_softmax_last_dim(xs)
+}
+
+/// [`softmax_last_dim`] from basic ops. The row maximum is subtracted for
+/// stability and detached: softmax does not depend on it, so it needs no
+/// gradient.
+pub(crate) fn composed_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let num = xs.broadcast_sub(&max)?.exp()?;
+    num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
+}
+
+/// `candle_nn::ops::sdpa` with a backward: `softmax(q·kᵀ·scale + mask)·v`
+/// for `q: (batch, q_heads, seq, d)`, `k`, `v: (batch, kv_heads, kv_seq, d)`
+/// (grouped-query attention when `q_heads` is a multiple of `kv_heads`; do
+/// not tile `k` and `v`), an optional additive `mask` broadcastable to
+/// `(batch, q_heads, seq, kv_seq)`, a causal mask when `do_causal` (the
+/// queries are the last `seq` positions), and `tanh` soft-capping unless
+/// `softcapping` is 1. Returns `(batch, q_heads, seq, d)`.
+pub fn sdpa(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    do_causal: bool,
+    scale: f32,
+    softcapping: f32,
+) -> Result<Tensor> {
+    let (_, q_heads, seq, _) = q.dims4()?;
+    let (_, kv_heads, kv_seq, _) = k.dims4()?;
+    if kv_heads == 0 || q_heads % kv_heads != 0 {
+        candle::bail!(
+            "sdpa: {q_heads} query heads are not a multiple of {kv_heads} key-value heads"
+        );
+    }
+    let (k, v) = (
+        repeat_kv(k, q_heads / kv_heads)?,
+        repeat_kv(v, q_heads / kv_heads)?,
+    );
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale as f64)?;
+    if softcapping != 1.0 {
+        scores = ((scores / softcapping as f64)?.tanh()? * softcapping as f64)?;
+    }
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    }
+    if do_causal {
+        let offset = kv_seq.saturating_sub(seq);
+        let keep: Vec<u8> = (0..seq)
+            .flat_map(|i| (0..kv_seq).map(move |j| u8::from(j <= i + offset)))
+            .collect();
+        let keep = Tensor::from_vec(keep, (seq, kv_seq), q.device())?;
+        let blocked = Tensor::new(f32::NEG_INFINITY, q.device())?
+            .to_dtype(scores.dtype())?
+            .broadcast_as(scores.shape())?;
+        scores = keep
+            .broadcast_as(scores.shape())?
+            .where_cond(&scores, &blocked)?;
+    }
+    softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// Each key-value head `n_rep` times in a row, as transformers' `repeat_kv`.
+fn repeat_kv(xs: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(xs.clone());
+    }
+    let (b, heads, t, d) = xs.dims4()?;
+    xs.unsqueeze(2)?
+        .broadcast_as((b, heads, n_rep, t, d))?
+        .reshape((b, heads * n_rep, t, d))
+}
+
+fn upcast(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::F16 | DType::BF16 => xs.to_dtype(DType::F32),
+        _ => Ok(xs.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::{Device, Var};
+
+    #[test]
+    fn layer_norm_matches_candle_and_has_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 16), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 16, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, 16, &dev)?)?;
+        let ours = layer_norm(&x, &w, &b, 1e-12)?;
+        let fused = candle_nn::ops::layer_norm(&x, &w, &b, 1e-12)?;
+        let diff = (ours.clone() - fused)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev)?;
+        let grads = (ours * probe)?.sum_all()?.backward()?;
+        for v in [&x, &w, &b] {
+            let g = grads.get(v).expect("gradient recorded");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sdpa_matches_the_formula_with_gqa_and_causal_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 3, 8), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 5, 8), &dev)?)?;
+        let out = sdpa(&q, &k, &v, None, true, 0.5, 1.0)?;
+        // Query head 3 uses key-value head 1; query row 0 sits at position
+        // 2 of 5, so it sees keys 0..=2.
+        let (q3, k1, v1) = (q.get(0)?.get(3)?, k.get(0)?.get(1)?, v.get(0)?.get(1)?);
+        let scores = (q3.get(0)?.unsqueeze(0)?.matmul(&k1.narrow(0, 0, 3)?.t()?)? * 0.5)?;
+        let expected = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v1.narrow(0, 0, 3)?)?;
+        let got = out.get(0)?.get(3)?.get(0)?.unsqueeze(0)?;
+        let diff = (got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        let grads = out.sqr()?.sum_all()?.backward()?;
+        for x in [&q, &k, &v] {
+            assert!(grads.get(x).unwrap().abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_matches_candle_and_has_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 7), &dev)?)?;
+        let ours = softmax_last_dim(&x)?;
+        let fused = candle_nn::ops::softmax_last_dim(&x)?;
+        let diff = (ours.clone() - fused)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        let probe = Tensor::randn(0f32, 1.0, (4, 7), &dev)?;
+        let grads = (ours * probe)?.sum_all()?.backward()?;
+        assert!(
+            grads
+                .get(&x)
+                .unwrap()
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                > 0.0
+        );
+        Ok(())
+    }
+}
