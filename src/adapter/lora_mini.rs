@@ -16,7 +16,7 @@ use crate::dropout::SeededDropout;
 ///
 /// * `A_aux: a x d_in` and `B_aux: d_out x b` are frozen and regenerated from
 ///   `(seed, module path)` (Kaiming-uniform or orthogonal) or from the frozen
-///   weight's SVD (see [`AuxInit`](super::AuxInit)), so adapter files need
+///   weight's SVD (see [`AuxInit`]), so adapter files need
 ///   not store them;
 /// * `A_in: r x a` (Kaiming) and `B_in: b x r` (zero by default) are trained:
 ///   `r·(a+b)` parameters, whatever the layer's width.

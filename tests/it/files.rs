@@ -331,3 +331,55 @@ fn save_refuses_a_config_that_does_not_describe_the_registry() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// `merge_into` folds the adapter into bare base tensors (names without the
+/// task model's `roberta.` prefix) exactly as the layers merge themselves,
+/// adds the trained head, and names a module the base lacks.
+#[test]
+fn merge_into_gives_the_merged_weights_under_the_base_names() -> Result<()> {
+    use crate::common::{base_linear, TOY_PATHS};
+    let trained = ToyModel::build(mini(5))?;
+    trained.perturb(2)?;
+    let path = tmp("merge_into.safetensors");
+    save_adapter(&path, &trained.registry, &mini(5), &SaveOptions::default())?;
+    let file = AdapterFile::read(&path, &Device::Cpu)?;
+
+    let mut base = std::collections::HashMap::new();
+    for (i, (module, d_in, d_out)) in TOY_PATHS.iter().enumerate() {
+        // The fully trained head is new: only the adapter has it. (The
+        // adapted `classifier.dense` is in the base, as the loader adds it.)
+        if *module == "classifier.out_proj" {
+            continue;
+        }
+        let bare = module.strip_prefix("roberta.").unwrap_or(module);
+        let layer = base_linear(100 + i as u64, *d_in, *d_out, true, DType::F32)?;
+        base.insert(format!("{bare}.weight"), layer.weight().clone());
+        base.insert(format!("{bare}.bias"), layer.bias().unwrap().clone());
+    }
+    let merged = file.merge_into(&base)?;
+    for (module, layer) in &trained.layers {
+        let name = module.strip_prefix("roberta.").unwrap_or(module);
+        let got = merged
+            .get(&format!("{name}.weight"))
+            .unwrap_or_else(|| panic!("{name}.weight missing"));
+        let want = layer.merged_weight()?;
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?,
+            "{module}"
+        );
+    }
+    assert_eq!(
+        merged.len(),
+        base.len() + 2,
+        "the head's weight and bias join"
+    );
+
+    base.remove("encoder.layer.1.attention.self.value.weight");
+    let err = file.merge_into(&base).unwrap_err().to_string();
+    assert!(
+        err.contains("module roberta.encoder.layer.1.attention.self.value has no weight"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -315,3 +315,36 @@ fn adapters_follow_the_base_dtype() -> Result<()> {
     assert!(err.contains("enc.q"), "{err}");
     Ok(())
 }
+
+/// `Module::forward` trains until the registry says otherwise: with dropout
+/// it draws masks (as `forward_t(.., true)` does), and after
+/// `set_training(false)` it is the inference pass, in every clone.
+#[test]
+fn module_forward_trains_by_default_and_follows_the_registry() -> Result<()> {
+    use candle::Module;
+    let base = base_linear(3, 24, 16, true, DType::F32)?;
+    let mut config = mini_config(InnerInit::Kaiming);
+    config.dropout = 0.5;
+    let layer = AdaptedLinear::new(&base, &Method::LoraMini(config), "m")?;
+    let mut registry = lora_mini::adapter::AdapterRegistry::new();
+    registry.register("m", &layer)?;
+    let x = uniform(4, &[5, 24], 1.0, DType::F32)?;
+    let inference = layer.forward_t(&x, false)?;
+
+    assert!(layer.is_training());
+    layer.set_dropout_calls(0);
+    let by_default = layer.forward(&x)?;
+    layer.set_dropout_calls(0);
+    let training = layer.forward_t(&x, true)?;
+    assert_eq!(values(&by_default)?, values(&training)?);
+    assert!(
+        max_abs_diff(&by_default, &inference)? > 1e-3,
+        "dropout was not applied"
+    );
+
+    registry.set_training(false);
+    assert!(!layer.is_training());
+    assert_eq!(values(&layer.forward(&x)?)?, values(&inference)?);
+    assert_eq!(layer.dropout_calls(), Some(1), "inference drew no mask");
+    Ok(())
+}
