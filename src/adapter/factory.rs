@@ -4,68 +4,13 @@ use std::collections::BTreeSet;
 
 use candle::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use serde::{Deserialize, Serialize};
 
-use super::config::Method;
+use super::config::{AdapterConfig, Method};
 use super::linear::AdaptedLinear;
 use super::peft::PeftAdapter;
 use super::registry::AdapterRegistry;
-use super::targets::{is_within, matches_target, ALL_LINEAR};
+use super::targets::matches_target;
 use crate::dropout::SeededDropout;
-
-/// What to adapt and how, like PEFT's `LoraConfig`.
-///
-/// A linear layer whose path matches one of `targets` (see
-/// [`matches_target`]) gets `method`. Otherwise, a linear layer inside one of
-/// `modules_to_save` (a task head such as `classifier`) is trained in full.
-/// Every other layer stays frozen.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdapterConfig {
-    pub method: Method,
-    pub targets: Vec<String>,
-    #[serde(default)]
-    pub modules_to_save: Vec<String>,
-}
-
-impl AdapterConfig {
-    pub fn new(method: Method, targets: &[&str]) -> Self {
-        Self {
-            method,
-            targets: targets.iter().map(|t| t.to_string()).collect(),
-            modules_to_save: Vec::new(),
-        }
-    }
-
-    pub fn with_modules_to_save(mut self, modules: &[&str]) -> Self {
-        self.modules_to_save = modules.iter().map(|m| m.to_string()).collect();
-        self
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.method.validate()?;
-        if self.targets.is_empty() && !matches!(self.method, Method::Frozen) {
-            candle::bail!(
-                "adapter targets are empty: name at least one module (or \"{ALL_LINEAR}\")"
-            );
-        }
-        if let Some(t) = self.targets.iter().find(|t| t.is_empty()) {
-            candle::bail!("adapter target {t:?} is empty");
-        }
-        Ok(())
-    }
-
-    /// The method for the linear layer at `path`.
-    pub fn method_for(&self, path: &str) -> Method {
-        if self.targets.iter().any(|t| matches_target(path, t)) {
-            self.method.clone()
-        } else if self.modules_to_save.iter().any(|m| is_within(path, m)) {
-            Method::Full
-        } else {
-            Method::Frozen
-        }
-    }
-}
 
 enum Source {
     Config(AdapterConfig),

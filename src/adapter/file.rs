@@ -27,13 +27,12 @@
 //! reproduce, since its inner matrices would be meaningless.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Result, Tensor};
 
+use super::config::AdapterConfig;
 use super::config::Method;
-use super::factory::AdapterConfig;
 use super::registry::AdapterRegistry;
 
 pub const FORMAT: &str = "lora-mini-adapter";
@@ -153,7 +152,7 @@ pub fn save_adapter(
         put("base_weights", json(&base_weights)?);
     }
     put("config", json(config)?);
-    write_safetensors_atomic(path.as_ref(), &tensors, meta)
+    crate::io::write_safetensors_atomic(path.as_ref(), &tensors, meta)
 }
 
 /// The config is what loading rebuilds the model from, so it must give
@@ -385,38 +384,4 @@ impl AdapterFile {
 
 fn module_of(tensor_name: &str) -> &str {
     tensor_name.rsplit_once('.').map_or(tensor_name, |(m, _)| m)
-}
-
-/// Writes `bytes` to a temporary sibling and renames it over `path`.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let ctx = |e: std::io::Error| candle::Error::msg(format!("writing {}: {e}", path.display()));
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(ctx)?;
-    }
-    let tmp = tmp_sibling(path);
-    let mut f = std::fs::File::create(&tmp).map_err(ctx)?;
-    f.write_all(bytes).map_err(ctx)?;
-    f.sync_all().map_err(ctx)?;
-    std::fs::rename(&tmp, path).map_err(ctx)
-}
-
-pub(crate) fn write_safetensors_atomic(
-    path: &Path,
-    tensors: &BTreeMap<String, Tensor>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
-    let tensors: Vec<(&String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n, t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-            .map_err(|e| candle::Error::msg(format!("serialising {}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
-}
-
-fn tmp_sibling(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
 }

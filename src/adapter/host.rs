@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle::{Result, Tensor};
 use candle_nn::Linear;
 
-use super::linear::{linear_fwd, merged_weight};
+use super::matmul::{linear_fwd, merged_weight};
 use crate::dropout::SeededDropout;
 
 /// The frozen base of a low-rank adapter: `y = W x + b + B_eff·A_eff·dropout(x)`.

@@ -8,7 +8,7 @@ use super::aux::{aux_values, values_hash, weight_hash};
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use super::linear::linear_fwd;
+use super::matmul::linear_fwd;
 use crate::dropout::SeededDropout;
 
 /// A frozen linear layer plus a LoRA-Mini update:

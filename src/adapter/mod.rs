@@ -14,16 +14,20 @@ pub mod init;
 pub mod linear;
 pub mod lora;
 pub mod lora_mini;
+mod matmul;
 mod merge;
 pub mod peft;
 pub mod registry;
 pub mod targets;
 
-pub use config::{AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};
-pub use factory::{AdapterConfig, LinearFactory};
+pub use config::{AdapterConfig, AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};
+pub use factory::LinearFactory;
 pub use file::{save_adapter, AdapterFile, DataSettings, SaveOptions};
 pub use linear::{AdaptedLinear, FullLinear, LowRankUpdate};
 pub use lora::LoraLinear;
 pub use lora_mini::LoraMiniLinear;
+/// The linear map adapted layers run, for tests and benchmarks.
+#[doc(hidden)]
+pub use matmul::linear_fwd;
 pub use peft::{export_peft, PeftAdapter, PeftExportOptions};
 pub use registry::AdapterRegistry;

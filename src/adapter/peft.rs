@@ -351,7 +351,7 @@ pub fn export_peft(
         .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    super::file::write_safetensors_atomic(&dir.join(WEIGHTS_FILE), &tensors, metadata)?;
+    crate::io::write_safetensors_atomic(&dir.join(WEIGHTS_FILE), &tensors, metadata)?;
     let json = serde_json::to_string_pretty(&config).map_err(candle::Error::wrap)?;
-    super::file::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
+    crate::io::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
 }

@@ -98,7 +98,7 @@ fn composed(
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask)?;
-    let mut probs = crate::nn::ops::softmax_last_dim(&scores)?;
+    let mut probs = crate::kernels::composed::composed_softmax_last_dim(&scores)?;
     if let Some(drop) = dropout {
         let factors: Vec<f32> = drop
             .keep
@@ -427,6 +427,12 @@ mod tests {
     use super::*;
     use candle::{Device, Var};
 
+    /// BERT's `(B, T)` 0/1 mask in additive `(B, 1, 1, T)` form.
+    fn additive_mask(keep: &Tensor) -> Result<Tensor> {
+        let (b, t) = keep.dims2()?;
+        ((keep - 1.0)? * -(f32::MIN as f64))?.reshape((b, 1, 1, t))
+    }
+
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
     }
@@ -454,7 +460,7 @@ mod tests {
             ],
             &dev,
         )?;
-        let mask = crate::models::bert::additive_mask(&keep, DType::F32)?;
+        let mask = additive_mask(&keep)?;
         let probe = var(4.2)?.as_tensor().clone();
         for p in [0.0, 0.3] {
             let drop = |dropout: &SeededDropout| ProbsDropout::draw(dropout, true, b, heads, t);
@@ -494,8 +500,7 @@ mod tests {
         let k = q.clone();
         // Value rows 0..2 are 1, row 2 (padding) is 100.
         let v = Tensor::new(&[[[1f32; 4], [1.; 4], [100.; 4]]], &dev)?;
-        let mask =
-            crate::models::bert::additive_mask(&Tensor::new(&[[1f32, 1., 0.]], &dev)?, DType::F32)?;
+        let mask = additive_mask(&Tensor::new(&[[1f32, 1., 0.]], &dev)?)?;
         let out = attention(&q, &k, &v, &mask, 2, None)?;
         assert!(max_diff(&out, &Tensor::ones((1, 3, 4), DType::F32, &dev)?)? < 1e-6);
         Ok(())

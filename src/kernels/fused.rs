@@ -418,7 +418,7 @@ mod tests {
             assert!((a - b).abs() < 1e-7, "{a} vs {b}");
         }
     }
-    use crate::nn::ops::{composed_layer_norm, composed_softmax_last_dim};
+    use crate::kernels::composed::{composed_layer_norm, composed_softmax_last_dim};
     use candle::{DType, Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

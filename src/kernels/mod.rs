@@ -4,5 +4,6 @@
 //! which fall back to composed Candle ops on other devices and dtypes.
 
 pub(crate) mod attention;
+pub(crate) mod composed;
 pub(crate) mod frozen_matmul;
 pub(crate) mod fused;

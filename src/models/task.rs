@@ -245,12 +245,8 @@ impl LoadedModel {
         let tensors: std::collections::BTreeMap<String, candle::Tensor> =
             tensors.into_iter().collect();
         let metadata = [("format".to_string(), "pt".to_string())].into();
-        crate::adapter::file::write_safetensors_atomic(
-            &out.join("model.safetensors"),
-            &tensors,
-            metadata,
-        )?;
-        crate::adapter::file::write_atomic(&out.join("config.json"), config.as_bytes())?;
+        crate::io::write_safetensors_atomic(&out.join("model.safetensors"), &tensors, metadata)?;
+        crate::io::write_atomic(&out.join("config.json"), config.as_bytes())?;
         let tokenizer = self.dir.join("tokenizer.json");
         if tokenizer.exists() {
             std::fs::copy(&tokenizer, out.join("tokenizer.json"))

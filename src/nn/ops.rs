@@ -31,6 +31,7 @@
 
 use candle::{DType, Result, Tensor, D};
 
+use crate::kernels::composed::{composed_layer_norm, composed_softmax_last_dim};
 use crate::kernels::fused::{GeluErf, LayerNormOp, Softmax};
 
 pub(crate) fn fusable(xs: &Tensor) -> bool {
@@ -65,23 +66,6 @@ pub fn rms_norm(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
         .broadcast_mul(alpha)
 }
 
-/// [`layer_norm`] from basic ops (any device and dtype).
-pub(crate) fn composed_layer_norm(
-    xs: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    let dtype = xs.dtype();
-    let x = upcast(xs)?;
-    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .to_dtype(dtype)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
-}
-
 /// The exact, erf-based GELU (`Tensor::gelu_erf`), fused on the CPU in f32.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
     if fusable(xs) {
@@ -96,15 +80,6 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
         return xs.contiguous()?.apply_op1(Softmax);
     }
     composed_softmax_last_dim(xs)
-}
-
-/// [`softmax_last_dim`] from basic ops. The row maximum is subtracted for
-/// stability and detached: softmax does not depend on it, so it needs no
-/// gradient.
-pub(crate) fn composed_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach();
-    let num = xs.broadcast_sub(&max)?.exp()?;
-    num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
 }
 
 /// `candle_nn::ops::sdpa` with a backward: `softmax(q·kᵀ·scale + mask)·v`
@@ -166,13 +141,6 @@ fn repeat_kv(xs: &Tensor, n_rep: usize) -> Result<Tensor> {
     xs.unsqueeze(2)?
         .broadcast_as((b, heads, n_rep, t, d))?
         .reshape((b, heads * n_rep, t, d))
-}
-
-fn upcast(xs: &Tensor) -> Result<Tensor> {
-    match xs.dtype() {
-        DType::F16 | DType::BF16 => xs.to_dtype(DType::F32),
-        _ => Ok(xs.clone()),
-    }
 }
 
 #[cfg(test)]

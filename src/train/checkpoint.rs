@@ -15,8 +15,8 @@ use candle::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::optim::AdamW;
-use crate::adapter::file::write_safetensors_atomic;
 use crate::adapter::AdapterRegistry;
+use crate::io::write_safetensors_atomic;
 
 const FORMAT: &str = "lora-mini-checkpoint";
 const VERSION: &str = "1";

@@ -137,7 +137,7 @@ pub fn render_svg(curves: &Curves) -> Result<String, String> {
 /// Renders `curves` and writes them to `path` atomically.
 pub fn write_svg(path: &Path, curves: &Curves) -> Result<(), String> {
     let svg = render_svg(curves)?;
-    crate::adapter::file::write_atomic(path, svg.as_bytes())
+    crate::io::write_atomic(path, svg.as_bytes())
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 

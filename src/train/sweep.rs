@@ -327,8 +327,7 @@ pub fn write_sweep(dir: &Path, runs: &[SweepRun], headline: &str) -> Result<(), 
     }))
     .map_err(|e| e.to_string())?;
     let write = |name: &str, bytes: &[u8]| {
-        crate::adapter::file::write_atomic(&dir.join(name), bytes)
-            .map_err(|e| crate::error::message(&e))
+        crate::io::write_atomic(&dir.join(name), bytes).map_err(|e| crate::error::message(&e))
     };
     write("sweep.md", markdown(runs, headline).as_bytes())?;
     write("sweep.json", json.as_bytes())

@@ -393,8 +393,7 @@ fn write_outputs(
     records: &(impl Serialize + ?Sized),
 ) -> Result<(), String> {
     let write = |name: &str, bytes: &[u8]| {
-        crate::adapter::file::write_atomic(&dir.join(name), bytes)
-            .map_err(|e| crate::error::message(&e))
+        crate::io::write_atomic(&dir.join(name), bytes).map_err(|e| crate::error::message(&e))
     };
     write(document_name, document.as_bytes())?;
     let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;

@@ -946,7 +946,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     }
     let write_results = || {
         let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
-        crate::adapter::file::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(msg)
+        crate::io::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(msg)
     };
     if let Some(error) = diverged {
         // Recorded as finished (a rerun would diverge the same way); the
@@ -976,7 +976,7 @@ fn truncate_metrics_after(path: &Path, step: u64) -> Result<(), Error> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::adapter::file::write_atomic(path, kept.as_bytes()).map_err(msg)
+    crate::io::write_atomic(path, kept.as_bytes()).map_err(msg)
 }
 
 /// The model's logits on a padded batch; `train` switches dropout on.

@@ -79,7 +79,7 @@ fn inference_forward_over_many_rows_still_reaches_the_factors() -> Result<()> {
 fn zero_inner_init_starts_from_the_pretrained_function() -> Result<()> {
     let base = base_linear(3, 32, 24, true, DType::F32)?;
     let x = uniform(4, &[2, 6, 32], 1.0, DType::F32)?;
-    let expected = lora_mini::adapter::linear::linear_fwd(&x, base.weight(), base.bias())?;
+    let expected = lora_mini::adapter::linear_fwd(&x, base.weight(), base.bias())?;
     let mini = LoraMiniLinear::new(&base, &mini_config(InnerInit::ZeroB), "m")?;
     let lora = LoraLinear::new(&base, &LoraConfig::new(4), "m")?;
     assert_eq!(values(&mini.forward_t(&x, false)?)?, values(&expected)?);
