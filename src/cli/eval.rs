@@ -19,6 +19,7 @@ use crate::data::{
     TranslationPair,
 };
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
+use crate::train::config::{DeviceChoice, WeightDtype};
 use crate::train::trainer::{classify_batch, evaluate, EvalSet};
 
 fn msg(e: candle::Error) -> CliError {
@@ -63,7 +64,7 @@ fn setting<T: PartialEq + std::fmt::Display + Clone>(
 }
 
 fn load(args: &ModelArgs) -> Result<Session, CliError> {
-    let device = crate::train::trainer::device(&args.device)
+    let device = crate::train::trainer::device(args.device)
         .map_err(|e| e.replace("run.device = ", "--device "))?;
     let file = match &args.adapter {
         Some(path) => Some(AdapterFile::read(path, &device).map_err(msg)?),
@@ -89,7 +90,7 @@ fn load(args: &ModelArgs) -> Result<Session, CliError> {
         None,
         task.num_labels(),
         factory,
-        DType::F32,
+        args.dtype.dtype(),
         &device,
         0,
     )
@@ -137,8 +138,12 @@ pub struct ModelArgs {
     pub batch_size: usize,
     /// auto (CUDA, then Metal, when built in and present; else the CPU),
     /// cpu, cuda or metal.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda", "metal"])]
-    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// The precision the base model is loaded in: f32, bf16 or f16 (the
+    /// adapter's tensors are cast to it).
+    #[arg(long, default_value = "f32")]
+    pub dtype: WeightDtype,
 }
 
 /// Options of `lora-mini eval`.

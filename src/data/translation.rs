@@ -15,9 +15,12 @@ pub struct TranslationPair {
 }
 
 /// Which way to translate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
+    #[default]
+    #[serde(rename = "en-ro")]
     EnRo,
+    #[serde(rename = "ro-en")]
     RoEn,
 }
 

@@ -9,8 +9,8 @@ use crate::dropout::SeededDropout;
 use crate::kernels::attention::{attention, ProbsDropout};
 use crate::nn::{embedding, layer_norm, linear, Activation, Embedding, LayerNorm, VarBuilder};
 
-fn default_act() -> String {
-    "gelu".into()
+fn default_act() -> Activation {
+    Activation::GeluErf
 }
 fn default_dropout() -> f64 {
     0.1
@@ -35,7 +35,7 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     #[serde(default = "default_act")]
-    pub hidden_act: String,
+    pub hidden_act: Activation,
     #[serde(default = "default_dropout")]
     pub hidden_dropout_prob: f64,
     #[serde(default = "default_dropout")]
@@ -80,7 +80,6 @@ impl BertConfig {
         {
             candle::bail!("position_embedding_type {kind:?} is not supported (only \"absolute\")");
         }
-        Activation::from_hf(&self.hidden_act)?;
         Ok(())
     }
 }
@@ -222,7 +221,7 @@ impl Layer {
             output: linear(ff, h, vb.pp("output.dense"))?,
             norm: layer_norm(h, eps, vb.pp("output.LayerNorm"))?,
             dropout: vb.pp("output").dropout(p)?,
-            act: Activation::from_hf(&config.hidden_act)?,
+            act: config.hidden_act,
         })
     }
 

@@ -1,33 +1,38 @@
 //! The activations Hugging Face configs name in `hidden_act`.
 
 use candle::{Result, Tensor};
+use serde::Deserialize;
 
 use super::ops;
 
 /// The activations Hugging Face configs name in `hidden_act`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Deserialises from those names (`"gelu"`, `"gelu_new"`...); an unknown
+/// one is an error listing the valid names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Activation {
     /// `gelu`: the exact, erf-based GELU.
+    #[serde(rename = "gelu")]
     GeluErf,
-    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
+    /// `gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`: the tanh approximation.
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
     GeluTanh,
+    #[serde(rename = "relu")]
     Relu,
     /// `silu` (`swish`): Llama's gated MLP.
+    #[serde(rename = "silu", alias = "swish")]
     Silu,
 }
 
 impl Activation {
     /// The activation a Hugging Face `hidden_act` names.
     pub fn from_hf(name: &str) -> Result<Self> {
-        Ok(match name {
-            "gelu" => Self::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "relu" => Self::Relu,
-            "silu" | "swish" => Self::Silu,
-            other => candle::bail!(
-                "unsupported activation {other:?} (gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
-            ),
-        })
+        Self::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
+            .map_err(|_| {
+                candle::Error::msg(format!(
+                    "unsupported activation {name:?} (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish)"
+                ))
+            })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {

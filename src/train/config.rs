@@ -4,11 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+use candle::DType;
 use serde::{Deserialize, Serialize};
 
 use super::schedule::ScheduleKind;
 use crate::adapter::targets::ALL_LINEAR;
 use crate::adapter::{AuxInit, InnerInit};
+use crate::data::translation::Direction;
 use crate::models::presets::LINEAR_MODULE_NAMES;
 
 /// The target presets `adapter.targets` accepts besides module names.
@@ -17,14 +19,8 @@ const PRESETS: &[&str] = &["dense", "attention", "dense+attention", "attention+d
 fn d_main() -> String {
     "main".into()
 }
-fn d_f32() -> String {
-    "f32".into()
-}
 fn d_len() -> usize {
     128
-}
-fn d_direction() -> String {
-    "en-ro".into()
 }
 fn d_targets() -> String {
     "dense+attention".into()
@@ -68,9 +64,6 @@ fn d_warmup() -> f64 {
 fn d_clip() -> f64 {
     1.0
 }
-fn d_device() -> String {
-    "auto".into()
-}
 fn d_out() -> PathBuf {
     PathBuf::from("runs/train")
 }
@@ -91,9 +84,9 @@ pub struct ModelSection {
     pub source: String,
     #[serde(default = "d_main")]
     pub revision: String,
-    /// `f32`, `bf16` or `f16`.
-    #[serde(default = "d_f32")]
-    pub dtype: String,
+    /// The precision the frozen base is loaded in.
+    #[serde(default)]
+    pub dtype: WeightDtype,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,8 +105,8 @@ pub struct TaskSection {
     #[serde(default = "d_len")]
     pub max_target_len: usize,
     /// `en-ro` or `ro-en`.
-    #[serde(default = "d_direction")]
-    pub direction: String,
+    #[serde(default)]
+    pub direction: Direction,
     /// The source prefix (T5); by default T5's for the direction.
     #[serde(default)]
     pub prefix: Option<String>,
@@ -128,8 +121,7 @@ pub struct TaskSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSection {
-    /// `full`, `lora` or `lora-mini`.
-    pub method: String,
+    pub method: MethodName,
     /// A preset (`dense`, `attention`, `dense+attention`) or a comma list.
     #[serde(default = "d_targets")]
     pub targets: String,
@@ -207,8 +199,8 @@ pub struct OptimSection {
 #[serde(deny_unknown_fields)]
 pub struct RunSection {
     /// `auto`, `cpu`, `cuda` or `metal`.
-    #[serde(default = "d_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: DeviceChoice,
     #[serde(default = "d_seed")]
     pub seed: u64,
     #[serde(default = "d_out")]
@@ -227,6 +219,91 @@ pub struct RunSection {
     pub time_budget_minutes: Option<f64>,
     #[serde(default = "d_true")]
     pub bucket_by_length: bool,
+}
+
+/// `model.dtype`: the precision the frozen base is loaded in (adapters and
+/// optimiser state stay f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        from_name(s, "f32, bf16 or f16")
+    }
+}
+
+/// `adapter.method`: how the linear layers are fine-tuned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodName {
+    /// Every weight trains.
+    Full,
+    /// LoRA on the target modules.
+    Lora,
+    /// LoRA-Mini on the target modules.
+    LoraMini,
+}
+
+impl MethodName {
+    /// The name configs and adapter files use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Lora => "lora",
+            Self::LoraMini => "lora-mini",
+        }
+    }
+}
+
+impl std::fmt::Display for MethodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `run.device` (and `--device`): where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA if this build has it and a GPU is present, else Metal, else the
+    /// CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        from_name(s, "auto, cpu, cuda or metal")
+    }
+}
+
+/// A unit enum variant from its serde name, or an error listing `valid`.
+fn from_name<T: serde::de::DeserializeOwned>(name: &str, valid: &str) -> Result<T, String> {
+    T::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
+        .map_err(|_| format!("{name:?} is not {valid}"))
 }
 
 /// The whole config.
@@ -254,6 +331,21 @@ fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// `section.key` of the assignment on 1-based `line`, if it is one.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let mut section = String::new();
+    for (i, l) in text.lines().enumerate().take(line) {
+        let t = l.trim();
+        if t.starts_with('[') {
+            section = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        } else if i + 1 == line {
+            let key = t.split_once('=')?.0.trim();
+            return Some(format!("{section}.{key}"));
+        }
+    }
+    None
+}
+
 impl TrainConfig {
     /// Reads a config, applies `--set section.key=value` overrides, and
     /// validates it. Errors name the file, the key and its line.
@@ -265,8 +357,9 @@ impl TrainConfig {
             Some(span) => {
                 let line = text[..span.start].matches('\n').count() + 1;
                 let column = span.start - text[..span.start].rfind('\n').map_or(0, |i| i + 1) + 1;
+                let key = key_at(&text, line).map_or(String::new(), |k| format!(" ({k})"));
                 format!(
-                    "{}:{line}:{column}: {}",
+                    "{}:{line}:{column}: {}{key}",
                     path.display(),
                     e.message().trim().replace('\n', " ")
                 )
@@ -319,21 +412,7 @@ impl TrainConfig {
         if crate::data::task(&self.task.name).is_err() {
             return Err(("task", "name", format!("unknown task {:?}", self.task.name)));
         }
-        if !matches!(self.model.dtype.as_str(), "f32" | "bf16" | "f16") {
-            return Err((
-                "model",
-                "dtype",
-                format!("{:?} is not f32, bf16 or f16", self.model.dtype),
-            ));
-        }
-        if !matches!(a.method.as_str(), "full" | "lora" | "lora-mini") {
-            return Err((
-                "adapter",
-                "method",
-                format!("{:?} is not full, lora or lora-mini", a.method),
-            ));
-        }
-        if a.method != "full" && !PRESETS.contains(&a.targets.trim()) {
+        if a.method != MethodName::Full && !PRESETS.contains(&a.targets.trim()) {
             let unknown: Vec<&str> = a
                 .targets
                 .split(',')
@@ -355,7 +434,7 @@ impl TrainConfig {
                 ));
             }
         }
-        if a.method != "lora-mini" && a.aux_init != AuxInit::Kaiming {
+        if a.method != MethodName::LoraMini && a.aux_init != AuxInit::Kaiming {
             return Err((
                 "adapter",
                 "aux_init",
@@ -365,10 +444,10 @@ impl TrainConfig {
         if a.r == 0 {
             return Err(("adapter", "r", "must be at least 1".into()));
         }
-        if a.method == "lora-mini" && a.a == 0 {
+        if a.method == MethodName::LoraMini && a.a == 0 {
             return Err(("adapter", "a", "must be at least 1".into()));
         }
-        if a.method == "lora-mini" && a.b == 0 {
+        if a.method == MethodName::LoraMini && a.b == 0 {
             return Err(("adapter", "b", "must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&a.dropout) {
@@ -441,20 +520,6 @@ impl TrainConfig {
         }
         if self.task.max_len < 2 {
             return Err(("task", "max_len", "must be at least 2".into()));
-        }
-        if !matches!(self.task.direction.as_str(), "en-ro" | "ro-en") {
-            return Err((
-                "task",
-                "direction",
-                format!("{:?} is not en-ro or ro-en", self.task.direction),
-            ));
-        }
-        if !matches!(self.run.device.as_str(), "auto" | "cpu" | "cuda" | "metal") {
-            return Err((
-                "run",
-                "device",
-                format!("{:?} is not auto, cpu, cuda or metal", self.run.device),
-            ));
         }
         Ok(())
     }

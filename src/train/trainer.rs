@@ -14,7 +14,7 @@ use candle::{DType, Device, Tensor, D};
 use serde_json::json;
 
 use super::checkpoint::{config_differences, save_checkpoint, Best, Checkpoint, RunState};
-use super::config::TrainConfig;
+use super::config::{DeviceChoice, MethodName, TrainConfig};
 use super::eval::score_labels;
 use super::optim::{global_norm, AdamW, AdamWConfig, ParamGroup};
 use super::plot::{write_svg, Curves};
@@ -29,7 +29,7 @@ use crate::data::batch::{
     BatchPlan, ClassificationBatch, Encoded, EncodedPair,
 };
 use crate::data::{
-    read_examples, read_parallel, task, Direction, Example, Label, Task, TaskKind, TranslationPair,
+    read_examples, read_parallel, task, Example, Label, Task, TaskKind, TranslationPair,
 };
 use crate::models::bert::sequence_classification_loss;
 use crate::models::presets::resolve_targets;
@@ -187,12 +187,16 @@ pub fn param_groups(
 }
 
 /// The device a config asks for.
-pub fn device(name: &str) -> Result<Device, Error> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| format!("run.device = \"cuda\": {}", msg(e))),
-        "metal" => Device::new_metal(0).map_err(|e| format!("run.device = \"metal\": {}", msg(e))),
-        _ => Ok(if candle::utils::cuda_is_available() {
+pub fn device(choice: DeviceChoice) -> Result<Device, Error> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => {
+            Device::new_cuda(0).map_err(|e| format!("run.device = \"cuda\": {}", msg(e)))
+        }
+        DeviceChoice::Metal => {
+            Device::new_metal(0).map_err(|e| format!("run.device = \"metal\": {}", msg(e)))
+        }
+        DeviceChoice::Auto => Ok(if candle::utils::cuda_is_available() {
             Device::new_cuda(0).map_err(msg)?
         } else if candle::utils::metal_is_available() {
             Device::new_metal(0).map_err(msg)?
@@ -209,9 +213,9 @@ pub fn adapter_config(
     gated: bool,
 ) -> Result<AdapterConfig, Error> {
     let a = &config.adapter;
-    let (method, targets) = match a.method.as_str() {
-        "full" => (Method::Full, vec![ALL_LINEAR.to_string()]),
-        "lora" => (
+    let (method, targets) = match a.method {
+        MethodName::Full => (Method::Full, vec![ALL_LINEAR.to_string()]),
+        MethodName::Lora => (
             Method::Lora(LoraConfig {
                 alpha: a.alpha,
                 dropout: a.dropout,
@@ -222,7 +226,7 @@ pub fn adapter_config(
             }),
             resolve_targets(loaded_family, &a.targets, gated).map_err(msg)?,
         ),
-        _ => (
+        MethodName::LoraMini => (
             Method::LoraMini(LoraMiniConfig {
                 alpha: a.alpha,
                 dropout: a.dropout,
@@ -242,22 +246,13 @@ pub fn adapter_config(
     })
 }
 
-/// The translation direction a config asks for.
-fn direction(config: &TrainConfig) -> Direction {
-    if config.task.direction == "ro-en" {
-        Direction::RoEn
-    } else {
-        Direction::EnRo
-    }
-}
-
 /// The T5 source prefix: the config's, or T5's own for the direction.
 fn source_prefix(config: &TrainConfig) -> String {
     config
         .task
         .prefix
         .clone()
-        .unwrap_or_else(|| direction(config).t5_prefix().to_string())
+        .unwrap_or_else(|| config.task.direction.t5_prefix().to_string())
 }
 
 /// Tokenised training and evaluation data. `validation` is carved out of
@@ -439,12 +434,8 @@ pub fn train(config: &TrainConfig) -> Result<TrainSummary, Error> {
 pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainSummary, Error> {
     let start = Instant::now();
     let task = task(&config.task.name)?;
-    let dev = device(&config.run.device)?;
-    let dtype = match config.model.dtype.as_str() {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
+    let dev = device(config.run.device)?;
+    let dtype = config.model.dtype.dtype();
     let out = &config.run.output_dir;
     check_fresh_start(out, options)?;
     std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
@@ -499,7 +490,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     let tokenizer = load_tokenizer(&source_dir.join("tokenizer.json"))?;
     let seed = config.run.seed;
     let data = if task.kind == TaskKind::Translation {
-        let direction = direction(config);
+        let direction = config.task.direction;
         let prefix = source_prefix(config);
         let (train, validation) = training_examples(read_pairs(task, config, "train")?, config);
         let dev_pairs = slice(
@@ -1106,11 +1097,11 @@ mod tests {
     fn auto_uses_the_cpu_when_no_accelerator_is_compiled_in() {
         let built_with_accelerator = cfg!(any(feature = "cuda", feature = "metal"));
         if !built_with_accelerator {
-            assert!(device("auto").unwrap().is_cpu());
+            assert!(device(DeviceChoice::Auto).unwrap().is_cpu());
             // Asking for one that is not there names the setting.
-            let err = device("cuda").unwrap_err();
+            let err = device(DeviceChoice::Cuda).unwrap_err();
             assert!(err.starts_with("run.device = \"cuda\""), "{err}");
         }
-        assert!(device("cpu").unwrap().is_cpu());
+        assert!(device(DeviceChoice::Cpu).unwrap().is_cpu());
     }
 }

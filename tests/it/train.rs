@@ -286,6 +286,45 @@ fn bad_configs_name_the_key_and_line() {
         .contains("optim.lr"));
 }
 
+/// Closed sets (dtype, method, device) are enums: an unknown value is one
+/// line naming the file, line, key and every valid value, never a silent
+/// fallback.
+#[test]
+fn unknown_choices_list_the_valid_values() {
+    let (model, data) = tiny_setup().unwrap();
+    let out = workdir("choices");
+    let base = config_text(&model, &data, &out);
+    let cases = [
+        (
+            base.replace("method = \"lora-mini\"", "method = \"lora_mini\""),
+            "(adapter.method)",
+            "`full`, `lora`, `lora-mini`",
+        ),
+        (
+            base.replace("device = \"cpu\"", "device = \"gpu\""),
+            "(run.device)",
+            "`auto`, `cpu`, `cuda`, `metal`",
+        ),
+        (
+            base.replace("[model]", "[model]\ndtype = \"f64\""),
+            "(model.dtype)",
+            "`f32`, `bf16`, `f16`",
+        ),
+    ];
+    for (i, (text, key, valid)) in cases.into_iter().enumerate() {
+        let path = out.join(format!("choice{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let err = TrainConfig::load(&path, &[]).unwrap_err();
+        assert!(
+            err.starts_with(&format!("{}:", path.display()))
+                && err.contains(key)
+                && err.contains(valid),
+            "case {i}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "case {i}: {err}");
+    }
+}
+
 #[test]
 fn shipped_configs_parse_and_validate_against_the_real_shapes() {
     use lora_mini::models::bert::BertConfig;
@@ -705,7 +744,10 @@ fn lora_mini_on_minilm_beats_the_majority_class_on_sst2() {
     .into_iter()
     .collect();
     let config = TrainConfig::load(&root.join("configs/quickstart.toml"), &overrides).unwrap();
-    assert_eq!(config.adapter.method, "lora-mini");
+    assert_eq!(
+        config.adapter.method,
+        lora_mini::train::config::MethodName::LoraMini
+    );
     let summary = train(&config).unwrap();
     assert_eq!(summary.steps, 128, "the time budget cut the run short");
 
