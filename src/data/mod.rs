@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod error;
 pub mod examples;
+pub mod locate;
 #[cfg(feature = "data")]
 pub mod parquet;
 pub mod tasks;

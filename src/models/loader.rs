@@ -20,6 +20,7 @@ pub struct Checkpoint {
 /// present) are fetched through the hub cache. `HF_HOME` and `HF_HUB_OFFLINE`
 /// are honoured.
 ///
+/// A hub id is first looked for in [`model_roots`] (on the main revision).
 /// A `spec` that reads as a path ([`looks_like_path`]) is never sent to the
 /// hub: a missing folder is reported as such.
 pub fn resolve_checkpoint_dir(spec: &str, revision: Option<&str>) -> Result<PathBuf> {
@@ -33,7 +34,35 @@ pub fn resolve_checkpoint_dir(spec: &str, revision: Option<&str>) -> Result<Path
     if looks_like_path(spec) {
         candle::bail!("no such directory: {spec}");
     }
+    if matches!(revision, None | Some("main")) {
+        if let Some(local) = local_copy(spec, model_roots()) {
+            eprintln!("{spec}: using the local copy {}", local.display());
+            return Ok(local);
+        }
+    }
     fetch_from_hub(spec, revision)
+}
+
+/// Folders searched for a local copy of a hub model before the hub (and
+/// its cache), in order: those in the `LORA_MINI_MODELS` variable
+/// (`:`-separated), then `../shared/models`, where this project's checkouts
+/// keep their bundled models. A copy is `<folder>/<name>` for the hub id
+/// `owner/<name>`, holding a `config.json`.
+pub fn model_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = std::env::var_os("LORA_MINI_MODELS")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    roots.push(PathBuf::from("../shared/models"));
+    roots
+}
+
+/// The first of `roots` holding the model `id` names.
+fn local_copy(id: &str, roots: Vec<PathBuf>) -> Option<PathBuf> {
+    let name = id.rsplit('/').next()?;
+    roots
+        .into_iter()
+        .map(|root| root.join(name))
+        .find(|dir| dir.join("config.json").is_file())
 }
 
 /// Whether a model spec names a local path rather than a hub id
@@ -217,6 +246,22 @@ impl Checkpoint {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_hub_id_finds_its_local_copy_by_name() {
+        let root = std::env::temp_dir().join(format!("lora-mini-roots-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("all-MiniLM-L6-v2")).unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        std::fs::write(root.join("all-MiniLM-L6-v2/config.json"), "{}").unwrap();
+        let roots = || vec![root.join("absent"), root.clone()];
+        assert_eq!(
+            local_copy("sentence-transformers/all-MiniLM-L6-v2", roots()),
+            Some(root.join("all-MiniLM-L6-v2"))
+        );
+        assert_eq!(local_copy("someone/empty", roots()), None, "no config.json");
+        assert_eq!(local_copy("someone/other", roots()), None);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -93,8 +93,10 @@ pub struct ModelSection {
 #[serde(deny_unknown_fields)]
 pub struct TaskSection {
     pub name: String,
-    /// `hub`, or a local folder: GLUE's `<TASK>/` (train.tsv, dev.tsv) or the
-    /// WMT16 folder (newsdev2016 trains, newstest2016 evaluates).
+    /// A local folder (GLUE's `<TASK>/` with train.tsv and dev.tsv, or the
+    /// WMT16 folder: newsdev2016 trains, newstest2016 evaluates), `hub`, or
+    /// `auto`: the first local copy in `$LORA_MINI_DATA` or
+    /// `../shared/data`, else the hub (see `data::locate`).
     pub data: String,
     #[serde(default)]
     pub max_train_examples: Option<usize>,

@@ -28,6 +28,7 @@ use crate::data::batch::{
     collate_classification, collate_seq2seq, encode_examples, encode_translation, load_tokenizer,
     BatchPlan, ClassificationBatch, Encoded, EncodedPair,
 };
+use crate::data::locate::{locate_data, DataSource};
 use crate::data::{
     read_examples, read_parallel, task, Example, Label, Task, TaskKind, TranslationPair,
 };
@@ -369,15 +370,16 @@ pub fn split_validation<T>(items: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, 
 }
 
 fn read_split(task: &Task, config: &TrainConfig, split: &str) -> Result<Vec<Example>, Error> {
-    let path = if config.task.data == "hub" {
-        let hf_split = if split == "train" {
-            "train"
-        } else {
-            task.dev_splits[0]
-        };
-        crate::data::parquet::fetch_split(task, hf_split, None).map_err(msg)?
-    } else {
-        Path::new(&config.task.data).join(format!("{split}.tsv"))
+    let path = match locate_data(task, &config.task.data) {
+        DataSource::Hub => {
+            let hf_split = if split == "train" {
+                "train"
+            } else {
+                task.dev_splits[0]
+            };
+            crate::data::parquet::fetch_split(task, hf_split, None).map_err(msg)?
+        }
+        DataSource::Folder(dir) => dir.join(format!("{split}.tsv")),
     };
     read_examples(task, &path).map_err(|e| e.to_string())
 }
@@ -387,19 +389,19 @@ fn read_pairs(
     config: &TrainConfig,
     split: &str,
 ) -> Result<Vec<TranslationPair>, Error> {
-    if config.task.data == "hub" {
-        let path = crate::data::parquet::fetch_split(
-            task,
-            if split == "train" {
+    let dir = match locate_data(task, &config.task.data) {
+        DataSource::Hub => {
+            let hf_split = if split == "train" {
                 "train"
             } else {
                 "validation"
-            },
-            None,
-        )
-        .map_err(msg)?;
-        return crate::data::parquet::read_parquet_translation(&path).map_err(|e| e.to_string());
-    }
+            };
+            let path = crate::data::parquet::fetch_split(task, hf_split, None).map_err(msg)?;
+            return crate::data::parquet::read_parquet_translation(&path)
+                .map_err(|e| e.to_string());
+        }
+        DataSource::Folder(dir) => dir,
+    };
     // No WMT16 training data is available locally: newsdev2016 trains and
     // newstest2016 evaluates.
     let set = if split == "train" {
@@ -407,7 +409,6 @@ fn read_pairs(
     } else {
         "newstest2016"
     };
-    let dir = Path::new(&config.task.data);
     read_parallel(
         &dir.join(format!("{set}-enro.en")),
         &dir.join(format!("{set}-enro.ro")),
