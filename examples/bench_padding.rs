@@ -27,7 +27,7 @@ use candle::{Device, Tensor};
 use lora_mini::data::batch::{collate_classification, encode_examples, load_tokenizer, BatchPlan};
 use lora_mini::data::{read_examples, task};
 use lora_mini::models::bert::sequence_classification_loss;
-use lora_mini::train::optim::{AdamW, AdamWConfig};
+use lora_mini::train::optim::{AdamWConfig, GroupedAdamW};
 use lora_mini::train::trainer::classify_batch;
 
 #[path = "common/workload.rs"]
@@ -98,7 +98,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let loaded = workload::load_lora_mini_bert(&args.model, task.num_labels(), &device)?;
         let pad_id = loaded.pad_token_id();
         let vars = loaded.registry.trainable();
-        let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+        let mut opt = GroupedAdamW::new(vars.clone(), AdamWConfig::default())?;
         let plan = BatchPlan {
             batch_size: args.batch,
             shuffle: true,

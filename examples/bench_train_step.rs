@@ -19,7 +19,7 @@ use std::time::Instant;
 use candle::{DType, Device, Tensor};
 use lora_mini::models::bert::sequence_classification_loss;
 use lora_mini::rng::SeededRng;
-use lora_mini::train::optim::{AdamW, AdamWConfig};
+use lora_mini::train::optim::{AdamWConfig, GroupedAdamW};
 
 #[path = "common/workload.rs"]
 mod workload;
@@ -81,7 +81,7 @@ fn main() -> candle::Result<()> {
     let device = Device::Cpu;
     let loaded = workload::load_lora_mini_bert(&args.model, Some(2), &device)?;
     let vars = loaded.registry.trainable();
-    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    let mut opt = GroupedAdamW::new(vars.clone(), AdamWConfig::default())?;
 
     let mut rng = SeededRng::new(7);
     let ids: Vec<u32> = (0..args.batch * args.len)

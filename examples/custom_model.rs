@@ -14,7 +14,7 @@ use lora_mini::adapter::{
     save_adapter, AdaptedLinear, AdapterConfig, AdapterFile, AdapterRegistry, LinearFactory,
     LoraMiniConfig, Method, SaveOptions,
 };
-use lora_mini::train::optim::{AdamW, AdamWConfig};
+use lora_mini::train::optim::{AdamWConfig, GroupedAdamW};
 
 /// A two-layer MLP with a classifier head. Every linear comes from the
 /// factory, under the path its weights would have in a checkpoint.
@@ -72,7 +72,7 @@ fn main() -> Result<()> {
     let values = lora_mini::adapter::init::normal_values(7, "toy-inputs", 256 * 16, 1.0);
     let xs = Tensor::from_vec(values, (256, 16), &Device::Cpu)?;
     let labels = xs.narrow(1, 0, 4)?.sum(1)?.ge(0f32)?.to_dtype(DType::U32)?;
-    let mut opt = AdamW::new(registry.trainable(), AdamWConfig::default())?;
+    let mut opt = GroupedAdamW::new(registry.trainable(), AdamWConfig::default())?;
     for step in 1..=60 {
         let logits = model.forward_t(&xs, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;

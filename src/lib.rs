@@ -8,23 +8,25 @@
 //!
 //! # Layers, lowest first
 //!
-//! | module | holds | uses |
-//! | --- | --- | --- |
-//! | [`adapter`] | LoRA-Mini, LoRA, full and frozen linears; their seeded (or SVD) init; the factory keyed by module path; the registry; adapter files; PEFT export and import | Candle only |
-//! | [`models`] | BERT, RoBERTa and T5 built through the factory; differentiable ops; the loader | `adapter` |
-//! | [`data`] | the GLUE and WMT16 task registry, readers, tokenising and batching | nothing of ours |
-//! | [`metrics`] | accuracy, F1, MCC, correlations, BLEU and ROUGE as the reference tools compute them | nothing of ours |
-//! | [`train`] | the TOML config, AdamW with parameter groups, schedules, the training loop, checkpoints, sweeps | all of the above |
-//! | `cli` | one file per `lora-mini` subcommand | the library |
+//! Each layer imports only from the rows above it.
 //!
-//! `cargo add lora-mini --no-default-features` keeps `adapter`, `models`
-//! and `metrics`: enough to adapt your own Candle model
-//! (`examples/readme_snippet.rs` is the smallest program that does).
+//! | module | holds | imports |
+//! | --- | --- | --- |
+//! | [`rng`], [`dropout`], `io`, `kernels` | the portable seeded RNG; seeded dropout; atomic file writers; the CPU kernels (crate-private) | Candle |
+//! | [`adapter`] | LoRA-Mini, LoRA, full and frozen linears; their seeded (or SVD) init; the factory keyed by module path; the registry; adapter files; merging into a checkpoint; PEFT export and import | the leaves |
+//! | [`nn`] | candle-nn's builders made adapter-aware (`VarBuilder`, `linear`, norms, `embedding`) and ops with a backward (`layer_norm`, `rms_norm`, `softmax_last_dim`, `sdpa`, `rope`) | `adapter` |
+//! | [`models`] | BERT, RoBERTa and T5 written on `nn`; the checkpoint loader | `nn`, `adapter` |
+//! | [`data`], [`metrics`] | the GLUE and WMT16 task registry, readers, tokenising and batching; the reference metrics | the leaves |
+//! | [`train`] | the TOML config, AdamW with parameter groups, schedules, the training loop, evaluation, checkpoints, sweeps | all of the above |
+//!
+//! The `lora-mini` binary (`src/main.rs`, `src/cli/`) uses only the public
+//! API. `cargo add lora-mini --no-default-features` keeps everything but
+//! `train` and the data readers: enough to adapt your own Candle model
+//! (`examples/fork_candle_model` forks candle-transformers' Llama in six
+//! lines; `examples/readme_snippet.rs` is the smallest program).
 
 pub mod adapter;
 pub mod alloc;
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod data;
 pub mod dropout;
 pub mod error;

@@ -1,9 +1,14 @@
+//! The `lora-mini` command line: one module per subcommand in `cli/`, on
+//! the library's public API.
+
+mod cli;
+
 use clap::Parser;
 
 fn main() {
     lora_mini::alloc::keep_freed_buffers();
-    let cli = lora_mini::cli::Cli::parse();
-    if let Err(message) = lora_mini::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    if let Err(message) = cli::run(cli) {
         eprintln!("error: {message}");
         std::process::exit(1);
     }

@@ -8,7 +8,7 @@ use super::init::{kaiming_uniform_values, normal_values};
 use crate::rng::fnv1a64_extend;
 
 /// The stream names of the two frozen matrices of module `path`.
-pub fn aux_stream_names(path: &str) -> (String, String) {
+fn aux_stream_names(path: &str) -> (String, String) {
     (format!("{path}/A_aux"), format!("{path}/B_aux"))
 }
 

@@ -192,6 +192,7 @@ impl LoraMiniLinear {
 
     /// The reference path: four thin matmuls on every token. Mathematically
     /// equal to the forward pass, and kept for tests and benchmarks only.
+    #[doc(hidden)]
     pub fn forward_unfused(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let base = self.host.base_forward(xs)?;
         let xs = self.host.adapter_input(xs, train)?;

@@ -169,11 +169,6 @@ impl PeftAdapter {
         self.lora.get(path)
     }
 
-    /// Tensors stored for `modules_to_save`, by name.
-    pub fn saved_tensors(&self) -> &BTreeMap<String, Tensor> {
-        &self.saved
-    }
-
     pub fn is_saved_module(&self, path: &str) -> bool {
         self.config
             .modules_to_save

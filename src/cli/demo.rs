@@ -16,11 +16,11 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use super::CliError;
-use crate::adapter::{
+use lora_mini::adapter::{
     export_peft, save_adapter, AdapterConfig, AdapterFile, AdapterRegistry, LinearFactory,
     LoraConfig, LoraMiniConfig, Method, PeftExportOptions, SaveOptions,
 };
-use crate::rng::SeededRng;
+use lora_mini::rng::SeededRng;
 
 /// Options of `lora-mini demo`. Every option can also be set in a TOML file
 /// given with `--config` (keys as below, with `_` for `-`); flags win.
@@ -153,17 +153,17 @@ struct MethodResult {
 /// Runs the demo and prints its report.
 pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let c = DemoConfig::resolve(args)?;
-    let (base, inputs) = load_layer(&c).map_err(|e| crate::error::message(&e))?;
+    let (base, inputs) = load_layer(&c).map_err(|e| lora_mini::error::message(&e))?;
     let (d_out, d_in) = base
         .weight()
         .dims2()
-        .map_err(|e| crate::error::message(&e))?;
+        .map_err(|e| lora_mini::error::message(&e))?;
     println!(
         "layer {} of {} ({d_out}x{d_in}); {TRAIN_TOKENS} training and {HELD_OUT_TOKENS} held-out tokens",
         c.module,
         c.model_dir.display()
     );
-    let task = Task::new(&base, inputs, &c).map_err(|e| crate::error::message(&e))?;
+    let task = Task::new(&base, inputs, &c).map_err(|e| lora_mini::error::message(&e))?;
 
     let mini = LoraMiniConfig {
         seed: c.seed,
@@ -199,7 +199,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         let config = AdapterConfig::new(method, &[c.module.as_str()]);
         let (result, registry) = task
             .fit(&name, &base, &config, &c)
-            .map_err(|e| crate::error::message(&e))?;
+            .map_err(|e| lora_mini::error::message(&e))?;
         if name.starts_with("LoRA-Mini") && trained_mini.is_none() {
             trained_mini = Some((config, registry));
         }
@@ -228,7 +228,8 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     );
 
     let (config, registry) = trained_mini.ok_or("no LoRA-Mini run")?;
-    save_and_check(&c, &task, &base, &config, &registry).map_err(|e| crate::error::message(&e))?;
+    save_and_check(&c, &task, &base, &config, &registry)
+        .map_err(|e| lora_mini::error::message(&e))?;
     let json =
         serde_json::to_string_pretty(&serde_json::json!({ "config": c, "results": results }))
             .map_err(|e| e.to_string())?;
@@ -349,7 +350,7 @@ impl Task {
         let mut factory = LinearFactory::new(config.clone())?;
         let layer = factory.build(&c.module, base)?;
         let registry = factory.finish()?;
-        let held_mse = |layer: &crate::adapter::AdaptedLinear| -> candle::Result<f64> {
+        let held_mse = |layer: &lora_mini::adapter::AdaptedLinear| -> candle::Result<f64> {
             candle_nn::loss::mse(&layer.forward_t(&self.held_x, false)?, &self.held_y)?
                 .to_scalar::<f32>()
                 .map(f64::from)
@@ -475,7 +476,7 @@ fn save_and_check(
     println!(
         "exported PEFT LoRA adapter to {} ({} bytes of weights)",
         peft_dir.display(),
-        file_size(&peft_dir.join(crate::adapter::peft::WEIGHTS_FILE))
+        file_size(&peft_dir.join(lora_mini::adapter::peft::WEIGHTS_FILE))
     );
     Ok(())
 }

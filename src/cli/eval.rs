@@ -9,21 +9,22 @@ use clap::Args;
 use serde_json::json;
 
 use super::CliError;
-use crate::adapter::{AdapterFile, LinearFactory};
-use crate::data::batch::{
+use lora_mini::adapter::{AdapterFile, LinearFactory};
+use lora_mini::data::batch::{
     collate_classification, collate_seq2seq, encode_examples, encode_translation, load_tokenizer,
 };
-use crate::data::error::{lines, read_text};
-use crate::data::{
+use lora_mini::data::error::{lines, read_text};
+use lora_mini::data::{
     read_examples, read_parallel, read_translation_jsonl, task, Direction, Task, TaskKind,
     TranslationPair,
 };
-use crate::models::task::{load_task_model, LoadedModel, TaskModel};
-use crate::train::config::{DeviceChoice, WeightDtype};
-use crate::train::trainer::{classify_batch, evaluate, EvalSet};
+use lora_mini::models::task::{load_task_model, LoadedModel, TaskModel};
+use lora_mini::train::config::{DeviceChoice, WeightDtype};
+use lora_mini::train::eval::{evaluate, EvalSet};
+use lora_mini::train::trainer::classify_batch;
 
 fn msg(e: candle::Error) -> CliError {
-    crate::error::message(&e)
+    lora_mini::error::message(&e)
 }
 
 /// The model (with the adapter applied) on the device `args` names, its
@@ -64,7 +65,7 @@ fn setting<T: PartialEq + std::fmt::Display + Clone>(
 }
 
 fn load(args: &ModelArgs) -> Result<Session, CliError> {
-    let device = crate::train::trainer::device(args.device)
+    let device = lora_mini::train::trainer::device(args.device)
         .map_err(|e| e.replace("run.device = ", "--device "))?;
     let file = match &args.adapter {
         Some(path) => Some(AdapterFile::read(path, &device).map_err(msg)?),
@@ -173,16 +174,17 @@ fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, 
         .map_err(|e| e.to_string()),
         Some(f) => read_translation_jsonl(f).map_err(|e| e.to_string()),
         None => {
-            let path = crate::data::parquet::fetch_split(task, "validation", None).map_err(msg)?;
-            crate::data::parquet::read_parquet_translation(&path).map_err(|e| e.to_string())
+            let path =
+                lora_mini::data::parquet::fetch_split(task, "validation", None).map_err(msg)?;
+            lora_mini::data::parquet::read_parquet_translation(&path).map_err(|e| e.to_string())
         }
     }
 }
 
 /// The encoded evaluation data `eval` reads.
 enum EvalData {
-    Classification(Vec<crate::data::batch::Encoded>),
-    Translation(Vec<crate::data::batch::EncodedPair>),
+    Classification(Vec<lora_mini::data::batch::Encoded>),
+    Translation(Vec<lora_mini::data::batch::EncodedPair>),
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
@@ -219,7 +221,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
                 } else {
                     args.split.as_str()
                 };
-                crate::data::parquet::fetch_split(task, split, None).map_err(msg)?
+                lora_mini::data::parquet::fetch_split(task, split, None).map_err(msg)?
             }
         };
         let examples = read_examples(task, &path).map_err(|e| e.to_string())?;

@@ -7,9 +7,9 @@ use candle::{DType, Device};
 use clap::{Args, ValueEnum};
 
 use super::CliError;
-use crate::adapter::{export_peft, AdapterFile, LinearFactory, PeftExportOptions};
-use crate::models::presets::Family;
-use crate::models::task::load_task_model;
+use lora_mini::adapter::{export_peft, AdapterFile, LinearFactory, PeftExportOptions};
+use lora_mini::models::presets::Family;
+use lora_mini::models::task::load_task_model;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -40,7 +40,7 @@ pub struct ExportArgs {
 }
 
 fn msg(e: candle::Error) -> CliError {
-    crate::error::message(&e)
+    lora_mini::error::message(&e)
 }
 
 pub fn run(args: &ExportArgs) -> Result<(), CliError> {
@@ -56,8 +56,8 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
         load_task_model(&args.model, None, labels, factory, DType::F32, &device, 0).map_err(msg)?;
     // GLUE's class names, when the adapter records its task.
     if let Some(settings) = file.data_settings() {
-        if let Ok(task) = crate::data::task(&settings.task) {
-            if let crate::data::TaskKind::Classification { labels } = task.kind {
+        if let Ok(task) = lora_mini::data::task(&settings.task) {
+            if let lora_mini::data::TaskKind::Classification { labels } = task.kind {
                 loaded = loaded.with_label_names(labels);
             }
         }
@@ -92,7 +92,7 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
 /// local folder's absolute path (a relative one would only hold from the
 /// folder the export ran in).
 fn base_model_name(spec: &str) -> String {
-    if crate::models::loader::looks_like_path(spec) {
+    if lora_mini::models::loader::looks_like_path(spec) {
         if let Ok(path) = std::fs::canonicalize(spec) {
             return path.display().to_string();
         }

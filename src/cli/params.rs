@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use super::CliError;
-use crate::adapter::targets::ALL_LINEAR;
-use crate::adapter::{AdapterConfig, LoraConfig, LoraMiniConfig, Method};
-use crate::models::bert::BertConfig;
-use crate::models::presets::{resolve_targets, Family};
-use crate::models::shapes::{encoder_classifier, t5_conditional_generation};
-use crate::models::t5::T5Config;
+use lora_mini::adapter::targets::ALL_LINEAR;
+use lora_mini::adapter::{AdapterConfig, LoraConfig, LoraMiniConfig, Method};
+use lora_mini::models::bert::BertConfig;
+use lora_mini::models::presets::{resolve_targets, Family};
+use lora_mini::models::shapes::{encoder_classifier, t5_conditional_generation};
+use lora_mini::models::t5::T5Config;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
@@ -63,9 +63,9 @@ pub fn run(args: &ParamsArgs) -> Result<(), CliError> {
     };
     let text =
         std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let err = |e: candle::Error| format!("{}: {}", path.display(), crate::error::message(&e));
+    let err = |e: candle::Error| format!("{}: {}", path.display(), lora_mini::error::message(&e));
     let family = Family::from_config_json(&text).map_err(err)?;
-    let labels = crate::data::task(&args.task)?.num_labels();
+    let labels = lora_mini::data::task(&args.task)?.num_labels();
     let (shapes, gated) = match (family, labels) {
         (Family::T5, None) => {
             let c = T5Config::from_json(&text).map_err(err)?;

@@ -8,11 +8,11 @@ use clap::Args;
 use serde_json::Value;
 
 use super::CliError;
-use crate::data::error::{lines, read_text};
-use crate::data::examples::parse_label;
-use crate::data::{read_glue_tsv, task, Label, Task, TaskKind};
-use crate::metrics;
-use crate::train::eval::score_labels;
+use lora_mini::data::error::{lines, read_text};
+use lora_mini::data::examples::parse_label;
+use lora_mini::data::{read_glue_tsv, task, Label, Task, TaskKind};
+use lora_mini::metrics;
+use lora_mini::train::eval::score_labels;
 
 /// Options of `lora-mini score`.
 #[derive(Debug, Args)]

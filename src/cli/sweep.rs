@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::CliError;
-use crate::train::config::TrainConfig;
-use crate::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
-use crate::train::sweep::{markdown, run_sweep, GridAxis, SweepEnd, SweepOptions};
+use lora_mini::train::config::TrainConfig;
+use lora_mini::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
+use lora_mini::train::sweep::{markdown, run_sweep, GridAxis, SweepEnd, SweepOptions};
 
 /// Options of `lora-mini sweep`.
 #[derive(Debug, Args)]
@@ -53,7 +53,7 @@ pub fn run(args: &SweepArgs) -> Result<(), CliError> {
         .map(|g| GridAxis::parse(g))
         .collect::<Result<Vec<_>, _>>()?;
     let base = TrainConfig::load(&args.config, &args.set)?;
-    let task = crate::data::task(&base.task.name)?;
+    let task = lora_mini::data::task(&base.task.name)?;
     let headline = format!("{:?}", task.metrics[0]).to_lowercase();
     let options = SweepOptions {
         config: args.config.clone(),

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::CliError;
-use crate::train::config::TrainConfig;
-use crate::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
-use crate::train::trainer::{train_with, TrainOptions};
+use lora_mini::train::config::TrainConfig;
+use lora_mini::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
+use lora_mini::train::trainer::{train_with, TrainOptions};
 
 /// Options of `lora-mini train`.
 #[derive(Debug, Args)]

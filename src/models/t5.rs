@@ -690,6 +690,7 @@ impl T5ForConditionalGeneration {
 
     /// Greedy decoding that recomputes the whole decoder at every step, with
     /// no cache: the reference the cached path is tested against.
+    #[doc(hidden)]
     pub fn generate_greedy_uncached(
         &self,
         input_ids: &Tensor,

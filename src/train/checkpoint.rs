@@ -14,7 +14,7 @@ use std::path::Path;
 use candle::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::optim::AdamW;
+use super::optim::GroupedAdamW;
 use crate::adapter::AdapterRegistry;
 use crate::io::write_safetensors_atomic;
 
@@ -60,7 +60,7 @@ pub struct RunState {
 pub fn save_checkpoint(
     path: &Path,
     registry: &AdapterRegistry,
-    optimizer: &AdamW,
+    optimizer: &GroupedAdamW,
     state: &RunState,
     config_toml: &str,
 ) -> Result<()> {
@@ -89,7 +89,7 @@ pub fn save_checkpoint(
 
 /// A checkpoint read back from disk.
 #[derive(Debug)]
-pub struct Checkpoint {
+pub struct SavedCheckpoint {
     pub state: RunState,
     /// The config the checkpointed run was started with (TOML).
     pub config_toml: String,
@@ -97,7 +97,7 @@ pub struct Checkpoint {
     moments: BTreeMap<String, Tensor>,
 }
 
-impl Checkpoint {
+impl SavedCheckpoint {
     pub fn read(path: &Path) -> Result<Self> {
         let context = |e: String| candle::Error::msg(format!("{}: {e}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| context(e.to_string()))?;
@@ -137,7 +137,7 @@ impl Checkpoint {
     /// Puts the checkpoint's parameters, optimiser state and dropout
     /// counters back into a freshly built model and optimiser. The model
     /// must have exactly the checkpoint's trainable tensors.
-    pub fn restore(&self, registry: &AdapterRegistry, optimizer: &mut AdamW) -> Result<()> {
+    pub fn restore(&self, registry: &AdapterRegistry, optimizer: &mut GroupedAdamW) -> Result<()> {
         let trainable = registry.trainable();
         let expected: Vec<&String> = trainable.iter().map(|(n, _)| n).collect();
         let found: Vec<&String> = self.params.keys().collect();
@@ -236,7 +236,7 @@ mod tests {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("checkpoint.safetensors");
         let registry = model(1)?;
-        let mut opt = AdamW::new(registry.trainable(), AdamWConfig::default())?;
+        let mut opt = GroupedAdamW::new(registry.trainable(), AdamWConfig::default())?;
         let grads: BTreeMap<String, Tensor> = registry
             .trainable()
             .into_iter()
@@ -256,8 +256,8 @@ mod tests {
 
         // A model built from another seed takes the saved values exactly.
         let other = model(2)?;
-        let mut other_opt = AdamW::new(other.trainable(), AdamWConfig::default())?;
-        let ckpt = Checkpoint::read(&path)?;
+        let mut other_opt = GroupedAdamW::new(other.trainable(), AdamWConfig::default())?;
+        let ckpt = SavedCheckpoint::read(&path)?;
         assert_eq!(ckpt.state, state);
         assert_eq!(ckpt.config_toml, "[run]\nseed = 1\n");
         ckpt.restore(&other, &mut other_opt)?;

@@ -1,9 +1,15 @@
-//! Evaluation: a task's official metrics on predicted labels.
+//! Evaluation: a model's predictions on a dev or validation set, scored
+//! with the task's official metrics.
 
 use std::collections::BTreeMap;
 
+use candle::{DType, Device, D};
+
+use super::trainer::{classify_batch, msg, Error};
+use crate::data::batch::{collate_classification, collate_seq2seq, Encoded, EncodedPair};
 use crate::data::{Label, Metric, Task};
 use crate::metrics;
+use crate::models::task::{LoadedModel, TaskModel};
 
 /// The task's metrics for predicted against gold labels; `None` where a
 /// metric is undefined.
@@ -59,4 +65,75 @@ pub fn score_labels(
         out.insert(name.to_string(), value);
     }
     out
+}
+/// What a model is evaluated on: encoded examples with their labels, or
+/// source sentences with reference translations.
+pub enum EvalSet<'a> {
+    Classification(&'a [Encoded]),
+    Translation {
+        pairs: &'a [EncodedPair],
+        refs: &'a [String],
+    },
+}
+
+/// The task's metrics on `set`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    loaded: &LoadedModel,
+    task: &Task,
+    set: EvalSet,
+    tokenizer: &tokenizers::Tokenizer,
+    batch_size: usize,
+    max_new_tokens: usize,
+    pad_id: u32,
+    dev: &Device,
+) -> Result<BTreeMap<String, Option<f64>>, Error> {
+    match (set, &loaded.model) {
+        (EvalSet::Classification(examples), model) => {
+            let mut predicted = Vec::with_capacity(examples.len());
+            for chunk in examples.chunks(batch_size) {
+                let items: Vec<&Encoded> = chunk.iter().collect();
+                let b = collate_classification(&items, pad_id, dev).map_err(msg)?;
+                let logits = classify_batch(model, &b, false).map_err(msg)?;
+                if logits.dim(1).map_err(msg)? == 1 {
+                    let v: Vec<f32> = logits
+                        .squeeze(1)
+                        .and_then(|l| l.to_dtype(DType::F32)?.to_vec1())
+                        .map_err(msg)?;
+                    predicted.extend(v.into_iter().map(Label::Score));
+                } else {
+                    let v: Vec<u32> = logits
+                        .argmax(D::Minus1)
+                        .and_then(|l| l.to_vec1())
+                        .map_err(msg)?;
+                    predicted.extend(v.into_iter().map(|c| Label::Class(c as usize)));
+                }
+            }
+            let gold: Vec<Label> = examples
+                .iter()
+                .map(|e| e.label.expect("evaluation labels were checked"))
+                .collect();
+            Ok(score_labels(task, &predicted, &gold))
+        }
+        (EvalSet::Translation { pairs, refs }, TaskModel::T5(m)) => {
+            let mut hyps = Vec::with_capacity(pairs.len());
+            for chunk in pairs.chunks(batch_size) {
+                let items: Vec<&EncodedPair> = chunk.iter().collect();
+                let b = collate_seq2seq(&items, pad_id, dev).map_err(msg)?;
+                let out = m
+                    .generate_greedy(&b.input_ids, Some(&b.attention_mask), max_new_tokens)
+                    .map_err(msg)?;
+                for ids in out {
+                    hyps.push(tokenizer.decode(&ids, true).map_err(|e| e.to_string())?);
+                }
+            }
+            let bleu = crate::metrics::corpus_bleu(&hyps, refs);
+            let rouge = crate::metrics::corpus_rouge(&hyps, refs, false);
+            let mut scores = BTreeMap::new();
+            scores.insert("bleu".to_string(), Some(bleu.score));
+            scores.insert("rougeL".to_string(), rouge.map(|r| r.rouge_l));
+            Ok(scores)
+        }
+        _ => Err("translation needs a T5 model".into()),
+    }
 }

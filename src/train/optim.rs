@@ -71,17 +71,19 @@ struct Slot {
     decay: bool,
 }
 
-/// AdamW over named `Var`s (e.g. `AdapterRegistry::trainable()`).
+/// AdamW over named `Var`s (e.g. `AdapterRegistry::trainable()`), in
+/// parameter groups. Named apart from candle-nn's `AdamW`, whose
+/// `Optimizer` trait it does not implement.
 ///
 /// Not candle-nn's `Optimizer`: that trait has no names, so it can neither
 /// skip decay on biases nor save its state by parameter.
-pub struct AdamW {
+pub struct GroupedAdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
     step: u64,
 }
 
-impl AdamW {
+impl GroupedAdamW {
     /// One group: every parameter at the step's learning rate and
     /// `config.weight_decay`.
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
@@ -260,7 +262,8 @@ mod tests {
     fn state_holds_no_graph() -> Result<()> {
         let w =
             Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?.to_dtype(DType::BF16)?)?;
-        let mut opt = AdamW::new(vec![("l.weight".into(), w.clone())], AdamWConfig::default())?;
+        let mut opt =
+            GroupedAdamW::new(vec![("l.weight".into(), w.clone())], AdamWConfig::default())?;
         let tracked = Var::new(&[0.5f32, 0.25], &Device::Cpu)?;
         for _ in 0..2 {
             let grad = (tracked.as_tensor() * 2.0)?;
@@ -277,7 +280,7 @@ mod tests {
     fn matches_the_adamw_update_rule_and_skips_decay_on_biases() -> Result<()> {
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu)?)?;
         let b = Var::from_tensor(&Tensor::new(&[0.5f32], &Device::Cpu)?)?;
-        let mut opt = AdamW::new(
+        let mut opt = GroupedAdamW::new(
             vec![("l.weight".into(), w.clone()), ("l.bias".into(), b.clone())],
             AdamWConfig::default(),
         )?;
@@ -304,7 +307,7 @@ mod tests {
     fn each_group_trains_at_its_own_rate() -> Result<()> {
         let a = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu)?)?;
         let head = Var::from_tensor(&Tensor::new(&[1.0f32], &Device::Cpu)?)?;
-        let mut opt = AdamW::new(
+        let mut opt = GroupedAdamW::new(
             vec![
                 ("m.lora_mini_A_in".into(), a.clone()),
                 ("classifier.weight".into(), head.clone()),
@@ -347,9 +350,9 @@ mod tests {
 
     #[test]
     fn state_round_trips() -> Result<()> {
-        let make = || -> Result<(Var, AdamW)> {
+        let make = || -> Result<(Var, GroupedAdamW)> {
             let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu)?)?;
-            let opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default())?;
+            let opt = GroupedAdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default())?;
             Ok((w, opt))
         };
         let (w, mut a) = make()?;

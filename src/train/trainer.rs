@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle::{DType, Device, Tensor, D};
+use candle::{DType, Device, Tensor};
 use serde_json::json;
 
-use super::checkpoint::{config_differences, save_checkpoint, Best, Checkpoint, RunState};
+use super::checkpoint::{config_differences, save_checkpoint, Best, RunState, SavedCheckpoint};
 use super::config::{DeviceChoice, MethodName, TrainConfig};
-use super::eval::score_labels;
-use super::optim::{global_norm, AdamW, AdamWConfig, ParamGroup};
+use super::eval::{evaluate, EvalSet};
+use super::optim::{global_norm, AdamWConfig, GroupedAdamW, ParamGroup};
 use super::plot::{write_svg, Curves};
 use super::schedule::learning_rate;
 use crate::adapter::targets::ALL_LINEAR;
@@ -29,17 +29,15 @@ use crate::data::batch::{
     BatchPlan, ClassificationBatch, Encoded, EncodedPair,
 };
 use crate::data::locate::{locate_data, DataSource};
-use crate::data::{
-    read_examples, read_parallel, task, Example, Label, Task, TaskKind, TranslationPair,
-};
+use crate::data::{read_examples, read_parallel, task, Example, Task, TaskKind, TranslationPair};
 use crate::models::bert::sequence_classification_loss;
 use crate::models::presets::resolve_targets;
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
 use crate::rng::SeededRng;
 
-type Error = String;
+pub(crate) type Error = String;
 
-fn msg(e: candle::Error) -> Error {
+pub(crate) fn msg(e: candle::Error) -> Error {
     crate::error::message(&e)
 }
 
@@ -270,16 +268,6 @@ pub(crate) enum Data {
         validation_refs: Vec<String>,
         dev: Vec<EncodedPair>,
         dev_refs: Vec<String>,
-    },
-}
-
-/// What a model is evaluated on: encoded examples with their labels, or
-/// source sentences with reference translations.
-pub(crate) enum EvalSet<'a> {
-    Classification(&'a [Encoded]),
-    Translation {
-        pairs: &'a [EncodedPair],
-        refs: &'a [String],
     },
 }
 
@@ -577,7 +565,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     };
     let warmup = (o.warmup_ratio * total_steps as f64).round() as u64;
     let vars = loaded.registry.trainable();
-    let mut opt = AdamW::new(
+    let mut opt = GroupedAdamW::new(
         vars.clone(),
         AdamWConfig {
             beta1: o.beta1,
@@ -609,7 +597,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
     let metrics_path = out.join("metrics.jsonl");
     let mut state = RunState::default();
     if options.resume {
-        let ckpt = Checkpoint::read(&checkpoint_path).map_err(|e| {
+        let ckpt = SavedCheckpoint::read(&checkpoint_path).map_err(|e| {
             if checkpoint_path.exists() {
                 msg(e)
             } else {
@@ -701,7 +689,7 @@ pub fn train_with(config: &TrainConfig, options: &TrainOptions) -> Result<TrainS
         )
         .map_err(msg)
     };
-    let checkpoint = |state: &RunState, opt: &AdamW| -> Result<(), Error> {
+    let checkpoint = |state: &RunState, opt: &GroupedAdamW| -> Result<(), Error> {
         let mut state = state.clone();
         state.dropout = loaded.registry.dropout_state();
         state.train_seconds = train_seconds(&state);
@@ -1008,68 +996,6 @@ fn batch_loss(
             m.loss(&b.input_ids, Some(&b.attention_mask), &b.labels, true)
         }
         _ => candle::bail!("translation needs a T5 model"),
-    }
-}
-
-/// The task's metrics on `set`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn evaluate(
-    loaded: &LoadedModel,
-    task: &Task,
-    set: EvalSet,
-    tokenizer: &tokenizers::Tokenizer,
-    batch_size: usize,
-    max_new_tokens: usize,
-    pad_id: u32,
-    dev: &Device,
-) -> Result<BTreeMap<String, Option<f64>>, Error> {
-    match (set, &loaded.model) {
-        (EvalSet::Classification(examples), model) => {
-            let mut predicted = Vec::with_capacity(examples.len());
-            for chunk in examples.chunks(batch_size) {
-                let items: Vec<&Encoded> = chunk.iter().collect();
-                let b = collate_classification(&items, pad_id, dev).map_err(msg)?;
-                let logits = classify_batch(model, &b, false).map_err(msg)?;
-                if logits.dim(1).map_err(msg)? == 1 {
-                    let v: Vec<f32> = logits
-                        .squeeze(1)
-                        .and_then(|l| l.to_dtype(DType::F32)?.to_vec1())
-                        .map_err(msg)?;
-                    predicted.extend(v.into_iter().map(Label::Score));
-                } else {
-                    let v: Vec<u32> = logits
-                        .argmax(D::Minus1)
-                        .and_then(|l| l.to_vec1())
-                        .map_err(msg)?;
-                    predicted.extend(v.into_iter().map(|c| Label::Class(c as usize)));
-                }
-            }
-            let gold: Vec<Label> = examples
-                .iter()
-                .map(|e| e.label.expect("evaluation labels were checked"))
-                .collect();
-            Ok(score_labels(task, &predicted, &gold))
-        }
-        (EvalSet::Translation { pairs, refs }, TaskModel::T5(m)) => {
-            let mut hyps = Vec::with_capacity(pairs.len());
-            for chunk in pairs.chunks(batch_size) {
-                let items: Vec<&EncodedPair> = chunk.iter().collect();
-                let b = collate_seq2seq(&items, pad_id, dev).map_err(msg)?;
-                let out = m
-                    .generate_greedy(&b.input_ids, Some(&b.attention_mask), max_new_tokens)
-                    .map_err(msg)?;
-                for ids in out {
-                    hyps.push(tokenizer.decode(&ids, true).map_err(|e| e.to_string())?);
-                }
-            }
-            let bleu = crate::metrics::corpus_bleu(&hyps, refs);
-            let rouge = crate::metrics::corpus_rouge(&hyps, refs, false);
-            let mut scores = BTreeMap::new();
-            scores.insert("bleu".to_string(), Some(bleu.score));
-            scores.insert("rougeL".to_string(), rouge.map(|r| r.rouge_l));
-            Ok(scores)
-        }
-        _ => Err("translation needs a T5 model".into()),
     }
 }
 

@@ -319,8 +319,9 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
     assert!(rest.contains("checkpoint saved to"), "{rest}");
     assert!(rest.contains("--resume"), "{rest}");
     assert!(!rest.contains("panicked"), "{rest}");
-    let ckpt = lora_mini::train::checkpoint::Checkpoint::read(&out.join("checkpoint.safetensors"))
-        .unwrap();
+    let ckpt =
+        lora_mini::train::checkpoint::SavedCheckpoint::read(&out.join("checkpoint.safetensors"))
+            .unwrap();
     assert!(ckpt.state.step >= 3);
 
     // Resuming picks up from the checkpoint; a time budget (which may change

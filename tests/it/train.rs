@@ -655,7 +655,8 @@ fn a_diverging_loss_stops_naming_the_step_and_keeps_the_checkpoint() -> Result<(
         "{err}"
     );
     assert!(err.contains("last good checkpoint is kept"), "{err}");
-    let ckpt = lora_mini::train::checkpoint::Checkpoint::read(&out.join("run").join(CHECKPOINT))?;
+    let ckpt =
+        lora_mini::train::checkpoint::SavedCheckpoint::read(&out.join("run").join(CHECKPOINT))?;
     assert_eq!(ckpt.state.step, 1);
     let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
         out.join("run").join("results.json"),
