@@ -3,12 +3,16 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "train")]
 use candle::{DType, Device, D};
 
+#[cfg(feature = "train")]
 use super::trainer::{classify_batch, msg, Error};
+#[cfg(feature = "train")]
 use crate::data::batch::{collate_classification, collate_seq2seq, Encoded, EncodedPair};
 use crate::data::{Label, Metric, Task};
 use crate::metrics;
+#[cfg(feature = "train")]
 use crate::models::task::{LoadedModel, TaskModel};
 
 /// The task's metrics for predicted against gold labels; `None` where a
@@ -68,6 +72,7 @@ pub fn score_labels(
 }
 /// What a model is evaluated on: encoded examples with their labels, or
 /// source sentences with reference translations.
+#[cfg(feature = "train")]
 pub enum EvalSet<'a> {
     Classification(&'a [Encoded]),
     Translation {
@@ -77,6 +82,7 @@ pub enum EvalSet<'a> {
 }
 
 /// The task's metrics on `set`.
+#[cfg(feature = "train")]
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     loaded: &LoadedModel,
