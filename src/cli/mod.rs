@@ -1,7 +1,6 @@
 //! The `lora-mini` command line. `main.rs` only parses and dispatches; each
 //! subcommand lives in its own file.
 
-pub mod demo;
 pub mod eval;
 pub mod export;
 pub mod params;
@@ -33,9 +32,6 @@ pub enum Command {
     Predict(eval::PredictArgs),
     /// Write a trained adapter as a PEFT LoRA adapter or a merged checkpoint.
     Export(export::ExportArgs),
-    /// Fit LoRA and LoRA-Mini adapters on one real pretrained layer, then
-    /// save, reload and export them (a quick tour of the library API; the main job is `train`, see README.md).
-    Demo(demo::DemoArgs),
     /// Count trainable and total parameters for a model config, task and
     /// adapter, without loading weights.
     Params(params::ParamsArgs),
@@ -55,7 +51,6 @@ pub type CliError = String;
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Train(args) => train::run(&args),
-        Command::Demo(args) => demo::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Eval(args) => eval::run_eval(&args),
         Command::Predict(args) => eval::run_predict(&args),

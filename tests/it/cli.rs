@@ -88,9 +88,7 @@ fn params_errors_name_the_problem_without_a_backtrace() {
 
 #[test]
 fn every_subcommand_explains_itself() {
-    for sub in [
-        "train", "eval", "predict", "export", "demo", "params", "score",
-    ] {
+    for sub in ["train", "eval", "predict", "export", "params", "score"] {
         let (ok, stdout, _) = lora_mini(&[sub, "--help"]);
         assert!(
             ok && stdout.contains("Usage: lora-mini") && stdout.contains("Example"),

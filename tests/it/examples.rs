@@ -122,3 +122,21 @@ fn changed_lines(a: &str, b: &str) -> (usize, usize) {
     }
     (a.len() - lcs[0][0], b.len() - lcs[0][0])
 }
+
+/// The demo fits both methods on one real MiniLM layer, then saves,
+/// reloads (bit for bit) and exports the LoRA-Mini adapter.
+#[cfg(feature = "cli")]
+#[test]
+fn demo_fits_saves_reloads_and_exports() {
+    let out = crate::common::scratch("demo");
+    let run = Command::new(example("demo"))
+        .args(["--steps", "30", "--output-dir"])
+        .arg(&out)
+        .output()
+        .expect("examples/demo is built by a plain `cargo test`");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("outputs identical"), "{stdout}");
+    assert!(out.join("results.json").exists(), "{stdout}");
+}

@@ -1,4 +1,4 @@
-//! `lora-mini demo`: the adapter core end to end on one real layer.
+//! The adapter core end to end on one real layer.
 //!
 //! A frozen pretrained layer `W` gets a hidden "task update" `ΔW*` of low rank;
 //! each method trains its adapter to reproduce `(W + ΔW*)·x` on real token
@@ -6,27 +6,50 @@
 //! held-out tokens, for how many trainable parameters. The LoRA-Mini adapter
 //! is then saved, reloaded into a freshly built layer (proving the frozen
 //! matrices regenerate bit for bit), and exported as a PEFT LoRA adapter.
+//!
+//! ```sh
+//! cargo run --release --example demo -- --help
+//! cargo run --release --example demo -- --steps 500 --a 32 --b 32 --output-dir runs/demo-a32
+//! ```
+//!
+//! `cargo test` runs it briefly (tests/it/examples.rs).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
 use candle_nn::{Linear, Optimizer};
-use clap::Args;
+use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
 
-use super::CliError;
 use lora_mini::adapter::{
     export_peft, save_adapter, AdapterConfig, AdapterFile, AdapterRegistry, LinearFactory,
     LoraConfig, LoraMiniConfig, Method, PeftExportOptions, SaveOptions,
 };
 use lora_mini::rng::SeededRng;
 
-/// Options of `lora-mini demo`. Every option can also be set in a TOML file
-/// given with `--config` (keys as below, with `_` for `-`); flags win.
+type CliError = String;
+
+/// LoRA and LoRA-Mini fitted to a hidden low-rank update of one real layer.
+#[derive(Debug, Parser)]
+#[command(name = "demo", about)]
+struct Cli {
+    #[command(flatten)]
+    args: DemoArgs,
+}
+
+fn main() {
+    if let Err(message) = run(&Cli::parse().args) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
+
+/// Every option can also be set in a TOML file given with `--config` (keys
+/// as below, with `_` for `-`); flags win.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example:\n  lora-mini demo --steps 500 --a 32 --b 32 --output-dir runs/demo-a32"
+    after_help = "Example:\n  cargo run --release --example demo -- --steps 500 --a 32 --b 32 --output-dir runs/demo-a32"
 )]
 pub struct DemoArgs {
     /// TOML file with any of the options below (e.g. configs/demo.toml).
