@@ -4,11 +4,11 @@ use candle::Module;
 use candle::{Result, Tensor, Var};
 use candle_nn::Linear;
 
-use super::aux::{aux_values, values_hash, weight_hash};
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
 use super::matmul::linear_fwd;
+use super::projections::{aux_values, values_hash, weight_hash};
 use crate::dropout::SeededDropout;
 
 /// A frozen linear layer plus a LoRA-Mini update:

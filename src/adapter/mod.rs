@@ -5,7 +5,6 @@
 //! This module depends on Candle alone, so a user who only wants to adapt
 //! their own model gets nothing else.
 
-pub mod aux;
 pub mod config;
 pub mod factory;
 pub mod file;
@@ -17,6 +16,7 @@ pub mod lora_mini;
 mod matmul;
 mod merge;
 pub mod peft;
+pub mod projections;
 pub mod registry;
 pub mod targets;
 

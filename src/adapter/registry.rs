@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 
 use candle::{Result, Var};
 
-use super::aux::aux_values;
 use super::config::AuxInit;
 use super::linear::AdaptedLinear;
+use super::projections::aux_values;
 use crate::dropout::SeededDropout;
 use crate::rng::fnv1a64_extend;
 

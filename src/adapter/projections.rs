@@ -1,4 +1,4 @@
-//! LoRA-Mini's frozen projections: seeded Kaiming, seeded orthogonal, or
+//! LoRA-Mini's frozen projections (`A_aux`, `B_aux`): seeded Kaiming, seeded orthogonal, or
 //! the truncated SVD of the frozen weight ([`AuxInit`]).
 
 use candle::{DType, Result, Tensor};
