@@ -10,9 +10,11 @@ use candle_nn::Linear;
 use super::matmul::{linear_fwd, merged_weight};
 use crate::dropout::SeededDropout;
 
-/// The frozen base of a low-rank adapter: `y = W x + b + B_eff·A_eff·dropout(x)`.
+/// The frozen base of a low-rank adapter: `y = W x + b + B_eff·A_eff·dropout(x)`,
+/// with the dropout on the update's input, the merged weight when merged,
+/// and the training mode. Every [`LowRankLayer`](super::LowRankLayer) has one.
 #[derive(Clone, Debug)]
-pub(crate) struct AdapterHost {
+pub struct AdapterHost {
     pub(crate) name: String,
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,

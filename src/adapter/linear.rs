@@ -6,6 +6,7 @@ use candle_nn::Linear;
 use super::config::Method;
 use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
+use super::low_rank::LowRankLayer;
 use super::matmul::{linear_fwd, merged_weight};
 
 /// A rank-`r` update `ΔW = scaling · b · a`, with `a: r x d_in` and
@@ -162,14 +163,31 @@ impl AdaptedLinear {
         self.weight().dims2()
     }
 
+    /// The low-rank layer behind a LoRA or LoRA-Mini variant: every
+    /// low-rank method is handled once, through [`LowRankLayer`].
+    pub fn as_low_rank(&self) -> Option<&dyn LowRankLayer> {
+        match self {
+            Self::Lora(l) => Some(l),
+            Self::LoraMini(l) => Some(l),
+            Self::Frozen(_) | Self::Full(_) => None,
+        }
+    }
+
+    fn as_low_rank_mut(&mut self) -> Option<&mut dyn LowRankLayer> {
+        match self {
+            Self::Lora(l) => Some(l),
+            Self::LoraMini(l) => Some(l),
+            Self::Frozen(_) | Self::Full(_) => None,
+        }
+    }
+
     /// The current base weight `W` (the trained one for full fine-tuning,
     /// never merged).
     pub fn weight(&self) -> &Tensor {
         match self {
             Self::Frozen(l) => l.weight(),
             Self::Full(f) => f.weight.as_tensor(),
-            Self::Lora(l) => l.weight(),
-            Self::LoraMini(l) => l.weight(),
+            Self::Lora(_) | Self::LoraMini(_) => self.as_low_rank().expect("low rank").weight(),
         }
     }
 
@@ -177,8 +195,7 @@ impl AdaptedLinear {
         match self {
             Self::Frozen(l) => l.bias(),
             Self::Full(f) => f.bias.as_ref().map(|b| b.as_tensor()),
-            Self::Lora(l) => l.bias(),
-            Self::LoraMini(l) => l.bias(),
+            Self::Lora(_) | Self::LoraMini(_) => self.as_low_rank().expect("low rank").bias(),
         }
     }
 
@@ -188,8 +205,9 @@ impl AdaptedLinear {
         match self {
             Self::Frozen(_) => Vec::new(),
             Self::Full(f) => f.vars(),
-            Self::Lora(l) => l.vars(),
-            Self::LoraMini(l) => l.vars(),
+            Self::Lora(_) | Self::LoraMini(_) => {
+                self.as_low_rank().expect("low rank").trainable_vars()
+            }
         }
     }
 
@@ -199,27 +217,12 @@ impl AdaptedLinear {
 
     /// The frozen tensors the adapter adds (LoRA-Mini's `A_aux` and `B_aux`).
     pub fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
-        match self {
-            Self::LoraMini(l) => l.frozen_aux(),
-            _ => Vec::new(),
-        }
+        self.as_low_rank().map_or(Vec::new(), |l| l.frozen_aux())
     }
 
     /// The low-rank update of the LoRA methods, as an exact LoRA pair.
     pub fn low_rank(&self) -> Result<Option<LowRankUpdate>> {
-        Ok(match self {
-            Self::Lora(l) => Some(LowRankUpdate {
-                a: l.a().as_tensor().clone(),
-                b: l.b().as_tensor().clone(),
-                scaling: l.scaling(),
-            }),
-            Self::LoraMini(l) => Some(LowRankUpdate {
-                a: l.a_in().as_tensor().matmul(l.a_aux())?,
-                b: l.b_aux().matmul(l.b_in().as_tensor())?,
-                scaling: l.scaling(),
-            }),
-            _ => None,
-        })
+        self.as_low_rank().map(|l| l.update()).transpose()
     }
 
     /// The weight this layer computes with once its update is folded in:
@@ -233,19 +236,13 @@ impl AdaptedLinear {
 
     /// Folds the update into the weight (no-op for frozen and full layers).
     pub fn merge(&mut self) -> Result<()> {
-        match self {
-            Self::Lora(l) => l.merge(),
-            Self::LoraMini(l) => l.merge(),
-            _ => Ok(()),
-        }
+        self.as_low_rank_mut().map_or(Ok(()), |l| l.merge())
     }
 
     /// Restores the unmerged weight exactly.
     pub fn unmerge(&mut self) {
-        match self {
-            Self::Lora(l) => l.unmerge(),
-            Self::LoraMini(l) => l.unmerge(),
-            _ => {}
+        if let Some(l) = self.as_low_rank_mut() {
+            l.unmerge()
         }
     }
 
@@ -260,27 +257,17 @@ impl AdaptedLinear {
         match self {
             Self::Frozen(l) => l.clone(),
             Self::Full(f) => Linear::new(f.weight.as_tensor().clone(), self.bias().cloned()),
-            Self::Lora(l) => l.as_plain(),
-            Self::LoraMini(l) => l.as_plain(),
+            Self::Lora(_) | Self::LoraMini(_) => self.as_low_rank().expect("low rank").as_plain(),
         }
     }
 
     /// The layer's dropout-mask counter, for checkpoints.
     pub fn dropout_calls(&self) -> Option<u64> {
-        match self {
-            Self::Lora(l) => l.dropout().map(|d| d.calls()),
-            Self::LoraMini(l) => l.dropout().map(|d| d.calls()),
-            _ => None,
-        }
+        self.as_low_rank()?.dropout().map(|d| d.calls())
     }
 
     pub fn set_dropout_calls(&self, calls: u64) {
-        let dropout = match self {
-            Self::Lora(l) => l.dropout(),
-            Self::LoraMini(l) => l.dropout(),
-            _ => None,
-        };
-        if let Some(d) = dropout {
+        if let Some(d) = self.as_low_rank().and_then(|l| l.dropout()) {
             d.set_calls(calls)
         }
     }
@@ -303,19 +290,13 @@ impl AdaptedLinear {
     /// PyTorch module starts in `train()` mode. Frozen and fully trained
     /// layers compute the same either way.
     pub fn is_training(&self) -> bool {
-        match self {
-            Self::Lora(l) => l.is_training(),
-            Self::LoraMini(l) => l.is_training(),
-            _ => true,
-        }
+        self.as_low_rank().is_none_or(|l| l.is_training())
     }
 
     /// Sets the mode [`Module::forward`] uses; clones share it.
     pub fn set_training(&self, training: bool) {
-        match self {
-            Self::Lora(l) => l.set_training(training),
-            Self::LoraMini(l) => l.set_training(training),
-            _ => {}
+        if let Some(l) = self.as_low_rank() {
+            l.set_training(training)
         }
     }
 }

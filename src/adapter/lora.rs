@@ -7,7 +7,8 @@ use candle_nn::Linear;
 use super::config::{InnerInit, LoraConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use crate::dropout::SeededDropout;
+use super::linear::LowRankUpdate;
+use super::low_rank::LowRankLayer;
 
 /// A frozen linear layer plus `scaling · B · A · dropout(x)`, with
 /// `A: r x d_in` Kaiming-uniform and `B: d_out x r` zero (PEFT's defaults).
@@ -15,7 +16,7 @@ use crate::dropout::SeededDropout;
 /// ```
 /// use candle::{Device, Module, Tensor};
 /// use candle_nn::Linear;
-/// use lora_mini::adapter::{LoraConfig, LoraLinear};
+/// use lora_mini::adapter::{LoraConfig, LoraLinear, LowRankLayer};
 ///
 /// let w = Tensor::randn(0f32, 0.02, (64, 32), &Device::Cpu)?;
 /// let layer = LoraLinear::new(&Linear::new(w, None), &LoraConfig::new(8), "proj")?;
@@ -88,10 +89,6 @@ impl LoraLinear {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.host.name
-    }
-
     pub fn config(&self) -> &LoraConfig {
         &self.config
     }
@@ -100,66 +97,12 @@ impl LoraLinear {
         self.config.scaling()
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.host.weight
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.host.bias.as_ref()
-    }
-
     pub fn a(&self) -> &Var {
         &self.a
     }
 
     pub fn b(&self) -> &Var {
         &self.b
-    }
-
-    pub fn dropout(&self) -> Option<&SeededDropout> {
-        self.host.dropout.as_ref()
-    }
-
-    pub fn num_trainable(&self) -> usize {
-        self.a.elem_count() + self.b.elem_count()
-    }
-
-    /// `(A, scaling·B)`: `ΔW = B_eff·A_eff`.
-    pub fn effective_factors(&self) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.a.as_tensor().clone(),
-            (self.b.as_tensor() * self.scaling())?,
-        ))
-    }
-
-    pub fn delta_weight(&self) -> Result<Tensor> {
-        let (a, b) = self.effective_factors()?;
-        b.matmul(&a)
-    }
-
-    pub fn is_merged(&self) -> bool {
-        self.host.is_merged()
-    }
-
-    /// Folds `ΔW` into the weight; [`Self::unmerge`] restores `W` exactly.
-    pub fn merge(&mut self) -> Result<()> {
-        if !self.is_merged() {
-            let delta = self.delta_weight()?;
-            self.host.merge(&delta)?;
-        }
-        Ok(())
-    }
-
-    pub fn unmerge(&mut self) {
-        self.host.unmerge()
-    }
-
-    pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
-        vec![("lora_A", &self.a), ("lora_B", &self.b)]
-    }
-
-    pub(crate) fn as_plain(&self) -> Linear {
-        self.host.as_plain()
     }
 }
 
@@ -170,15 +113,27 @@ impl LoraLinear {
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.host.forward_t(xs, train, || self.effective_factors())
     }
+}
 
-    /// Whether [`Module::forward`] trains; `true` for a new layer, as in
-    /// PyTorch. Clones share the flag.
-    pub fn is_training(&self) -> bool {
-        self.host.is_training()
+impl LowRankLayer for LoraLinear {
+    fn host(&self) -> &AdapterHost {
+        &self.host
     }
 
-    pub fn set_training(&self, training: bool) {
-        self.host.set_training(training)
+    fn host_mut(&mut self) -> &mut AdapterHost {
+        &mut self.host
+    }
+
+    fn update(&self) -> Result<LowRankUpdate> {
+        Ok(LowRankUpdate {
+            a: self.a.as_tensor().clone(),
+            b: self.b.as_tensor().clone(),
+            scaling: self.scaling(),
+        })
+    }
+
+    fn trainable_vars(&self) -> Vec<(&'static str, &Var)> {
+        vec![("lora_A", &self.a), ("lora_B", &self.b)]
     }
 }
 

@@ -7,9 +7,10 @@ use candle_nn::Linear;
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
+use super::linear::LowRankUpdate;
+use super::low_rank::LowRankLayer;
 use super::matmul::linear_fwd;
 use super::projections::{aux_values, values_hash, weight_hash};
-use crate::dropout::SeededDropout;
 
 /// A frozen linear layer plus a LoRA-Mini update:
 /// `y = W x + b + scaling · B_aux · B_in · A_in · A_aux · dropout(x)`.
@@ -28,7 +29,7 @@ use crate::dropout::SeededDropout;
 /// ```
 /// use candle::{DType, Device, Module, Tensor};
 /// use candle_nn::Linear;
-/// use lora_mini::adapter::{LoraMiniConfig, LoraMiniLinear};
+/// use lora_mini::adapter::{LoraMiniConfig, LoraMiniLinear, LowRankLayer};
 ///
 /// let w = Tensor::randn(0f32, 0.02, (256, 128), &Device::Cpu)?;
 /// let layer = LoraMiniLinear::new(&Linear::new(w, None), &LoraMiniConfig::new(4, 16, 16), "proj")?;
@@ -99,25 +100,12 @@ impl LoraMiniLinear {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.host.name
-    }
-
     pub fn config(&self) -> &LoraMiniConfig {
         &self.config
     }
 
     pub fn scaling(&self) -> f64 {
         self.config.scaling()
-    }
-
-    /// The frozen base weight `W` (unmerged).
-    pub fn weight(&self) -> &Tensor {
-        &self.host.weight
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.host.bias.as_ref()
     }
 
     /// The hash of the frozen weight the projections were made from, for
@@ -149,47 +137,6 @@ impl LoraMiniLinear {
         &self.b_in
     }
 
-    pub fn dropout(&self) -> Option<&SeededDropout> {
-        self.host.dropout.as_ref()
-    }
-
-    pub fn num_trainable(&self) -> usize {
-        self.a_in.elem_count() + self.b_in.elem_count()
-    }
-
-    /// `(A_eff, B_eff) = (A_in·A_aux, scaling·B_aux·B_in)`, of shapes
-    /// `r x d_in` and `d_out x r`: an exact rank-`r` LoRA pair with
-    /// `ΔW = B_eff·A_eff`. Differentiable with respect to `A_in` and `B_in`.
-    pub fn effective_factors(&self) -> Result<(Tensor, Tensor)> {
-        let a_eff = self.a_in.as_tensor().matmul(&self.a_aux)?;
-        let b_eff = (self.b_aux.matmul(self.b_in.as_tensor())? * self.scaling())?;
-        Ok((a_eff, b_eff))
-    }
-
-    /// The scaled update `ΔW` (`d_out x d_in`).
-    pub fn delta_weight(&self) -> Result<Tensor> {
-        let (a_eff, b_eff) = self.effective_factors()?;
-        b_eff.matmul(&a_eff)
-    }
-
-    pub fn is_merged(&self) -> bool {
-        self.host.is_merged()
-    }
-
-    /// Folds `ΔW` into the weight for inference at no extra latency. The
-    /// original `W` is kept, so [`Self::unmerge`] restores it bit for bit.
-    pub fn merge(&mut self) -> Result<()> {
-        if !self.is_merged() {
-            let delta = self.delta_weight()?;
-            self.host.merge(&delta)?;
-        }
-        Ok(())
-    }
-
-    pub fn unmerge(&mut self) {
-        self.host.unmerge()
-    }
-
     /// The reference path: four thin matmuls on every token. Mathematically
     /// equal to the forward pass, and kept for tests and benchmarks only.
     #[doc(hidden)]
@@ -202,24 +149,6 @@ impl LoraMiniLinear {
         let h = linear_fwd(&h, &self.b_aux, None)?;
         base + (h * self.scaling())?
     }
-
-    pub(crate) fn vars(&self) -> Vec<(&'static str, &Var)> {
-        vec![
-            ("lora_mini_A_in", &self.a_in),
-            ("lora_mini_B_in", &self.b_in),
-        ]
-    }
-
-    pub(crate) fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
-        vec![
-            ("lora_mini_A_aux", &self.a_aux),
-            ("lora_mini_B_aux", &self.b_aux),
-        ]
-    }
-
-    pub(crate) fn as_plain(&self) -> Linear {
-        self.host.as_plain()
-    }
 }
 
 impl LoraMiniLinear {
@@ -229,15 +158,39 @@ impl LoraMiniLinear {
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.host.forward_t(xs, train, || self.effective_factors())
     }
+}
 
-    /// Whether [`Module::forward`] trains; `true` for a new layer, as in
-    /// PyTorch. Clones share the flag.
-    pub fn is_training(&self) -> bool {
-        self.host.is_training()
+impl LowRankLayer for LoraMiniLinear {
+    fn host(&self) -> &AdapterHost {
+        &self.host
     }
 
-    pub fn set_training(&self, training: bool) {
-        self.host.set_training(training)
+    fn host_mut(&mut self) -> &mut AdapterHost {
+        &mut self.host
+    }
+
+    /// `(A_in·A_aux, B_aux·B_in, scaling)`: LoRA-Mini as an exact rank-`r`
+    /// LoRA pair.
+    fn update(&self) -> Result<LowRankUpdate> {
+        Ok(LowRankUpdate {
+            a: self.a_in.as_tensor().matmul(&self.a_aux)?,
+            b: self.b_aux.matmul(self.b_in.as_tensor())?,
+            scaling: self.scaling(),
+        })
+    }
+
+    fn trainable_vars(&self) -> Vec<(&'static str, &Var)> {
+        vec![
+            ("lora_mini_A_in", &self.a_in),
+            ("lora_mini_B_in", &self.b_in),
+        ]
+    }
+
+    fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("lora_mini_A_aux", &self.a_aux),
+            ("lora_mini_B_aux", &self.b_aux),
+        ]
     }
 }
 

@@ -13,6 +13,7 @@ pub mod init;
 pub mod linear;
 pub mod lora;
 pub mod lora_mini;
+mod low_rank;
 mod matmul;
 mod merge;
 pub mod peft;
@@ -23,9 +24,11 @@ pub mod targets;
 pub use config::{AdapterConfig, AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};
 pub use factory::LinearFactory;
 pub use file::{save_adapter, AdapterFile, DataSettings, SaveOptions};
+pub use host::AdapterHost;
 pub use linear::{AdaptedLinear, FullLinear, LowRankUpdate};
 pub use lora::LoraLinear;
 pub use lora_mini::LoraMiniLinear;
+pub use low_rank::LowRankLayer;
 /// The linear map adapted layers run, for tests and benchmarks.
 #[doc(hidden)]
 pub use matmul::linear_fwd;

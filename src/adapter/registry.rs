@@ -6,6 +6,7 @@ use candle::{Result, Var};
 
 use super::config::AuxInit;
 use super::linear::AdaptedLinear;
+use super::low_rank::LowRankLayer;
 use super::projections::aux_values;
 use crate::dropout::SeededDropout;
 use crate::rng::fnv1a64_extend;

@@ -3,7 +3,8 @@
 use candle::{DType, Result, Tensor, Var};
 use candle_nn::Optimizer;
 use lora_mini::adapter::{
-    AdaptedLinear, InnerInit, LoraConfig, LoraLinear, LoraMiniConfig, LoraMiniLinear, Method,
+    AdaptedLinear, InnerInit, LoraConfig, LoraLinear, LoraMiniConfig, LoraMiniLinear, LowRankLayer,
+    Method,
 };
 
 use crate::common::{base_linear, max_abs_diff, uniform, values};

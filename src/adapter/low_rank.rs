@@ -1,0 +1,107 @@
+//! The contract every low-rank adapter layer meets, like PEFT's `LoraLayer`.
+
+use candle::{Result, Tensor, Var};
+use candle_nn::Linear;
+
+use super::host::AdapterHost;
+use super::linear::LowRankUpdate;
+use crate::dropout::SeededDropout;
+
+/// A frozen base layer (its [`AdapterHost`]: weight, bias, dropout on the
+/// update's input, merge state and training mode) plus a rank-`r` update
+/// `ΔW = scaling · b · a` built from trainable tensors.
+///
+/// A new method implements the four required items and gets the rest:
+/// the base's accessors, `ΔW`, merge and unmerge, and the training mode.
+/// Each layer type keeps an inherent `forward_t(xs, train)` (so it never
+/// clashes with candle-nn's `ModuleT`) and a `Module` impl in its mode.
+pub trait LowRankLayer {
+    fn host(&self) -> &AdapterHost;
+
+    fn host_mut(&mut self) -> &mut AdapterHost;
+
+    /// The update as an exact LoRA pair `(a: r x d_in, b: d_out x r,
+    /// scaling)`, differentiable with respect to the trainable tensors.
+    fn update(&self) -> Result<LowRankUpdate>;
+
+    /// The trainable tensors and their role names, in a fixed order;
+    /// adapter files name each `<module path>.<role>`.
+    fn trainable_vars(&self) -> Vec<(&'static str, &Var)>;
+
+    /// Frozen tensors the adapter adds (LoRA-Mini's projections).
+    fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
+
+    /// The module's full path, which also names its RNG streams.
+    fn name(&self) -> &str {
+        &self.host().name
+    }
+
+    /// The frozen base weight `W` (unmerged).
+    fn weight(&self) -> &Tensor {
+        &self.host().weight
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.host().bias.as_ref()
+    }
+
+    fn dropout(&self) -> Option<&SeededDropout> {
+        self.host().dropout.as_ref()
+    }
+
+    fn num_trainable(&self) -> usize {
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    }
+
+    /// `(A_eff, B_eff)` with the scaling folded into `B_eff`, what the
+    /// forward pass multiplies by: `ΔW = B_eff·A_eff`.
+    fn effective_factors(&self) -> Result<(Tensor, Tensor)> {
+        let update = self.update()?;
+        Ok((update.a, (update.b * update.scaling)?))
+    }
+
+    /// The scaled update `ΔW` (`d_out x d_in`).
+    fn delta_weight(&self) -> Result<Tensor> {
+        let (a, b) = self.effective_factors()?;
+        b.matmul(&a)
+    }
+
+    fn is_merged(&self) -> bool {
+        self.host().is_merged()
+    }
+
+    /// Folds `ΔW` into the weight for inference at no extra latency; the
+    /// original `W` is kept, so [`LowRankLayer::unmerge`] restores it bit
+    /// for bit.
+    fn merge(&mut self) -> Result<()> {
+        if !self.is_merged() {
+            let delta = self.delta_weight()?;
+            self.host_mut().merge(&delta)?;
+        }
+        Ok(())
+    }
+
+    fn unmerge(&mut self) {
+        self.host_mut().unmerge()
+    }
+
+    /// Whether `Module::forward` trains; `true` for a new layer, as in
+    /// PyTorch. Clones share the flag.
+    fn is_training(&self) -> bool {
+        self.host().is_training()
+    }
+
+    fn set_training(&self, training: bool) {
+        self.host().set_training(training)
+    }
+
+    /// The base layer without the adapter.
+    fn as_plain(&self) -> Linear {
+        self.host().as_plain()
+    }
+}
