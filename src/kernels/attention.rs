@@ -19,8 +19,9 @@ use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dropout::SeededDropout;
-use crate::kernels::frozen_matmul::with_cpu_f32;
-use crate::kernels::fused::{f32_rows, softmax_in_place, vectorized};
+use crate::kernels::f32_rows;
+use crate::kernels::fused::{softmax_in_place, vectorized};
+use crate::kernels::with_cpu_f32;
 
 /// The dropout mask of one call on the attention probabilities: one byte
 /// per `(sequence, head, query, key)`, 1 where the probability is kept, and

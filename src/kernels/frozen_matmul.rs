@@ -11,26 +11,12 @@
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use super::{f32_rows, with_cpu_f32};
+
 /// The op's arguments are the `(rows, d_in)` input and the `(d_out, d_in)`
 /// weight; it holds the frozen `(d_out)` bias.
 struct FrozenMatmul {
     bias: Option<Tensor>,
-}
-
-/// Calls `f` on the contiguous f32 values of a CPU tensor (an op's operand
-/// or saved state); `what` names it in the error otherwise.
-pub(crate) fn with_cpu_f32<R>(
-    t: &Tensor,
-    what: &str,
-    f: impl FnOnce(&[f32]) -> Result<R>,
-) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (candle::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-        (&*storage, layout.contiguous_offsets())
-    else {
-        candle::bail!("the {what} must be a contiguous f32 CPU tensor");
-    };
-    f(&v[a..b])
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -45,20 +31,13 @@ impl CustomOp2 for FrozenMatmul {
         w_storage: &CpuStorage,
         w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), Some((x0, x1))) = (storage, layout.contiguous_offsets()) else {
-            candle::bail!("{}: the input must be contiguous f32", self.name());
-        };
-        let (CpuStorage::F32(w), Some((w0, w1))) = (w_storage, w_layout.contiguous_offsets())
-        else {
-            candle::bail!("{}: the weight must be contiguous f32", self.name());
-        };
-        let w = &w[w0..w1];
+        let (x, _) = f32_rows(storage, layout, self.name())?;
+        let (w, _) = f32_rows(w_storage, w_layout, self.name())?;
         let (m, k) = layout.shape().dims2()?;
         let (n, k_w) = w_layout.shape().dims2()?;
         if k != k_w {
             candle::bail!("{}: input has {k} features, the weight {k_w}", self.name());
         }
-        let x = &x[x0..x1];
         // Start from the bias (or zeros) and let the gemm add x·Wᵀ onto it.
         let mut y = match &self.bias {
             Some(b) => with_cpu_f32(b, "bias", |b| {

@@ -12,20 +12,7 @@
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-pub(crate) fn f32_rows<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    op: &str,
-) -> Result<(&'a [f32], usize)> {
-    let CpuStorage::F32(data) = storage else {
-        candle::bail!("{op}: only f32 is fused");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle::bail!("{op}: the input must be contiguous");
-    };
-    let d = *layout.dims().last().unwrap_or(&1);
-    Ok((&data[start..end], d.max(1)))
-}
+use super::f32_rows;
 
 /// Fills a new output the size of `x` block by block in parallel:
 /// `f(offset, x_block, out_block)`, with `offset` the block's start (for

@@ -7,3 +7,38 @@ pub(crate) mod attention;
 pub(crate) mod composed;
 pub(crate) mod frozen_matmul;
 pub(crate) mod fused;
+
+use candle::{CpuStorage, Layout, Result, Tensor};
+
+/// The contiguous f32 values of an op's CPU operand and the length of its
+/// last dimension; `op` names the op in the error otherwise.
+pub(crate) fn f32_rows<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = storage else {
+        candle::bail!("{op}: only f32 is fused");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle::bail!("{op}: the input must be contiguous");
+    };
+    let d = *layout.dims().last().unwrap_or(&1);
+    Ok((&data[start..end], d.max(1)))
+}
+
+/// Calls `f` on the contiguous f32 values of a CPU tensor (an op's operand
+/// or saved state); `what` names it in the error otherwise.
+pub(crate) fn with_cpu_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        candle::bail!("the {what} must be a contiguous f32 CPU tensor");
+    };
+    f(&v[a..b])
+}
