@@ -382,6 +382,6 @@ impl AdapterFile {
     }
 }
 
-fn module_of(tensor_name: &str) -> &str {
+pub(crate) fn module_of(tensor_name: &str) -> &str {
     tensor_name.rsplit_once('.').map_or(tensor_name, |(m, _)| m)
 }

@@ -8,7 +8,7 @@ use candle::{Result, Tensor, Var};
 use candle_nn::Linear;
 
 use super::config::Method;
-use super::file::AdapterFile;
+use super::file::{module_of, AdapterFile};
 use super::linear::{AdaptedLinear, FullLinear};
 use super::registry::AdapterRegistry;
 
@@ -73,11 +73,7 @@ impl AdapterFile {
     fn modules(&self) -> BTreeSet<String> {
         self.tensors
             .keys()
-            .map(|n| {
-                n.rsplit_once('.')
-                    .map_or(n.as_str(), |(m, _)| m)
-                    .to_string()
-            })
+            .map(|n| module_of(n).to_string())
             .collect()
     }
 
