@@ -9,9 +9,9 @@
 //!     --model ../shared/models/all-MiniLM-L6-v2 --data ../shared/data/glue --quick
 //! ```
 
+#[path = "common/tables.rs"]
+mod tables;
+
 fn main() {
-    if let Err(e) = lora_mini::train::tables::appendix_main(std::env::args().skip(1).collect()) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    tables::exit_on_error(tables::appendix_main(std::env::args().skip(1).collect()));
 }

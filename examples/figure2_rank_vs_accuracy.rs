@@ -6,9 +6,9 @@
 //! cargo run --release --example figure2_rank_vs_accuracy -- --help
 //! ```
 
+#[path = "common/tables.rs"]
+mod tables;
+
 fn main() {
-    if let Err(e) = lora_mini::train::tables::figure2_main(std::env::args().skip(1).collect()) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    tables::exit_on_error(tables::figure2_main(std::env::args().skip(1).collect()));
 }

@@ -6,9 +6,14 @@
 //! cargo run --release --example table1_roberta_glue -- --quick --model ../shared/models/all-MiniLM-L6-v2 --data ../shared/data/glue
 //! ```
 
+#[path = "common/tables.rs"]
+mod tables;
+
 fn main() {
-    lora_mini::train::tables::example_main(
-        lora_mini::train::tables::PaperTable::Table1,
+    let args = std::env::args().skip(1).collect();
+    tables::exit_on_error(tables::example_run(
+        tables::PaperTable::Table1,
         "table1_roberta_glue",
-    );
+        args,
+    ));
 }

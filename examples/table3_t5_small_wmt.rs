@@ -6,9 +6,14 @@
 //! cargo run --release --example table3_t5_small_wmt -- --quick --model PATH_TO_A_T5 --data ../shared/data/wmt16_en_ro/newsdev2016_newstest2016
 //! ```
 
+#[path = "common/tables.rs"]
+mod tables;
+
 fn main() {
-    lora_mini::train::tables::example_main(
-        lora_mini::train::tables::PaperTable::Table3,
+    let args = std::env::args().skip(1).collect();
+    tables::exit_on_error(tables::example_run(
+        tables::PaperTable::Table3,
         "table3_t5_small_wmt",
-    );
+        args,
+    ));
 }

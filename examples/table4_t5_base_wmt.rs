@@ -6,9 +6,14 @@
 //! cargo run --release --example table4_t5_base_wmt -- --quick --model PATH_TO_A_T5 --data ../shared/data/wmt16_en_ro/newsdev2016_newstest2016
 //! ```
 
+#[path = "common/tables.rs"]
+mod tables;
+
 fn main() {
-    lora_mini::train::tables::example_main(
-        lora_mini::train::tables::PaperTable::Table4,
+    let args = std::env::args().skip(1).collect();
+    tables::exit_on_error(tables::example_run(
+        tables::PaperTable::Table4,
         "table4_t5_base_wmt",
-    );
+        args,
+    ));
 }

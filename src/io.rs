@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle::{Result, Tensor};
 
 /// Writes `bytes` to a temporary sibling and renames it over `path`.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let ctx = |e: std::io::Error| candle::Error::msg(format!("writing {}: {e}", path.display()));
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(ctx)?;

@@ -32,7 +32,7 @@ pub mod dropout;
 pub mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
-mod io;
+pub mod io;
 mod kernels;
 pub mod metrics;
 pub mod models;

@@ -145,7 +145,7 @@ impl BatchPlan {
         let mut rng = SeededRng::for_stream(self.seed, &format!("batches/epoch{epoch}"));
         let mut order: Vec<usize> = (0..lengths.len()).collect();
         if self.shuffle {
-            shuffle(&mut order, &mut rng);
+            rng.shuffle(&mut order);
         }
         if self.bucket_by_length {
             for window in order.chunks_mut(size * 50) {
@@ -154,17 +154,9 @@ impl BatchPlan {
         }
         let mut batches: Vec<Vec<usize>> = order.chunks(size).map(<[usize]>::to_vec).collect();
         if self.shuffle && self.bucket_by_length {
-            shuffle(&mut batches, &mut rng);
+            rng.shuffle(&mut batches);
         }
         batches
-    }
-}
-
-/// Fisher–Yates from the seeded generator.
-fn shuffle<T>(items: &mut [T], rng: &mut SeededRng) {
-    for i in (1..items.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        items.swap(i, j);
     }
 }
 

@@ -190,7 +190,7 @@ pub fn run_or_skip(
 }
 
 /// A finished run's `results.json`, errors naming the file.
-pub(crate) fn read_results(path: &Path) -> Result<serde_json::Value, String> {
+pub fn read_results(path: &Path) -> Result<serde_json::Value, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }

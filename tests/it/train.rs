@@ -10,6 +10,12 @@ use lora_mini::train::trainer::{adapter_config, train, train_with, TrainOptions,
 
 use crate::common::{random_encoder, shared};
 
+/// The table examples' runner (clap, so the `cli` feature), tested here
+/// on tiny checkpoints.
+#[cfg(feature = "cli")]
+#[path = "../../examples/common/tables.rs"]
+mod tables;
+
 fn workdir(name: &str) -> PathBuf {
     crate::common::scratch(&format!("train-{name}"))
 }
@@ -385,9 +391,11 @@ fn shipped_configs_parse_and_validate_against_the_real_shapes() {
         assert!(config.model.source.ends_with("all-MiniLM-L6-v2"));
         assert!(config.run.time_budget_minutes.is_some());
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        let row =
-            lora_mini::train::tables::row_of(lora_mini::train::tables::PaperTable::Table2, &stem);
-        assert!(row.is_some(), "{stem}");
+        #[cfg(feature = "cli")]
+        assert!(
+            tables::row_of(tables::PaperTable::Table2, &stem).is_some(),
+            "{stem}"
+        );
         rows += 1;
     }
     assert_eq!(rows, 16);
@@ -802,9 +810,10 @@ fn runner_args(
 /// The table examples' runner in quick mode on a tiny random BERT and the
 /// real RTE files: every row runs, the table sets ours beside the paper's
 /// numbers, and a second invocation skips the finished runs.
+#[cfg(feature = "cli")]
 #[test]
 fn table2_quick_runs_every_row_and_skips_finished_runs() {
-    use lora_mini::train::tables::{example_run, PaperTable};
+    use crate::train::tables::{example_run, PaperTable};
 
     let (model, _) = tiny_setup_in("table2").unwrap();
     let out = workdir("table2-out");
@@ -870,9 +879,10 @@ fn tiny_t5_with_real_tokenizer(tag: &str) -> PathBuf {
 /// Table 3's runner in quick mode on a tiny random T5 with the real T5
 /// tokenizer: trains on newsdev2016, scores BLEU and ROUGE-L on
 /// newstest2016, and writes the table beside the paper's numbers.
+#[cfg(feature = "cli")]
 #[test]
 fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
-    use lora_mini::train::tables::{example_run, PaperTable};
+    use crate::train::tables::{example_run, PaperTable};
 
     let model = tiny_t5_with_real_tokenizer("table3");
     let out = workdir("table3-out");
@@ -904,9 +914,10 @@ fn table3_quick_trains_a_tiny_t5_on_newsdev_and_scores_newstest() {
 
 /// The appendix sweep and Figure 2 in quick mode on a tiny random BERT:
 /// one row of the grid and the figure's SVG.
+#[cfg(feature = "cli")]
 #[test]
 fn appendix_grid_and_figure2_quick() {
-    use lora_mini::train::tables::{appendix_main, figure2_main};
+    use crate::train::tables::{appendix_main, figure2_main};
 
     let (model, _) = tiny_setup_in("appendix").unwrap();
     let common =
@@ -928,6 +939,10 @@ fn appendix_grid_and_figure2_quick() {
     );
     assert!(!row.contains("| - ("), "{row}");
 
+    // A bad flag is one line naming it, with clap's usage left out.
+    let err = appendix_main(vec!["--bogus".into()]).unwrap_err();
+    assert_eq!(err, "unexpected argument '--bogus' found");
+
     let out = workdir("figure2-out");
     figure2_main(common(&out, "rte")).unwrap();
     let svg = std::fs::read_to_string(out.join("figure2.svg")).unwrap();
@@ -940,9 +955,10 @@ fn appendix_grid_and_figure2_quick() {
 /// Tables 1 and 4 in quick mode, one row each: Table 1 on a tiny random
 /// RoBERTa (with MiniLM's tokenizer, whose vocabulary it shares) over the
 /// real RTE files, Table 4 on the tiny T5 over newsdev/newstest2016.
+#[cfg(feature = "cli")]
 #[test]
 fn table1_and_table4_quick_run_on_tiny_random_checkpoints() {
-    use lora_mini::train::tables::{example_run, PaperTable};
+    use crate::train::tables::{example_run, PaperTable};
 
     let roberta = workdir("table1-model");
     let config = r#"{"model_type": "roberta", "vocab_size": 30522, "hidden_size": 16,

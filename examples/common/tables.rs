@@ -2,17 +2,23 @@
 //! one (finished runs skipped, interrupted ones resumed from their
 //! checkpoint), then written as a Markdown table in the paper's layout with
 //! the paper's numbers beside ours, and as JSON.
+//!
+//! Shared by the `table*`, `appendix_grid` and `figure2_rank_vs_accuracy`
+//! examples (each includes it with `#[path]` and uses part of it, hence the
+//! `dead_code` allowance) and by the integration tests.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use clap::Parser;
 use serde::Serialize;
 
-use super::config::TrainConfig;
-use super::interrupt::ctrl_c_flag;
-use super::sweep::{read_results, run_or_skip, RunStatus};
+use lora_mini::train::config::TrainConfig;
+use lora_mini::train::interrupt::ctrl_c_flag;
+use lora_mini::train::sweep::{read_results, run_or_skip, RunStatus};
 
 /// One of the paper's main tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,7 +250,7 @@ pub fn run_table_with(
         };
         if let Some(data) = &options.data {
             let dir = match &task {
-                Some(t) => data.join(crate::data::task(t)?.glue_dir),
+                Some(t) => data.join(lora_mini::data::task(t)?.glue_dir),
                 None => data.clone(),
             };
             set.push(format!("task.data={}", dir.display()));
@@ -393,109 +399,143 @@ fn write_outputs(
     records: &(impl Serialize + ?Sized),
 ) -> Result<(), String> {
     let write = |name: &str, bytes: &[u8]| {
-        crate::io::write_atomic(&dir.join(name), bytes).map_err(|e| crate::error::message(&e))
+        lora_mini::io::write_atomic(&dir.join(name), bytes)
+            .map_err(|e| lora_mini::error::message(&e))
     };
     write(document_name, document.as_bytes())?;
     let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
     write("results.json", json.as_bytes())
 }
 
-const USAGE: &str = "Options:
-  --model M        checkpoint for every run (a folder or hub id; default: each config's)
-  --data DIR       local data: GLUE's root (CoLA/, STS-B/, ...) or the WMT16 folder
-                   (default: the hub, as the configs say)
-  --quick          4 steps on 64 examples per run, for smoke tests
-  --only TEXT      only configs whose name contains TEXT (repeatable: all must match)
-  --set K=V        extra config override for every run (repeatable)
-  --out DIR        output folder (default runs/tables/<example>)
-  --configs DIR    the configs folder (default configs)
-  --paper FILE     the paper's text (default ../shared/paper/lora-mini-paper.txt)
-
-Finished runs (results.json present) are skipped and interrupted ones resume
-from their checkpoint, so a long table can be stopped and rerun.";
-
-/// The `main` of the table examples: parses the command line, runs the
-/// table and writes `table.md` and `results.json`.
-pub fn example_main(table: PaperTable, example: &str) {
-    if let Err(e) = example_run(table, example, std::env::args().skip(1).collect()) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+/// The options every table example takes.
+#[derive(clap::Args, Debug)]
+pub struct TableArgs {
+    /// Checkpoint for every run: a folder or hub id (default: each config's).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Local data: GLUE's root (CoLA/, STS-B/, ...) or the WMT16 folder
+    /// (default: what each config says, the hub for the paper's configs).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// 4 steps on 64 examples per run, for smoke tests.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only configs whose name contains TEXT (repeatable: all must match;
+    /// TEXT may start with a dash, as in `-r16-a64`).
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true)]
+    pub only: Vec<String>,
+    /// Extra config override for every run, e.g. `optim.lr=3e-3`
+    /// (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Output folder [default: runs/tables/<example>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The configs folder.
+    #[arg(long, default_value = "configs")]
+    pub configs: PathBuf,
+    /// The paper's text, for its numbers beside ours.
+    #[arg(long, default_value = "../shared/paper/lora-mini-paper.txt")]
+    pub paper: PathBuf,
 }
 
-/// The options every table example takes, the paper's path, and the
-/// values of `extra` flags (e.g. `--task`). `None` when `--help` was shown.
-fn parse_common(
-    example: &str,
-    about: &str,
-    args: Vec<String>,
-    extra: &[(&str, &str)],
-) -> Result<Option<ParsedArgs>, String> {
-    let mut options = TableOptions {
-        configs_dir: PathBuf::from("configs"),
-        out_dir: PathBuf::from("runs/tables").join(example),
-        model: None,
-        data: None,
-        quick: false,
-        only: Vec::new(),
-        set: Vec::new(),
-        stop: Some(ctrl_c_flag()?),
-    };
-    let mut paper = PathBuf::from("../shared/paper/lora-mini-paper.txt");
-    let mut values = BTreeMap::new();
-    let mut it = args.into_iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--model" => options.model = Some(value()?),
-            "--data" => options.data = Some(PathBuf::from(value()?)),
-            "--quick" => options.quick = true,
-            "--only" => options.only.push(value()?),
-            "--set" => options.set.push(value()?),
-            "--out" => options.out_dir = PathBuf::from(value()?),
-            "--configs" => options.configs_dir = PathBuf::from(value()?),
-            "--paper" => paper = PathBuf::from(value()?),
-            "--help" | "-h" => {
-                let more: String = extra
-                    .iter()
-                    .map(|(f, h)| format!("  {f:<17}{h}\n"))
-                    .collect();
-                println!("{example}: {about}\n\n{more}{USAGE}");
-                return Ok(None);
-            }
-            other if extra.iter().any(|(f, _)| *f == other) => {
-                values.insert(other.trim_start_matches('-').to_string(), value()?);
-            }
-            other => return Err(format!("unknown option {other}; see --help")),
-        }
+impl TableArgs {
+    /// The runner's options, with a Ctrl-C handler that stops the run in
+    /// progress at its next step (resumable).
+    fn options(&self, example: &str) -> Result<TableOptions, String> {
+        Ok(TableOptions {
+            configs_dir: self.configs.clone(),
+            out_dir: self
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs/tables").join(example)),
+            model: self.model.clone(),
+            data: self.data.clone(),
+            quick: self.quick,
+            only: self.only.clone(),
+            set: self.set.clone(),
+            stop: Some(ctrl_c_flag()?),
+        })
     }
-    Ok(Some(ParsedArgs {
-        options,
-        paper,
-        values,
-    }))
 }
 
 /// The command line of a table example.
-struct ParsedArgs {
-    options: TableOptions,
-    /// The paper's text file.
-    paper: PathBuf,
-    /// Values of the example's own flags, by name without dashes.
-    values: BTreeMap<String, String>,
+#[derive(Parser, Debug)]
+#[command(
+    about = "Reruns one of the paper's tables and writes table.md and results.json",
+    after_help = "Finished runs (results.json present) are skipped and interrupted ones resume from their checkpoint, so a long table can be stopped and rerun."
+)]
+struct TableCli {
+    #[command(flatten)]
+    common: TableArgs,
+}
+
+/// The command line of `appendix_grid`.
+#[derive(Parser, Debug)]
+#[command(
+    about = "Reruns the appendix's r, a, b sweep for one model and task",
+    after_help = "Finished runs are skipped and interrupted ones resumed."
+)]
+struct AppendixCli {
+    /// Whose configs and appendix table.
+    #[arg(long, value_parser = ["roberta", "bert"], default_value = "roberta")]
+    family: String,
+    /// The GLUE task.
+    #[arg(long, value_parser = ["cola", "rte", "mrpc", "stsb"], default_value = "cola")]
+    task: String,
+    #[command(flatten)]
+    common: TableArgs,
+}
+
+/// The command line of `figure2_rank_vs_accuracy`.
+#[derive(Parser, Debug)]
+#[command(
+    about = "Plots rank against dev score for LoRA-Mini dense+attention on RoBERTa (Table 1's runs)"
+)]
+struct FigureCli {
+    #[command(flatten)]
+    common: TableArgs,
+}
+
+/// Parses `args` (without the program name) for `example`; `None` when
+/// `--help` or `--version` was printed instead.
+fn parse<P: Parser>(example: &str, args: Vec<String>) -> Result<Option<P>, String> {
+    match P::try_parse_from(std::iter::once(example.to_string()).chain(args)) {
+        Ok(parsed) => Ok(Some(parsed)),
+        Err(e) if !e.use_stderr() => {
+            e.print().map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        // One line, as every error of this crate: clap's first line, without
+        // its own `error: ` (the caller adds one).
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            Err(first.trim_start_matches("error: ").to_string())
+        }
+    }
+}
+
+/// Runs an example's `main` body: `error: …` and exit status 1 on failure.
+pub fn exit_on_error(result: Result<(), String>) {
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }
 
 fn read_paper(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// [`example_main`] on given arguments.
+/// A table example's `main` on its arguments (without the program name).
 pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Result<(), String> {
-    let about = format!("reruns the paper's {table:?} and writes table.md and results.json");
-    let Some(ParsedArgs { options, paper, .. }) = parse_common(example, &about, args, &[])? else {
+    let Some(TableCli { common }) = parse(example, args)? else {
         return Ok(());
     };
-    let paper_text = read_paper(&paper)?;
+    let options = common.options(example)?;
+    let paper = &common.paper;
+    let paper_text = read_paper(paper)?;
     let records = run_table_with(table, &options, &mut |records| {
         write_table(table, records, &paper_text, &options.out_dir)
     })?;
@@ -595,7 +635,7 @@ pub fn run_appendix(
     let base = options
         .configs_dir
         .join(format!("{family}-{task}-lora-mini-dense+attention-r8.toml"));
-    let glue_dir = crate::data::task(task)?.glue_dir;
+    let glue_dir = lora_mini::data::task(task)?.glue_dir;
     let mut records = Vec::new();
     let total = 2 * APPENDIX_GRID.len();
     for (t, targets) in ["dense", "dense+attention"].iter().enumerate() {
@@ -667,27 +707,19 @@ pub fn appendix_markdown(
     out
 }
 
-/// The `main` of `examples/appendix_grid.rs`.
+/// The `main` of `examples/appendix_grid.rs` on its arguments.
 pub fn appendix_main(args: Vec<String>) -> Result<(), String> {
-    let extra = [
-        (
-            "--family",
-            "roberta or bert (default roberta): whose configs and appendix table",
-        ),
-        ("--task", "cola, rte, mrpc or stsb (default cola)"),
-    ];
-    let about = "reruns the appendix's r, a, b sweep for one model and task";
-    let Some(ParsedArgs {
-        options,
-        paper,
-        values,
-    }) = parse_common("appendix_grid", about, args, &extra)?
+    let Some(AppendixCli {
+        family,
+        task,
+        common,
+    }) = parse("appendix_grid", args)?
     else {
         return Ok(());
     };
-    let family = values.get("family").map_or("roberta", String::as_str);
-    let task = values.get("task").map_or("cola", String::as_str);
-    let paper_text = read_paper(&paper)?;
+    let options = common.options("appendix_grid")?;
+    let (family, task) = (family.as_str(), task.as_str());
+    let paper_text = read_paper(&common.paper)?;
     let records = run_appendix(family, task, &options)?;
     let paper_rows = appendix_rows(&paper_text, family, task);
     let md = appendix_markdown(&records, &paper_rows, task);
@@ -705,13 +737,10 @@ pub fn appendix_main(args: Vec<String>) -> Result<(), String> {
 /// LoRA-Mini `dense+attention` rows, plotted as rank against each task's
 /// dev score (`figure2.svg`).
 pub fn figure2_main(args: Vec<String>) -> Result<(), String> {
-    let about =
-        "plots rank against dev score for LoRA-Mini dense+attention on RoBERTa (Table 1's runs)";
-    let Some(ParsedArgs { mut options, .. }) =
-        parse_common("figure2_rank_vs_accuracy", about, args, &[])?
-    else {
+    let Some(FigureCli { common }) = parse("figure2_rank_vs_accuracy", args)? else {
         return Ok(());
     };
+    let mut options = common.options("figure2_rank_vs_accuracy")?;
     options.only.push("lora-mini-dense+attention".to_string());
     let records = run_table(PaperTable::Table1, &options)?;
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
@@ -731,7 +760,7 @@ pub fn figure2_main(args: Vec<String>) -> Result<(), String> {
             series.push((column.to_string(), points));
         }
     }
-    let svg = super::plot::render_series_svg(
+    let svg = lora_mini::train::plot::render_series_svg(
         "LoRA-Mini dense+attention: rank vs dev score",
         "rank r",
         "dev score (%)",
