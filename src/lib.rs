@@ -12,7 +12,7 @@
 //!
 //! | module | holds | imports |
 //! | --- | --- | --- |
-//! | [`rng`], [`dropout`], `io`, `kernels` | the portable seeded RNG; seeded dropout; atomic file writers; the CPU kernels (crate-private) | Candle |
+//! | [`error`], [`rng`], [`dropout`], [`io`], `kernels` | the crate's one [`Error`]; the portable seeded RNG; seeded dropout; atomic file writers; the CPU kernels (crate-private) | Candle |
 //! | [`adapter`] | LoRA-Mini, LoRA, full and frozen linears; their seeded (or SVD) init; the factory keyed by module path; the registry; adapter files; merging into a checkpoint; PEFT export and import | the leaves |
 //! | [`nn`] | candle-nn's builders made adapter-aware (`VarBuilder`, `linear`, norms, `embedding`) and ops with a backward (`layer_norm`, `rms_norm`, `softmax_last_dim`, `sdpa`, `rope`) | `adapter` |
 //! | [`models`] | BERT, RoBERTa and T5 written on `nn`; the checkpoint loader | `nn`, `adapter` |
@@ -39,3 +39,5 @@ pub mod models;
 pub mod nn;
 pub mod rng;
 pub mod train;
+
+pub use error::{Error, Result};

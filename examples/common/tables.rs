@@ -19,6 +19,7 @@ use serde::Serialize;
 use lora_mini::train::config::TrainConfig;
 use lora_mini::train::interrupt::ctrl_c_flag;
 use lora_mini::train::sweep::{read_results, run_or_skip, RunStatus};
+use lora_mini::Error;
 
 /// One of the paper's main tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,7 +212,7 @@ fn quick_overrides(glue: bool) -> Vec<String> {
 
 /// Runs (or skips, or resumes) every config of `table` and returns the
 /// records; see [`write_table`] for the files.
-pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRecord>, String> {
+pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRecord>, Error> {
     run_table_with(table, options, &mut |_| Ok(()))
 }
 
@@ -221,8 +222,8 @@ pub fn run_table(table: PaperTable, options: &TableOptions) -> Result<Vec<RunRec
 pub fn run_table_with(
     table: PaperTable,
     options: &TableOptions,
-    after_each: &mut dyn FnMut(&[RunRecord]) -> Result<(), String>,
-) -> Result<Vec<RunRecord>, String> {
+    after_each: &mut dyn FnMut(&[RunRecord]) -> Result<(), Error>,
+) -> Result<Vec<RunRecord>, Error> {
     let mut configs: Vec<PathBuf> = std::fs::read_dir(&options.configs_dir)
         .map_err(|e| format!("{}: {e}", options.configs_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -237,7 +238,8 @@ pub fn run_table_with(
             table,
             table.config_prefix(),
             options.configs_dir.display()
-        ));
+        )
+        .into());
     }
     let mut records = Vec::new();
     for (i, path) in configs.iter().enumerate() {
@@ -277,7 +279,7 @@ fn run_one(
     mut set: Vec<String>,
     options: &TableOptions,
     progress: &str,
-) -> Result<RunOutcome, String> {
+) -> Result<RunOutcome, Error> {
     let out = options.out_dir.join(name);
     if let Some(model) = &options.model {
         set.push(format!("model.source={model}"));
@@ -290,7 +292,8 @@ fn run_one(
     if status == RunStatus::Interrupted {
         return Err(format!(
             "{name}: interrupted with a checkpoint; rerun the same command to resume"
-        ));
+        )
+        .into());
     }
     let skipped = status == RunStatus::Skipped;
     let value = read_results(&results)?;
@@ -382,7 +385,7 @@ pub fn write_table(
     records: &[RunRecord],
     paper_text: &str,
     out_dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let md = format!(
         "# {table:?}: ours (paper)\n\nCells are `measured (paper)`: accuracy for CoLA, MRPC and RTE, Pearson for STS-B, in percent; BLEU and ROUGE-L for WMT16.\n\n{}",
         markdown(table, records, paper_text)
@@ -397,10 +400,9 @@ fn write_outputs(
     document_name: &str,
     document: &str,
     records: &(impl Serialize + ?Sized),
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let write = |name: &str, bytes: &[u8]| {
-        lora_mini::io::write_atomic(&dir.join(name), bytes)
-            .map_err(|e| lora_mini::error::message(&e))
+        lora_mini::io::write_atomic(&dir.join(name), bytes).map_err(Error::from)
     };
     write(document_name, document.as_bytes())?;
     let json = serde_json::to_string_pretty(records).map_err(|e| e.to_string())?;
@@ -442,7 +444,7 @@ pub struct TableArgs {
 impl TableArgs {
     /// The runner's options, with a Ctrl-C handler that stops the run in
     /// progress at its next step (resumable).
-    fn options(&self, example: &str) -> Result<TableOptions, String> {
+    fn options(&self, example: &str) -> Result<TableOptions, Error> {
         Ok(TableOptions {
             configs_dir: self.configs.clone(),
             out_dir: self
@@ -499,7 +501,7 @@ struct FigureCli {
 
 /// Parses `args` (without the program name) for `example`; `None` when
 /// `--help` or `--version` was printed instead.
-fn parse<P: Parser>(example: &str, args: Vec<String>) -> Result<Option<P>, String> {
+fn parse<P: Parser>(example: &str, args: Vec<String>) -> Result<Option<P>, Error> {
     match P::try_parse_from(std::iter::once(example.to_string()).chain(args)) {
         Ok(parsed) => Ok(Some(parsed)),
         Err(e) if !e.use_stderr() => {
@@ -511,25 +513,25 @@ fn parse<P: Parser>(example: &str, args: Vec<String>) -> Result<Option<P>, Strin
         Err(e) => {
             let text = e.to_string();
             let first = text.lines().next().unwrap_or_default();
-            Err(first.trim_start_matches("error: ").to_string())
+            Err(first.trim_start_matches("error: ").into())
         }
     }
 }
 
 /// Runs an example's `main` body: `error: …` and exit status 1 on failure.
-pub fn exit_on_error(result: Result<(), String>) {
+pub fn exit_on_error(result: Result<(), Error>) {
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
 }
 
-fn read_paper(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
+fn read_paper(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
 /// A table example's `main` on its arguments (without the program name).
-pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Result<(), String> {
+pub fn example_run(table: PaperTable, example: &str, args: Vec<String>) -> Result<(), Error> {
     let Some(TableCli { common }) = parse(example, args)? else {
         return Ok(());
     };
@@ -631,7 +633,7 @@ pub fn run_appendix(
     family: &str,
     task: &str,
     options: &TableOptions,
-) -> Result<Vec<GridRecord>, String> {
+) -> Result<Vec<GridRecord>, Error> {
     let base = options
         .configs_dir
         .join(format!("{family}-{task}-lora-mini-dense+attention-r8.toml"));
@@ -708,7 +710,7 @@ pub fn appendix_markdown(
 }
 
 /// The `main` of `examples/appendix_grid.rs` on its arguments.
-pub fn appendix_main(args: Vec<String>) -> Result<(), String> {
+pub fn appendix_main(args: Vec<String>) -> Result<(), Error> {
     let Some(AppendixCli {
         family,
         task,
@@ -736,7 +738,7 @@ pub fn appendix_main(args: Vec<String>) -> Result<(), String> {
 /// The `main` of `examples/figure2_rank_vs_accuracy.rs`: Table 1's
 /// LoRA-Mini `dense+attention` rows, plotted as rank against each task's
 /// dev score (`figure2.svg`).
-pub fn figure2_main(args: Vec<String>) -> Result<(), String> {
+pub fn figure2_main(args: Vec<String>) -> Result<(), Error> {
     let Some(FigureCli { common }) = parse("figure2_rank_vs_accuracy", args)? else {
         return Ok(());
     };

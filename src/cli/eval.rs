@@ -8,7 +8,7 @@ use candle::{DType, Device, Tensor, D};
 use clap::Args;
 use serde_json::json;
 
-use super::CliError;
+use super::Error;
 use lora_mini::adapter::{AdapterFile, LinearFactory};
 use lora_mini::data::batch::{
     collate_classification, collate_seq2seq, encode_examples, encode_translation, load_tokenizer,
@@ -22,10 +22,6 @@ use lora_mini::models::task::{load_task_model, LoadedModel, TaskModel};
 use lora_mini::train::config::{DeviceChoice, WeightDtype};
 use lora_mini::train::eval::{evaluate, EvalSet};
 use lora_mini::train::trainer::classify_batch;
-
-fn msg(e: candle::Error) -> CliError {
-    lora_mini::error::message(&e)
-}
 
 /// The model (with the adapter applied) on the device `args` names, its
 /// tokenizer, and how to read data for it.
@@ -64,11 +60,11 @@ fn setting<T: PartialEq + std::fmt::Display + Clone>(
     }
 }
 
-fn load(args: &ModelArgs) -> Result<Session, CliError> {
+fn load(args: &ModelArgs) -> Result<Session, Error> {
     let device = lora_mini::train::trainer::device(args.device)
-        .map_err(|e| e.replace("run.device = ", "--device "))?;
+        .map_err(|e| Error::from(e.to_string().replace("run.device = ", "--device ")))?;
     let file = match &args.adapter {
-        Some(path) => Some(AdapterFile::read(path, &device).map_err(msg)?),
+        Some(path) => Some(AdapterFile::read(path, &device)?),
         None => None,
     };
     let recorded = file.as_ref().and_then(|f| f.data_settings());
@@ -83,7 +79,7 @@ fn load(args: &ModelArgs) -> Result<Session, CliError> {
     let max_len =
         setting(("--max-len", args.max_len), r.map(|d| d.max_len), Some(128)).unwrap_or(128);
     let factory = match &file {
-        Some(f) => LinearFactory::new(f.config.clone()).map_err(msg)?,
+        Some(f) => LinearFactory::new(f.config.clone())?,
         None => LinearFactory::frozen(),
     };
     let loaded = load_task_model(
@@ -94,10 +90,9 @@ fn load(args: &ModelArgs) -> Result<Session, CliError> {
         args.dtype.dtype(),
         &device,
         0,
-    )
-    .map_err(msg)?;
+    )?;
     if let Some(file) = file {
-        file.apply(&loaded.registry).map_err(msg)?;
+        file.apply(&loaded.registry)?;
     }
     let tokenizer = load_tokenizer(&loaded.dir.join("tokenizer.json"))?;
     Ok(Session {
@@ -165,18 +160,17 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, CliError> {
+fn eval_pairs(task: &Task, data: Option<&Path>) -> Result<Vec<TranslationPair>, Error> {
     match data {
         Some(d) if d.is_dir() => read_parallel(
             &d.join("newstest2016-enro.en"),
             &d.join("newstest2016-enro.ro"),
         )
-        .map_err(|e| e.to_string()),
-        Some(f) => read_translation_jsonl(f).map_err(|e| e.to_string()),
+        .map_err(Error::from),
+        Some(f) => read_translation_jsonl(f).map_err(Error::from),
         None => {
-            let path =
-                lora_mini::data::parquet::fetch_split(task, "validation", None).map_err(msg)?;
-            lora_mini::data::parquet::read_parquet_translation(&path).map_err(|e| e.to_string())
+            let path = lora_mini::data::parquet::fetch_split(task, "validation", None)?;
+            lora_mini::data::parquet::read_parquet_translation(&path).map_err(Error::from)
         }
     }
 }
@@ -187,7 +181,7 @@ enum EvalData {
     Translation(Vec<lora_mini::data::batch::EncodedPair>),
 }
 
-pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
+pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
     let Session {
         loaded,
         tokenizer,
@@ -221,7 +215,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
                 } else {
                     args.split.as_str()
                 };
-                lora_mini::data::parquet::fetch_split(task, split, None).map_err(msg)?
+                lora_mini::data::parquet::fetch_split(task, split, None)?
             }
         };
         let examples = read_examples(task, &path).map_err(|e| e.to_string())?;
@@ -229,7 +223,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), CliError> {
             return Err(format!(
                 "{}: has unlabelled rows; eval needs labels (use predict)",
                 path.display()
-            ));
+            )
+            .into());
         }
         (
             EvalData::Classification(encode_examples(&tokenizer, &examples, max_len)?),
@@ -287,7 +282,7 @@ pub struct PredictArgs {
     pub max_new_tokens: usize,
 }
 
-pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
+pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
     let Session {
         loaded,
         tokenizer,
@@ -324,18 +319,16 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
             )?;
             for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
-                let b = collate_seq2seq(&items, pad, &device).map_err(msg)?;
+                let b = collate_seq2seq(&items, pad, &device)?;
                 let outs = if args.beams > 1 {
                     (0..items.len())
                         .map(|i| {
                             let ids = Tensor::new(&items[i].source[..], &device)?.unsqueeze(0)?;
                             m.generate_beam(&ids, args.beams, args.max_new_tokens, 1.0)
                         })
-                        .collect::<candle::Result<Vec<_>>>()
-                        .map_err(msg)?
+                        .collect::<candle::Result<Vec<_>>>()?
                 } else {
-                    m.generate_greedy(&b.input_ids, Some(&b.attention_mask), args.max_new_tokens)
-                        .map_err(msg)?
+                    m.generate_greedy(&b.input_ids, Some(&b.attention_mask), args.max_new_tokens)?
                 };
                 for ids in outs {
                     rows.push(json!({"translation": tokenizer.decode(&ids, true).map_err(|e| e.to_string())?}));
@@ -347,16 +340,11 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
             let enc = encode_examples(&tokenizer, &examples, max_len)?;
             for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();
-                let b = collate_classification(&items, pad, &device).map_err(msg)?;
-                let logits = classify_batch(model, &b, false).map_err(msg)?;
-                let values: Vec<Vec<f32>> = logits
-                    .to_dtype(DType::F32)
-                    .and_then(|l| l.to_vec2())
-                    .map_err(msg)?;
-                let argmax: Vec<u32> = logits
-                    .argmax(D::Minus1)
-                    .and_then(|l| l.to_vec1())
-                    .map_err(msg)?;
+                let b = collate_classification(&items, pad, &device)?;
+                let logits = classify_batch(model, &b, false)?;
+                let values: Vec<Vec<f32>> =
+                    logits.to_dtype(DType::F32).and_then(|l| l.to_vec2())?;
+                let argmax: Vec<u32> = logits.argmax(D::Minus1).and_then(|l| l.to_vec1())?;
                 for (v, c) in values.into_iter().zip(argmax) {
                     let prediction = match task.kind {
                         TaskKind::Classification { labels } => json!(labels[c as usize]),
@@ -366,7 +354,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), CliError> {
                 }
             }
         }
-        _ => return Err(format!("task {} does not fit this model", task.name)),
+        _ => return Err(format!("task {} does not fit this model", task.name).into()),
     }
     let mut out = std::fs::File::create(&args.output)
         .map_err(|e| format!("creating {}: {e}", args.output.display()))?;

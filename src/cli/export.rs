@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle::{DType, Device};
 use clap::{Args, ValueEnum};
 
-use super::CliError;
+use super::Error;
 use lora_mini::adapter::{export_peft, AdapterFile, LinearFactory, PeftExportOptions};
 use lora_mini::models::presets::Family;
 use lora_mini::models::task::load_task_model;
@@ -39,21 +39,16 @@ pub struct ExportArgs {
     pub output: PathBuf,
 }
 
-fn msg(e: candle::Error) -> CliError {
-    lora_mini::error::message(&e)
-}
-
-pub fn run(args: &ExportArgs) -> Result<(), CliError> {
+pub fn run(args: &ExportArgs) -> Result<(), Error> {
     let device = Device::Cpu;
-    let file = AdapterFile::read(&args.adapter, &device).map_err(msg)?;
+    let file = AdapterFile::read(&args.adapter, &device)?;
     // The head's width is the adapter's: its trained classifier says how many labels.
     let labels = ["classifier.weight", "classifier.out_proj.weight"]
         .iter()
         .find_map(|n| file.tensors.get(*n).map(|t| t.dims()[0]))
         .or(Some(2));
-    let factory = LinearFactory::new(file.config.clone()).map_err(msg)?;
-    let mut loaded =
-        load_task_model(&args.model, None, labels, factory, DType::F32, &device, 0).map_err(msg)?;
+    let factory = LinearFactory::new(file.config.clone())?;
+    let mut loaded = load_task_model(&args.model, None, labels, factory, DType::F32, &device, 0)?;
     // GLUE's class names, when the adapter records its task.
     if let Some(settings) = file.data_settings() {
         if let Ok(task) = lora_mini::data::task(&settings.task) {
@@ -62,9 +57,9 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
             }
         }
     }
-    file.apply(&loaded.registry).map_err(msg)?;
+    file.apply(&loaded.registry)?;
     match args.format {
-        Format::Merged => loaded.save_merged(&args.output).map_err(msg)?,
+        Format::Merged => loaded.save_merged(&args.output)?,
         Format::Peft => {
             let options = PeftExportOptions {
                 task_type: if loaded.family == Family::T5 {
@@ -81,7 +76,7 @@ pub fn run(args: &ExportArgs) -> Result<(), CliError> {
                 },
                 ..Default::default()
             };
-            export_peft(&loaded.registry, &options, &args.output).map_err(msg)?;
+            export_peft(&loaded.registry, &options, &args.output)?;
         }
     }
     println!("wrote {}", args.output.display());

@@ -45,10 +45,10 @@ pub enum Command {
 }
 
 /// A message for the user; the binary prints it and exits with status 1.
-pub type CliError = String;
+pub use lora_mini::Error;
 
 /// Runs the parsed command.
-pub fn run(cli: Cli) -> Result<(), CliError> {
+pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Train(args) => train::run(&args),
         Command::Export(args) => export::run(&args),

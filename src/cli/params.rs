@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
-use super::CliError;
+use super::Error;
 use lora_mini::adapter::targets::ALL_LINEAR;
 use lora_mini::adapter::{AdapterConfig, LoraConfig, LoraMiniConfig, Method};
 use lora_mini::models::bert::BertConfig;
@@ -55,7 +55,7 @@ pub struct ParamsArgs {
     pub json: bool,
 }
 
-pub fn run(args: &ParamsArgs) -> Result<(), CliError> {
+pub fn run(args: &ParamsArgs) -> Result<(), Error> {
     let path = if args.model.is_dir() {
         args.model.join("config.json")
     } else {
@@ -72,9 +72,9 @@ pub fn run(args: &ParamsArgs) -> Result<(), CliError> {
             (t5_conditional_generation(&c), c.is_gated())
         }
         (Family::T5, Some(_)) => {
-            return Err(format!("task {} needs a BERT or RoBERTa model", args.task))
+            return Err(format!("task {} needs a BERT or RoBERTa model", args.task).into())
         }
-        (_, None) => return Err(format!("task {} needs a T5 model", args.task)),
+        (_, None) => return Err(format!("task {} needs a T5 model", args.task).into()),
         (_, Some(n)) => (
             encoder_classifier(family, &BertConfig::from_json(&text).map_err(err)?, n),
             false,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::Value;
 
-use super::CliError;
+use super::Error;
 use lora_mini::data::error::{lines, read_text};
 use lora_mini::data::examples::parse_label;
 use lora_mini::data::{read_glue_tsv, task, Label, Task, TaskKind};
@@ -41,8 +41,8 @@ pub struct ScoreArgs {
 
 /// The entries of a predictions file: plain lines, or the `prediction` /
 /// `translation` field of each JSONL object.
-fn read_predictions(path: &Path) -> Result<Vec<String>, CliError> {
-    let text = read_text(path).map_err(|e| e.to_string())?;
+fn read_predictions(path: &Path) -> Result<Vec<String>, Error> {
+    let text = read_text(path)?;
     let is_jsonl = path.extension().is_some_and(|e| e == "jsonl");
     lines(&text)
         .iter()
@@ -51,35 +51,42 @@ fn read_predictions(path: &Path) -> Result<Vec<String>, CliError> {
             if !is_jsonl {
                 return Ok(line.to_string());
             }
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| format!("{}:{}: invalid JSON: {e}", path.display(), i + 1))?;
+            let at_line = |message: String| Error::File {
+                path: path.to_path_buf(),
+                line: Some(i + 1),
+                message,
+            };
+            let v: Value =
+                serde_json::from_str(line).map_err(|e| at_line(format!("invalid JSON: {e}")))?;
             match v.get("prediction").or_else(|| v.get("translation")) {
                 Some(Value::String(s)) => Ok(s.clone()),
                 Some(Value::Number(n)) => Ok(n.to_string()),
-                _ => Err(format!(
-                    "{}:{}: expected a \"prediction\" or \"translation\" field",
-                    path.display(),
-                    i + 1
+                _ => Err(at_line(
+                    "expected a \"prediction\" or \"translation\" field".into(),
                 )),
             }
         })
         .collect()
 }
 
-fn labels_of(task: &Task, path: &Path, rows: &[String]) -> Result<Vec<Label>, CliError> {
+fn labels_of(task: &Task, path: &Path, rows: &[String]) -> Result<Vec<Label>, Error> {
     rows.iter()
         .enumerate()
         .map(|(i, r)| {
-            parse_label(task, r).map_err(|m| format!("{}:{}: {m}", path.display(), i + 1))
+            parse_label(task, r).map_err(|message| Error::File {
+                path: path.to_path_buf(),
+                line: Some(i + 1),
+                message,
+            })
         })
         .collect()
 }
 
-pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
+pub fn run(args: &ScoreArgs) -> Result<(), Error> {
     let task = task(&args.task)?;
     let predictions = read_predictions(&args.predictions)?;
     let mut results: BTreeMap<String, Option<f64>> = BTreeMap::new();
-    let count_mismatch = |n: usize| {
+    let count_mismatch = |n: usize| -> Error {
         format!(
             "{} has {} predictions but {} has {} references",
             args.predictions.display(),
@@ -87,6 +94,7 @@ pub fn run(args: &ScoreArgs) -> Result<(), CliError> {
             args.references.display(),
             n
         )
+        .into()
     };
     if task.kind == TaskKind::Translation {
         let refs_text = read_text(&args.references).map_err(|e| e.to_string())?;

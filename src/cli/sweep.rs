@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::CliError;
+use super::Error;
 use lora_mini::train::config::TrainConfig;
 use lora_mini::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
 use lora_mini::train::sweep::{markdown, run_sweep, GridAxis, SweepEnd, SweepOptions};
@@ -46,7 +46,7 @@ pub struct SweepArgs {
     pub out: PathBuf,
 }
 
-pub fn run(args: &SweepArgs) -> Result<(), CliError> {
+pub fn run(args: &SweepArgs) -> Result<(), Error> {
     let axes = args
         .grid
         .iter()

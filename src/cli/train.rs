@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::CliError;
+use super::Error;
 use lora_mini::train::config::TrainConfig;
 use lora_mini::train::interrupt::{ctrl_c_flag, INTERRUPTED_STATUS};
 use lora_mini::train::trainer::{train_with, TrainOptions};
@@ -45,7 +45,7 @@ pub struct TrainArgs {
     pub overwrite: bool,
 }
 
-pub fn run(args: &TrainArgs) -> Result<(), CliError> {
+pub fn run(args: &TrainArgs) -> Result<(), Error> {
     let mut config = TrainConfig::load(&args.config, &args.set)?;
     if let Some(dir) = &args.output_dir {
         config.run.output_dir = dir.clone();

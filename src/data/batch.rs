@@ -10,10 +10,11 @@ use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
 use super::examples::{Example, Label};
 use super::translation::{Direction, TranslationPair};
 use crate::rng::SeededRng;
+use crate::Error;
 
 /// Loads `tokenizer.json` with any stored padding and truncation switched
 /// off (both are per-batch decisions here; T5's file ships fixed padding).
-pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, String> {
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, Error> {
     let mut tokenizer =
         Tokenizer::from_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     tokenizer.with_padding(None);
@@ -52,7 +53,7 @@ fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     )
 }
 
-fn truncating(tokenizer: &Tokenizer, max_len: usize) -> Result<Tokenizer, String> {
+fn truncating(tokenizer: &Tokenizer, max_len: usize) -> Result<Tokenizer, Error> {
     let mut t = tokenizer.clone();
     t.with_truncation(Some(TruncationParams {
         max_length: max_len,
@@ -69,7 +70,7 @@ pub fn encode_examples(
     tokenizer: &Tokenizer,
     examples: &[Example],
     max_len: usize,
-) -> Result<Vec<Encoded>, String> {
+) -> Result<Vec<Encoded>, Error> {
     let t = truncating(tokenizer, max_len)?;
     let bar = progress(examples.len(), "examples");
     let out = examples
@@ -101,7 +102,7 @@ pub fn encode_translation(
     prefix: &str,
     max_source_len: usize,
     max_target_len: usize,
-) -> Result<Vec<EncodedPair>, String> {
+) -> Result<Vec<EncodedPair>, Error> {
     let (ts, tt) = (
         truncating(tokenizer, max_source_len)?,
         truncating(tokenizer, max_target_len)?,

@@ -33,6 +33,16 @@ impl fmt::Display for DataError {
 
 impl std::error::Error for DataError {}
 
+impl From<DataError> for crate::Error {
+    fn from(e: DataError) -> Self {
+        crate::Error::File {
+            path: e.path,
+            line: e.line,
+            message: e.message,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, DataError>;
 
 /// Reads a text file as UTF-8 without a leading BOM. Invalid UTF-8 and an

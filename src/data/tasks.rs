@@ -1,6 +1,7 @@
 //! The task registry: every GLUE task and WMT16 en-ro, with their columns,
 //! labels and official metrics. A new task is one entry here.
 
+use crate::Error;
 use serde::Serialize;
 
 /// What a task predicts.
@@ -206,16 +207,16 @@ pub const TASKS: &[Task] = &[
 
 /// Looks a task up by its CLI name (case-insensitive; `sst-2` and `sts-b`
 /// are accepted too).
-pub fn task(name: &str) -> Result<&'static Task, String> {
+pub fn task(name: &str) -> Result<&'static Task, Error> {
     let wanted = name
         .to_ascii_lowercase()
         .replace("sst-2", "sst2")
         .replace("sts-b", "stsb");
     TASKS.iter().find(|t| t.name == wanted).ok_or_else(|| {
-        format!(
+        Error::Message(format!(
             "unknown task {name:?}: one of {}",
             TASKS.iter().map(|t| t.name).collect::<Vec<_>>().join(", ")
-        )
+        ))
     })
 }
 

@@ -12,6 +12,7 @@ use crate::adapter::targets::ALL_LINEAR;
 use crate::adapter::{AuxInit, InnerInit};
 use crate::data::translation::Direction;
 use crate::models::presets::LINEAR_MODULE_NAMES;
+use crate::Error;
 
 /// The target presets `adapter.targets` accepts besides module names.
 const PRESETS: &[&str] = &["dense", "attention", "dense+attention", "attention+dense"];
@@ -351,7 +352,7 @@ fn key_at(text: &str, line: usize) -> Option<String> {
 impl TrainConfig {
     /// Reads a config, applies `--set section.key=value` overrides, and
     /// validates it. Errors name the file, the key and its line.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
         // Parse once as written, for one-line errors with line and column.
@@ -380,9 +381,9 @@ impl TrainConfig {
                 .ok_or_else(|| format!("--set {o:?}: expected section.key=value"))?;
             let parts: Vec<&str> = key.trim().split('.').collect();
             let [section, field] = parts[..] else {
-                return Err(format!(
-                    "--set {o:?}: the key must be section.key, e.g. optim.lr"
-                ));
+                return Err(
+                    format!("--set {o:?}: the key must be section.key, e.g. optim.lr").into(),
+                );
             };
             let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .ok()
@@ -398,12 +399,14 @@ impl TrainConfig {
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e| format!("{} with --set overrides: {e}", path.display()))?;
-        config.validate().map_err(|(section, key, message)| {
-            match line_of(&text, section, key) {
-                Some(line) => format!("{}:{line}: {section}.{key}: {message}", path.display()),
-                None => format!("{}: {section}.{key}: {message}", path.display()),
-            }
-        })?;
+        config
+            .validate()
+            .map_err(|(section, key, message)| Error::Config {
+                path: path.to_path_buf(),
+                line: line_of(&text, section, key),
+                key: format!("{section}.{key}"),
+                message,
+            })?;
         Ok(config)
     }
 

@@ -3,11 +3,11 @@
 
 use super::config::TrainConfig;
 use super::eval::EvalSet;
-use super::trainer::{msg, Error};
 use crate::data::batch::{encode_examples, encode_translation, Encoded, EncodedPair};
 use crate::data::locate::{locate_data, DataSource};
 use crate::data::{read_examples, read_parallel, Example, Task, TaskKind, TranslationPair};
 use crate::rng::SeededRng;
+use crate::Error;
 use tokenizers::Tokenizer;
 
 /// Tokenised training and evaluation data. `validation` is carved out of
@@ -209,11 +209,11 @@ fn read_split(task: &Task, config: &TrainConfig, split: &str) -> Result<Vec<Exam
             } else {
                 task.dev_splits[0]
             };
-            crate::data::parquet::fetch_split(task, hf_split, None).map_err(msg)?
+            crate::data::parquet::fetch_split(task, hf_split, None)?
         }
         DataSource::Folder(dir) => dir.join(format!("{split}.tsv")),
     };
-    read_examples(task, &path).map_err(|e| e.to_string())
+    read_examples(task, &path).map_err(Error::from)
 }
 
 fn read_pairs(
@@ -228,9 +228,8 @@ fn read_pairs(
             } else {
                 "validation"
             };
-            let path = crate::data::parquet::fetch_split(task, hf_split, None).map_err(msg)?;
-            return crate::data::parquet::read_parquet_translation(&path)
-                .map_err(|e| e.to_string());
+            let path = crate::data::parquet::fetch_split(task, hf_split, None)?;
+            return crate::data::parquet::read_parquet_translation(&path).map_err(Error::from);
         }
         DataSource::Folder(dir) => dir,
     };
@@ -245,7 +244,7 @@ fn read_pairs(
         &dir.join(format!("{set}-enro.en")),
         &dir.join(format!("{set}-enro.ro")),
     )
-    .map_err(|e| e.to_string())
+    .map_err(Error::from)
 }
 
 /// The T5 source prefix: the config's, or T5's own for the direction.

@@ -7,13 +7,15 @@ use std::collections::BTreeMap;
 use candle::{DType, Device, D};
 
 #[cfg(feature = "train")]
-use super::trainer::{classify_batch, msg, Error};
+use super::trainer::classify_batch;
 #[cfg(feature = "train")]
 use crate::data::batch::{collate_classification, collate_seq2seq, Encoded, EncodedPair};
 use crate::data::{Label, Metric, Task};
 use crate::metrics;
 #[cfg(feature = "train")]
 use crate::models::task::{LoadedModel, TaskModel};
+#[cfg(feature = "train")]
+use crate::Error;
 
 /// The task's metrics for predicted against gold labels; `None` where a
 /// metric is undefined.
@@ -99,19 +101,15 @@ pub fn evaluate(
             let mut predicted = Vec::with_capacity(examples.len());
             for chunk in examples.chunks(batch_size) {
                 let items: Vec<&Encoded> = chunk.iter().collect();
-                let b = collate_classification(&items, pad_id, dev).map_err(msg)?;
-                let logits = classify_batch(model, &b, false).map_err(msg)?;
-                if logits.dim(1).map_err(msg)? == 1 {
+                let b = collate_classification(&items, pad_id, dev)?;
+                let logits = classify_batch(model, &b, false)?;
+                if logits.dim(1)? == 1 {
                     let v: Vec<f32> = logits
                         .squeeze(1)
-                        .and_then(|l| l.to_dtype(DType::F32)?.to_vec1())
-                        .map_err(msg)?;
+                        .and_then(|l| l.to_dtype(DType::F32)?.to_vec1())?;
                     predicted.extend(v.into_iter().map(Label::Score));
                 } else {
-                    let v: Vec<u32> = logits
-                        .argmax(D::Minus1)
-                        .and_then(|l| l.to_vec1())
-                        .map_err(msg)?;
+                    let v: Vec<u32> = logits.argmax(D::Minus1).and_then(|l| l.to_vec1())?;
                     predicted.extend(v.into_iter().map(|c| Label::Class(c as usize)));
                 }
             }
@@ -125,10 +123,9 @@ pub fn evaluate(
             let mut hyps = Vec::with_capacity(pairs.len());
             for chunk in pairs.chunks(batch_size) {
                 let items: Vec<&EncodedPair> = chunk.iter().collect();
-                let b = collate_seq2seq(&items, pad_id, dev).map_err(msg)?;
-                let out = m
-                    .generate_greedy(&b.input_ids, Some(&b.attention_mask), max_new_tokens)
-                    .map_err(msg)?;
+                let b = collate_seq2seq(&items, pad_id, dev)?;
+                let out =
+                    m.generate_greedy(&b.input_ids, Some(&b.attention_mask), max_new_tokens)?;
                 for ids in out {
                     hyps.push(tokenizer.decode(&ids, true).map_err(|e| e.to_string())?);
                 }

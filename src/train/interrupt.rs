@@ -4,13 +4,16 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::Error;
+
 /// The exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells use).
 pub const INTERRUPTED_STATUS: i32 = 130;
 
 /// The process-wide stop flag, set by Ctrl-C; the handler is installed on
 /// the first call (later calls share it, since a process has one handler).
 /// Pass it as [`TrainOptions::stop`](super::trainer::TrainOptions).
-pub fn ctrl_c_flag() -> Result<Arc<AtomicBool>, String> {
+pub fn ctrl_c_flag() -> Result<Arc<AtomicBool>, Error> {
+    // The outcome is kept as text: a process installs its handler once.
     static FLAG: OnceLock<Result<Arc<AtomicBool>, String>> = OnceLock::new();
     FLAG.get_or_init(|| {
         let stop = Arc::new(AtomicBool::new(false));
@@ -28,4 +31,5 @@ pub fn ctrl_c_flag() -> Result<Arc<AtomicBool>, String> {
         Ok(stop)
     })
     .clone()
+    .map_err(Error::from)
 }

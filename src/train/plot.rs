@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+use crate::Error;
 use plotters::prelude::*;
 
 /// The points of one run, as read from its `metrics.jsonl`.
@@ -109,7 +110,7 @@ fn panel(
 }
 
 /// The SVG text of the two panels.
-pub fn render_svg(curves: &Curves) -> Result<String, String> {
+pub fn render_svg(curves: &Curves) -> Result<String, Error> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (1000, 400)).into_drawing_area();
@@ -135,10 +136,9 @@ pub fn render_svg(curves: &Curves) -> Result<String, String> {
 }
 
 /// Renders `curves` and writes them to `path` atomically.
-pub fn write_svg(path: &Path, curves: &Curves) -> Result<(), String> {
+pub fn write_svg(path: &Path, curves: &Curves) -> Result<(), Error> {
     let svg = render_svg(curves)?;
-    crate::io::write_atomic(path, svg.as_bytes())
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+    crate::io::write_atomic(path, svg.as_bytes()).map_err(Error::from)
 }
 
 /// Named `(x, y)` series on one chart (a figure such as rank against dev
@@ -148,7 +148,7 @@ pub fn render_series_svg(
     x_name: &str,
     y_name: &str,
     series: &[(String, Vec<(f64, f64)>)],
-) -> Result<String, String> {
+) -> Result<String, Error> {
     const COLORS: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     let mut svg = String::new();
     {

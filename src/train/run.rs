@@ -22,8 +22,8 @@ use super::optim::{global_norm, AdamWConfig, GroupedAdamW, ParamGroup};
 use super::plot::{write_svg, Curves};
 use super::schedule::learning_rate;
 use super::trainer::{
-    adapter_config, classify_batch, device, msg, param_groups, Error, StopReason, TrainOptions,
-    TrainSummary, CHECKPOINT,
+    adapter_config, classify_batch, device, param_groups, StopReason, TrainOptions, TrainSummary,
+    CHECKPOINT,
 };
 use crate::adapter::{save_adapter, AdapterConfig, DataSettings, LinearFactory, SaveOptions};
 use crate::data::batch::{
@@ -32,6 +32,7 @@ use crate::data::batch::{
 use crate::data::{task, Task, TaskKind};
 use crate::models::bert::sequence_classification_loss;
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
+use crate::Error;
 
 /// Config keys that may change between a run and its resumption: they do
 /// not affect what is trained.
@@ -223,22 +224,18 @@ impl<'a> Run<'a> {
         epoch: usize,
         i: usize,
     ) -> Result<Option<String>, Error> {
-        let loss =
-            batch_loss(&self.loaded, &self.data, batch, self.pad_id, &self.device).map_err(msg)?;
+        let loss = batch_loss(&self.loaded, &self.data, batch, self.pad_id, &self.device)?;
         let value = loss
             .to_dtype(DType::F32)
-            .and_then(|l| l.to_scalar::<f32>())
-            .map_err(msg)? as f64;
+            .and_then(|l| l.to_scalar::<f32>())? as f64;
         if !value.is_finite() {
             return Ok(Some(self.divergence(value, epoch, i)));
         }
-        let grads = (loss / self.config.optim.grad_accum as f64)
-            .and_then(|l| l.backward())
-            .map_err(msg)?;
+        let grads = (loss / self.config.optim.grad_accum as f64).and_then(|l| l.backward())?;
         for (name, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
                 let sum = match self.accumulated.remove(name) {
-                    Some(prev) => (prev + g).map_err(msg)?,
+                    Some(prev) => (prev + g)?,
                     None => g.clone(),
                 };
                 self.accumulated.insert(name.clone(), sum);
@@ -270,7 +267,7 @@ impl<'a> Run<'a> {
     /// `optim.max_grad_norm`), moving the data position past batch `i`.
     pub(super) fn step(&mut self, epoch: usize, i: usize, epoch_end: bool) -> Result<(), Error> {
         let o = &self.config.optim;
-        let norm = global_norm(&self.accumulated).map_err(msg)?;
+        let norm = global_norm(&self.accumulated)?;
         let scale = if o.max_grad_norm > 0.0 && norm > o.max_grad_norm {
             o.max_grad_norm / (norm + 1e-6)
         } else {
@@ -283,9 +280,7 @@ impl<'a> Run<'a> {
             self.steps.warmup,
             self.steps.total,
         );
-        self.opt
-            .step_with(&self.accumulated, lr, scale)
-            .map_err(msg)?;
+        self.opt.step_with(&self.accumulated, lr, scale)?;
         self.accumulated.clear();
         self.state.step += 1;
         (self.state.epoch, self.state.next_batch) = if epoch_end {
@@ -446,7 +441,7 @@ impl<'a> Run<'a> {
             &state,
             &self.config_toml,
         )
-        .map_err(msg)
+        .map_err(Error::from)
     }
 
     fn save_adapter(&self, name: &str) -> Result<(), Error> {
@@ -470,7 +465,7 @@ impl<'a> Run<'a> {
             &self.adapter,
             &options,
         )
-        .map_err(msg)
+        .map_err(Error::from)
     }
 
     fn plot(&self) -> Result<(), Error> {
@@ -484,7 +479,8 @@ impl<'a> Run<'a> {
     }
 
     fn write_metrics(&mut self, value: serde_json::Value) -> Result<(), Error> {
-        writeln!(self.metrics_log, "{value}").map_err(|e| format!("writing metrics.jsonl: {e}"))
+        writeln!(self.metrics_log, "{value}")
+            .map_err(|e| format!("writing metrics.jsonl: {e}").into())
     }
 
     /// Time in the training loop, summed over interruptions.
@@ -504,7 +500,7 @@ impl<'a> Run<'a> {
                 // the adapters and checkpoint stay as the last good
                 // evaluation left them.
                 write_results(&self.out, &summary)?;
-                Err(error)
+                Err(error.into())
             }
             Ending::Finished | Ending::OutOfTime => {
                 self.save_adapter("adapter-last.safetensors")?;
@@ -564,7 +560,7 @@ fn check_fresh_start(out: &Path, options: &TrainOptions) -> Result<(), Error> {
         return Err(format!(
             "{} holds an earlier run ({found}): pass --resume to continue it, --overwrite to replace it, or choose another --output-dir",
             out.display()
-        ));
+        ).into());
     }
     Ok(())
 }
@@ -588,14 +584,13 @@ fn load_model(
     let source_dir = crate::models::loader::resolve_checkpoint_dir(
         &config.model.source,
         Some(&config.model.revision),
-    )
-    .map_err(msg)?;
+    )?;
     let config_json = std::fs::read_to_string(source_dir.join("config.json"))
         .map_err(|e| format!("{}: {e}", source_dir.display()))?;
-    let family = crate::models::presets::Family::from_config_json(&config_json).map_err(msg)?;
+    let family = crate::models::presets::Family::from_config_json(&config_json)?;
     let gated = config_json.contains("gated-");
     let adapter = adapter_config(config, family, gated)?;
-    let factory = LinearFactory::new(adapter.clone()).map_err(msg)?;
+    let factory = LinearFactory::new(adapter.clone())?;
     let dtype = config.model.dtype.dtype();
     let loaded = load_task_model(
         source_dir.to_str().unwrap_or_default(),
@@ -605,8 +600,7 @@ fn load_model(
         dtype,
         device,
         config.run.seed,
-    )
-    .map_err(msg)?;
+    )?;
     let (trainable, total) = (loaded.registry.num_trainable(), base_parameters(&loaded));
     eprintln!(
         "{}: {} on {} ({}, {dtype:?}), {trainable} trainable of {total} parameters ({:.4}%)",
@@ -649,11 +643,10 @@ fn optimizer(
             eps: o.eps,
             weight_decay: o.weight_decay,
         },
-    )
-    .map_err(msg)?;
+    )?;
     let groups = param_groups(config, adapter, vars);
     for group in &groups {
-        opt.set_group(group).map_err(msg)?;
+        opt.set_group(group)?;
         let params: usize = vars
             .iter()
             .filter(|(n, _)| group.tensors.contains(n))
@@ -681,12 +674,12 @@ fn resume(
     let checkpoint_path = out.join(CHECKPOINT);
     let ckpt = SavedCheckpoint::read(&checkpoint_path).map_err(|e| {
         if checkpoint_path.exists() {
-            msg(e)
+            Error::from(e)
         } else {
-            format!(
+            Error::from(format!(
                 "--resume: {} holds no checkpoint to resume from",
                 out.display()
-            )
+            ))
         }
     })?;
     let changed = config_differences(&ckpt.config_toml, config_toml, RESUMABLE_KEYS);
@@ -694,9 +687,9 @@ fn resume(
         return Err(format!(
             "--resume: the config differs from the checkpointed run's, so the run would not continue as it began:\n  {}",
             changed.join("\n  ")
-        ));
+        ).into());
     }
-    ckpt.restore(&loaded.registry, opt).map_err(msg)?;
+    ckpt.restore(&loaded.registry, opt)?;
     let state = ckpt.state;
     truncate_metrics_after(&out.join("metrics.jsonl"), state.step)?;
     eprintln!(
@@ -743,7 +736,7 @@ fn open_metrics_log(out: &Path, resume: bool) -> Result<std::fs::File, Error> {
     } else {
         std::fs::File::create(&path)
     };
-    file.map_err(|e| format!("opening {}: {e}", path.display()))
+    file.map_err(|e| format!("opening {}: {e}", path.display()).into())
 }
 
 /// Drops the `metrics.jsonl` lines logged after `step` (by a run that went
@@ -762,7 +755,7 @@ fn truncate_metrics_after(path: &Path, step: u64) -> Result<(), Error> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    crate::io::write_atomic(path, kept.as_bytes()).map_err(msg)
+    crate::io::write_atomic(path, kept.as_bytes()).map_err(Error::from)
 }
 
 /// A progress bar on a terminal; hidden otherwise, where log lines stand in.
@@ -806,5 +799,5 @@ fn batch_loss(
 
 fn write_results(out: &Path, summary: &TrainSummary) -> Result<(), Error> {
     let json = serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?;
-    crate::io::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(msg)
+    crate::io::write_atomic(&out.join("results.json"), json.as_bytes()).map_err(Error::from)
 }

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::config::TrainConfig;
 use super::trainer::{train_with, TrainOptions, CHECKPOINT};
+use crate::Error;
 
 /// One swept key and its values, from `section.key=v1,v2,...`.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,7 +22,7 @@ pub struct GridAxis {
 }
 
 impl GridAxis {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, Error> {
         let (key, values) = text
             .split_once('=')
             .ok_or_else(|| format!("--grid {text:?}: expected section.key=v1,v2,..."))?;
@@ -33,7 +34,8 @@ impl GridAxis {
         if values.is_empty() || key.trim().split('.').count() != 2 {
             return Err(format!(
                 "--grid {text:?}: expected section.key=v1,v2,... (e.g. optim.lr=1e-3,3e-3)"
-            ));
+            )
+            .into());
         }
         Ok(Self {
             key: key.trim().to_string(),
@@ -119,7 +121,7 @@ pub enum SweepEnd {
 /// finished (their `results.json` exists) and resuming interrupted ones.
 /// After every run it rewrites `sweep.md` and `sweep.json`, so a sweep
 /// stopped half-way keeps its finished rows.
-pub fn run_sweep(options: &SweepOptions, headline: &str) -> Result<SweepEnd, String> {
+pub fn run_sweep(options: &SweepOptions, headline: &str) -> Result<SweepEnd, Error> {
     let grid = settings(&options.axes);
     let total = grid.len() * options.seeds.len();
     let mut runs = Vec::new();
@@ -166,7 +168,7 @@ pub fn run_or_skip(
     name: &str,
     progress: &str,
     stop: Option<Arc<AtomicBool>>,
-) -> Result<RunStatus, String> {
+) -> Result<RunStatus, Error> {
     let out = &config.run.output_dir;
     if out.join("results.json").exists() {
         eprintln!("{progress}: finished earlier, skipped");
@@ -190,9 +192,9 @@ pub fn run_or_skip(
 }
 
 /// A finished run's `results.json`, errors naming the file.
-pub fn read_results(path: &Path) -> Result<serde_json::Value, String> {
+pub fn read_results(path: &Path) -> Result<serde_json::Value, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
 fn read_run(
@@ -201,7 +203,7 @@ fn read_run(
     setting: Setting,
     seed: u64,
     skipped: bool,
-) -> Result<SweepRun, String> {
+) -> Result<SweepRun, Error> {
     let value = read_results(results)?;
     let metrics = |key: &str| serde_json::from_value(value[key].clone()).unwrap_or_default();
     Ok(SweepRun {
@@ -317,7 +319,7 @@ pub fn markdown(runs: &[SweepRun], headline: &str) -> String {
 
 /// Writes `sweep.md` and `sweep.json` (the runs and the summaries) into
 /// `dir`, each atomically.
-pub fn write_sweep(dir: &Path, runs: &[SweepRun], headline: &str) -> Result<(), String> {
+pub fn write_sweep(dir: &Path, runs: &[SweepRun], headline: &str) -> Result<(), Error> {
     let summaries = summarise(runs, headline);
     let json = serde_json::to_string_pretty(&serde_json::json!({
         "headline": headline,
@@ -327,7 +329,7 @@ pub fn write_sweep(dir: &Path, runs: &[SweepRun], headline: &str) -> Result<(), 
     }))
     .map_err(|e| e.to_string())?;
     let write = |name: &str, bytes: &[u8]| {
-        crate::io::write_atomic(&dir.join(name), bytes).map_err(|e| crate::error::message(&e))
+        crate::io::write_atomic(&dir.join(name), bytes).map_err(Error::from)
     };
     write("sweep.md", markdown(runs, headline).as_bytes())?;
     write("sweep.json", json.as_bytes())

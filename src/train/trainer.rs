@@ -19,11 +19,7 @@ use crate::data::batch::ClassificationBatch;
 use crate::models::presets::resolve_targets;
 use crate::models::task::TaskModel;
 
-pub(crate) type Error = String;
-
-pub(crate) fn msg(e: candle::Error) -> Error {
-    crate::error::message(&e)
-}
+pub use crate::Error;
 
 /// The checkpoint's file name inside the output directory.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -142,15 +138,15 @@ pub fn device(choice: DeviceChoice) -> Result<Device, Error> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => {
-            Device::new_cuda(0).map_err(|e| format!("run.device = \"cuda\": {}", msg(e)))
+            Device::new_cuda(0).map_err(|e| Error::from(e).context("run.device = \"cuda\""))
         }
         DeviceChoice::Metal => {
-            Device::new_metal(0).map_err(|e| format!("run.device = \"metal\": {}", msg(e)))
+            Device::new_metal(0).map_err(|e| Error::from(e).context("run.device = \"metal\""))
         }
         DeviceChoice::Auto => Ok(if candle::utils::cuda_is_available() {
-            Device::new_cuda(0).map_err(msg)?
+            Device::new_cuda(0)?
         } else if candle::utils::metal_is_available() {
-            Device::new_metal(0).map_err(msg)?
+            Device::new_metal(0)?
         } else {
             Device::Cpu
         }),
@@ -175,7 +171,7 @@ pub fn adapter_config(
                 seed: a.seed,
                 ..LoraConfig::new(a.r)
             }),
-            resolve_targets(loaded_family, &a.targets, gated).map_err(msg)?,
+            resolve_targets(loaded_family, &a.targets, gated)?,
         ),
         MethodName::LoraMini => (
             Method::LoraMini(LoraMiniConfig {
@@ -187,7 +183,7 @@ pub fn adapter_config(
                 seed: a.seed,
                 ..LoraMiniConfig::new(a.r, a.a, a.b)
             }),
-            resolve_targets(loaded_family, &a.targets, gated).map_err(msg)?,
+            resolve_targets(loaded_family, &a.targets, gated)?,
         ),
     };
     Ok(AdapterConfig {
@@ -231,7 +227,7 @@ mod tests {
         if !built_with_accelerator {
             assert!(device(DeviceChoice::Auto).unwrap().is_cpu());
             // Asking for one that is not there names the setting.
-            let err = device(DeviceChoice::Cuda).unwrap_err();
+            let err = device(DeviceChoice::Cuda).unwrap_err().to_string();
             assert!(err.starts_with("run.device = \"cuda\""), "{err}");
         }
         assert!(device(DeviceChoice::Cpu).unwrap().is_cpu());

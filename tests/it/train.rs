@@ -273,8 +273,8 @@ fn bad_configs_name_the_key_and_line() {
         let path = out.join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
         let err = match TrainConfig::load(&path, &[]) {
-            Err(e) => e,
-            Ok(config) => train(&config).map(|_| ()).unwrap_err(),
+            Err(e) => e.to_string(),
+            Ok(config) => train(&config).map(|_| ()).unwrap_err().to_string(),
         };
         assert!(err.contains(expected), "case {i}: {err}");
         assert_eq!(err.lines().count(), 1, "case {i}: {err}");
@@ -286,9 +286,11 @@ fn bad_configs_name_the_key_and_line() {
     assert_eq!((c.optim.lr, c.run.seed), (0.5, 7));
     assert!(TrainConfig::load(&path, &["optim.lr".into()])
         .unwrap_err()
+        .to_string()
         .contains("section.key=value"));
     assert!(TrainConfig::load(&path, &["optim.lr=0".into()])
         .unwrap_err()
+        .to_string()
         .contains("optim.lr"));
 }
 
@@ -320,7 +322,7 @@ fn unknown_choices_list_the_valid_values() {
     for (i, (text, key, valid)) in cases.into_iter().enumerate() {
         let path = out.join(format!("choice{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let err = TrainConfig::load(&path, &[]).unwrap_err();
+        let err = TrainConfig::load(&path, &[]).unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("{}:", path.display()))
                 && err.contains(key)
@@ -611,7 +613,7 @@ fn resume_refuses_a_changed_config_or_a_missing_checkpoint() -> Result<()> {
         resume: true,
         ..Default::default()
     };
-    let err = train_with(&config, &resume).unwrap_err();
+    let err = train_with(&config, &resume).unwrap_err().to_string();
     assert!(err.contains("holds no checkpoint"), "{err}");
     let stop = TrainOptions {
         stop: Some(std::sync::Arc::new(true.into())),
@@ -621,14 +623,14 @@ fn resume_refuses_a_changed_config_or_a_missing_checkpoint() -> Result<()> {
     assert!(summary.interrupted);
     assert_eq!(summary.stopped.name(), "interrupted");
     // A fresh start over it is refused, naming the way out.
-    let err = train_with(&config, &stop).unwrap_err();
+    let err = train_with(&config, &stop).unwrap_err().to_string();
     assert!(
         err.contains("holds an earlier run") && err.contains("--overwrite"),
         "{err}"
     );
     config.optim.lr = 0.02;
     config.run.log_every = 2; // allowed to change
-    let err = train_with(&config, &resume).unwrap_err();
+    let err = train_with(&config, &resume).unwrap_err().to_string();
     assert!(err.contains("optim.lr: 0.01 -> 0.02"), "{err}");
     assert!(!err.contains("log_every"), "{err}");
     // --overwrite replaces it; max_steps ending the run is recorded as such.
@@ -657,7 +659,7 @@ fn a_diverging_loss_stops_naming_the_step_and_keeps_the_checkpoint() -> Result<(
         .replace("log_every = 5", "log_every = 5\nsave_every = 1");
     std::fs::write(&path, text)?;
     let config = TrainConfig::load(&path, &[]).unwrap();
-    let err = train(&config).unwrap_err();
+    let err = train(&config).unwrap_err().to_string();
     assert!(
         err.contains("the loss is NaN at step 2") || err.contains("the loss is inf at step 2"),
         "{err}"
@@ -941,7 +943,7 @@ fn appendix_grid_and_figure2_quick() {
 
     // A bad flag is one line naming it, with clap's usage left out.
     let err = appendix_main(vec!["--bogus".into()]).unwrap_err();
-    assert_eq!(err, "unexpected argument '--bogus' found");
+    assert_eq!(err.to_string(), "unexpected argument '--bogus' found");
 
     let out = workdir("figure2-out");
     figure2_main(common(&out, "rte")).unwrap();
