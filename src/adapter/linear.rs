@@ -6,27 +6,8 @@ use candle_nn::Linear;
 use super::config::Method;
 use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
-use super::low_rank::LowRankLayer;
+use super::low_rank::{LowRankLayer, LowRankUpdate};
 use super::matmul::{linear_fwd, merged_weight};
-
-/// A rank-`r` update `ΔW = scaling · b · a`, with `a: r x d_in` and
-/// `b: d_out x r`. LoRA-Mini's is `a = A_in·A_aux`, `b = B_aux·B_in`.
-#[derive(Clone, Debug)]
-pub struct LowRankUpdate {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub scaling: f64,
-}
-
-impl LowRankUpdate {
-    pub fn rank(&self) -> usize {
-        self.a.dims()[0]
-    }
-
-    pub fn delta_weight(&self) -> Result<Tensor> {
-        self.b.matmul(&self.a)? * self.scaling
-    }
-}
 
 /// Full fine-tuning of one layer: the weight and bias are trainable `Var`s.
 #[derive(Clone, Debug)]

@@ -7,8 +7,7 @@ use candle_nn::Linear;
 use super::config::{InnerInit, LoraConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use super::linear::LowRankUpdate;
-use super::low_rank::LowRankLayer;
+use super::low_rank::{LowRankLayer, LowRankUpdate};
 
 /// A frozen linear layer plus `scaling · B · A · dropout(x)`, with
 /// `A: r x d_in` Kaiming-uniform and `B: d_out x r` zero (PEFT's defaults).

@@ -7,8 +7,7 @@ use candle_nn::Linear;
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use super::linear::LowRankUpdate;
-use super::low_rank::LowRankLayer;
+use super::low_rank::{LowRankLayer, LowRankUpdate};
 use super::matmul::linear_fwd;
 use super::projections::{aux_values, values_hash, weight_hash};
 

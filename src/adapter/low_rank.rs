@@ -4,8 +4,26 @@ use candle::{Result, Tensor, Var};
 use candle_nn::Linear;
 
 use super::host::AdapterHost;
-use super::linear::LowRankUpdate;
 use crate::dropout::SeededDropout;
+
+/// A rank-`r` update `ΔW = scaling · b · a`, with `a: r x d_in` and
+/// `b: d_out x r`. LoRA-Mini's is `a = A_in·A_aux`, `b = B_aux·B_in`.
+#[derive(Clone, Debug)]
+pub struct LowRankUpdate {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scaling: f64,
+}
+
+impl LowRankUpdate {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        self.b.matmul(&self.a)? * self.scaling
+    }
+}
 
 /// A frozen base layer (its [`AdapterHost`]: weight, bias, dropout on the
 /// update's input, merge state and training mode) plus a rank-`r` update

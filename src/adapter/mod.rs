@@ -25,10 +25,11 @@ pub use config::{AdapterConfig, AuxInit, InnerInit, LoraConfig, LoraMiniConfig, 
 pub use factory::LinearFactory;
 pub use file::{save_adapter, AdapterFile, DataSettings, SaveOptions};
 pub use host::AdapterHost;
-pub use linear::{AdaptedLinear, FullLinear, LowRankUpdate};
+pub use linear::{AdaptedLinear, FullLinear};
 pub use lora::LoraLinear;
 pub use lora_mini::LoraMiniLinear;
 pub use low_rank::LowRankLayer;
+pub use low_rank::LowRankUpdate;
 /// The linear map adapted layers run, for tests and benchmarks.
 #[doc(hidden)]
 pub use matmul::linear_fwd;

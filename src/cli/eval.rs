@@ -218,7 +218,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
                 lora_mini::data::parquet::fetch_split(task, split, None)?
             }
         };
-        let examples = read_examples(task, &path).map_err(|e| e.to_string())?;
+        let examples = read_examples(task, &path)?;
         if examples.iter().any(|e| e.label.is_none()) {
             return Err(format!(
                 "{}: has unlabelled rows; eval needs labels (use predict)",
@@ -336,7 +336,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
             }
         }
         (model, TaskKind::Classification { .. } | TaskKind::Regression { .. }) => {
-            let examples = read_examples(task, &args.input).map_err(|e| e.to_string())?;
+            let examples = read_examples(task, &args.input)?;
             let enc = encode_examples(&tokenizer, &examples, max_len)?;
             for chunk in enc.chunks(args.common.batch_size) {
                 let items: Vec<_> = chunk.iter().collect();

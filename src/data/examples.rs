@@ -243,22 +243,6 @@ pub fn read_csv_examples(task: &Task, path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-/// Reads a file by its extension: `.tsv` (GLUE), `.jsonl`/`.json`, `.csv`.
-pub fn read_examples(task: &Task, path: &Path) -> Result<Vec<Example>> {
-    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "tsv" => read_glue_tsv(task, path),
-        "jsonl" | "json" => read_jsonl_examples(task, path),
-        "csv" => read_csv_examples(task, path),
-        #[cfg(feature = "data")]
-        "parquet" => super::parquet::read_parquet_examples(task, path),
-        other => Err(DataError::new(
-            path,
-            None,
-            format!("unknown file type {other:?} (tsv, jsonl, csv, parquet)"),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,10 +9,12 @@ pub mod examples;
 pub mod locate;
 #[cfg(feature = "data")]
 pub mod parquet;
+pub mod read;
 pub mod tasks;
 pub mod translation;
 
 pub use error::DataError;
-pub use examples::{read_examples, read_glue_tsv, Example, Label};
+pub use examples::{read_glue_tsv, Example, Label};
+pub use read::read_examples;
 pub use tasks::{task, Metric, Task, TaskKind, TASKS};
 pub use translation::{read_parallel, read_translation_jsonl, Direction, TranslationPair};

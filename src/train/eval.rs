@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 #[cfg(feature = "train")]
-use candle::{DType, Device, D};
+use candle::{DType, Device, Tensor, D};
 
 #[cfg(feature = "train")]
-use super::trainer::classify_batch;
-#[cfg(feature = "train")]
-use crate::data::batch::{collate_classification, collate_seq2seq, Encoded, EncodedPair};
+use crate::data::batch::{
+    collate_classification, collate_seq2seq, ClassificationBatch, Encoded, EncodedPair,
+};
 use crate::data::{Label, Metric, Task};
 use crate::metrics;
 #[cfg(feature = "train")]
@@ -139,4 +139,19 @@ pub fn evaluate(
         }
         _ => Err("translation needs a T5 model".into()),
     }
+}
+
+#[cfg(feature = "train")]
+/// The model's logits on a padded batch; `train` switches dropout on.
+pub fn classify_batch(
+    model: &TaskModel,
+    batch: &ClassificationBatch,
+    train: bool,
+) -> candle::Result<Tensor> {
+    model.classify(
+        &batch.input_ids,
+        Some(&batch.token_type_ids),
+        Some(&batch.attention_mask),
+        train,
+    )
 }

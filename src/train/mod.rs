@@ -11,10 +11,14 @@ pub mod eval;
 pub mod interrupt;
 pub mod optim;
 #[cfg(feature = "train")]
+mod options;
+#[cfg(feature = "train")]
 pub mod plot;
 #[cfg(feature = "train")]
 mod run;
 pub mod schedule;
+#[cfg(feature = "train")]
+mod setup;
 #[cfg(feature = "train")]
 pub mod sweep;
 #[cfg(feature = "train")]

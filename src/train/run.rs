@@ -17,14 +17,12 @@ use tokenizers::Tokenizer;
 use super::checkpoint::{config_differences, save_checkpoint, Best, RunState, SavedCheckpoint};
 use super::config::{OptimSection, TrainConfig};
 use super::dataset::{source_prefix, Data};
-use super::eval::EvalSet;
+use super::eval::{classify_batch, EvalSet};
 use super::optim::{global_norm, AdamWConfig, GroupedAdamW, ParamGroup};
+use super::options::{StopReason, TrainOptions, TrainSummary, CHECKPOINT};
 use super::plot::{write_svg, Curves};
 use super::schedule::learning_rate;
-use super::trainer::{
-    adapter_config, classify_batch, device, param_groups, StopReason, TrainOptions, TrainSummary,
-    CHECKPOINT,
-};
+use super::setup::{adapter_config, device, param_groups};
 use crate::adapter::{save_adapter, AdapterConfig, DataSettings, LinearFactory, SaveOptions};
 use crate::data::batch::{
     collate_classification, collate_seq2seq, load_tokenizer, BatchPlan, Encoded, EncodedPair,
