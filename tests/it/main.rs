@@ -11,6 +11,7 @@ mod examples;
 mod files;
 mod golden;
 mod layers;
+mod layout;
 mod loading;
 mod merged;
 mod metrics;
