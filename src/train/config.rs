@@ -412,11 +412,43 @@ impl TrainConfig {
 
     /// Range checks: `(section, key, message)` of the first problem.
     pub fn validate(&self) -> Result<(), (&'static str, &'static str, String)> {
-        let a = &self.adapter;
-        let o = &self.optim;
-        if crate::data::task(&self.task.name).is_err() {
-            return Err(("task", "name", format!("unknown task {:?}", self.task.name)));
+        let within = |section| move |(key, message)| (section, key, message);
+        self.task.validate().map_err(within("task"))?;
+        self.adapter.validate().map_err(within("adapter"))?;
+        self.optim.validate().map_err(within("optim"))
+    }
+}
+
+/// `(key, message)` of a section's first out-of-range value.
+type Problem = (&'static str, String);
+
+impl TaskSection {
+    fn validate(&self) -> Result<(), Problem> {
+        if crate::data::task(&self.name).is_err() {
+            return Err(("name", format!("unknown task {:?}", self.name)));
         }
+        if self
+            .validation_split
+            .is_some_and(|f| !(0.0..0.5).contains(&f))
+        {
+            return Err((
+                "validation_split",
+                format!(
+                    "{} is not in [0, 0.5)",
+                    self.validation_split.unwrap_or_default()
+                ),
+            ));
+        }
+        if self.max_len < 2 {
+            return Err(("max_len", "must be at least 2".into()));
+        }
+        Ok(())
+    }
+}
+
+impl AdapterSection {
+    fn validate(&self) -> Result<(), Problem> {
+        let a = self;
         if a.method != MethodName::Full && !PRESETS.contains(&a.targets.trim()) {
             let unknown: Vec<&str> = a
                 .targets
@@ -429,9 +461,7 @@ impl TrainConfig {
                 })
                 .collect();
             if !unknown.is_empty() {
-                return Err((
-                    "adapter",
-                    "targets",
+                return Err(("targets",
                     format!(
                         "unknown target {unknown:?}: use dense, attention, dense+attention or module names such as {}",
                         LINEAR_MODULE_NAMES.join(", ")
@@ -441,66 +471,61 @@ impl TrainConfig {
         }
         if a.method != MethodName::LoraMini && a.aux_init != AuxInit::Kaiming {
             return Err((
-                "adapter",
                 "aux_init",
                 format!("applies to lora-mini only, not {}", a.method),
             ));
         }
         if a.r == 0 {
-            return Err(("adapter", "r", "must be at least 1".into()));
+            return Err(("r", "must be at least 1".into()));
         }
         if a.method == MethodName::LoraMini && a.a == 0 {
-            return Err(("adapter", "a", "must be at least 1".into()));
+            return Err(("a", "must be at least 1".into()));
         }
         if a.method == MethodName::LoraMini && a.b == 0 {
-            return Err(("adapter", "b", "must be at least 1".into()));
+            return Err(("b", "must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&a.dropout) {
-            return Err((
-                "adapter",
-                "dropout",
-                format!("{} is not in [0, 1)", a.dropout),
-            ));
+            return Err(("dropout", format!("{} is not in [0, 1)", a.dropout)));
         }
+        Ok(())
+    }
+}
+
+impl OptimSection {
+    fn validate(&self) -> Result<(), Problem> {
+        let o = self;
         if !o.lr.is_finite() || o.lr <= 0.0 {
-            return Err(("optim", "lr", format!("{} must be positive", o.lr)));
+            return Err(("lr", format!("{} must be positive", o.lr)));
         }
         if o.head_lr.is_some_and(|lr| !lr.is_finite() || lr <= 0.0) {
             return Err((
-                "optim",
                 "head_lr",
                 format!("{} must be positive", o.head_lr.unwrap_or_default()),
             ));
         }
         if o.head_weight_decay.is_some_and(|wd| wd < 0.0) {
-            return Err(("optim", "head_weight_decay", "must not be negative".into()));
+            return Err(("head_weight_decay", "must not be negative".into()));
         }
         if o.batch_size == 0 {
-            return Err(("optim", "batch_size", "must be at least 1".into()));
+            return Err(("batch_size", "must be at least 1".into()));
         }
         if o.grad_accum == 0 {
-            return Err(("optim", "grad_accum", "must be at least 1".into()));
+            return Err(("grad_accum", "must be at least 1".into()));
         }
         if o.epochs == 0 && o.max_steps.is_none() {
-            return Err((
-                "optim",
-                "epochs",
-                "must be at least 1 (or set max_steps)".into(),
-            ));
+            return Err(("epochs", "must be at least 1 (or set max_steps)".into()));
         }
         if !(0.0..1.0).contains(&o.warmup_ratio) {
             return Err((
-                "optim",
                 "warmup_ratio",
                 format!("{} is not in [0, 1)", o.warmup_ratio),
             ));
         }
         if o.weight_decay < 0.0 {
-            return Err(("optim", "weight_decay", "must not be negative".into()));
+            return Err(("weight_decay", "must not be negative".into()));
         }
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
             return Err((
-                "optim",
                 if (0.0..1.0).contains(&o.beta1) {
                     "beta2"
                 } else {
@@ -508,23 +533,6 @@ impl TrainConfig {
                 },
                 "must be in [0, 1)".into(),
             ));
-        }
-        if self
-            .task
-            .validation_split
-            .is_some_and(|f| !(0.0..0.5).contains(&f))
-        {
-            return Err((
-                "task",
-                "validation_split",
-                format!(
-                    "{} is not in [0, 0.5)",
-                    self.task.validation_split.unwrap_or_default()
-                ),
-            ));
-        }
-        if self.task.max_len < 2 {
-            return Err(("task", "max_len", "must be at least 2".into()));
         }
         Ok(())
     }
