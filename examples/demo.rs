@@ -28,7 +28,7 @@ use lora_mini::adapter::{
 };
 use lora_mini::rng::SeededRng;
 
-type CliError = String;
+use lora_mini::Error;
 
 /// LoRA and LoRA-Mini fitted to a hidden low-rank update of one real layer.
 #[derive(Debug, Parser)]
@@ -123,11 +123,10 @@ impl Default for DemoConfig {
 }
 
 impl DemoConfig {
-    fn resolve(args: &DemoArgs) -> Result<Self, CliError> {
+    fn resolve(args: &DemoArgs) -> Result<Self, Error> {
         let mut c = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| format!("reading {}: {e}", path.display()))?;
+                let text = std::fs::read_to_string(path).map_err(Error::io(&path))?;
                 toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
             None => Self::default(),
@@ -154,7 +153,7 @@ impl DemoConfig {
             return Err("target_rank must be at least 1".into());
         }
         if !c.lr.is_finite() || c.lr <= 0.0 {
-            return Err(format!("lr must be positive, got {}", c.lr));
+            return Err(format!("lr must be positive, got {}", c.lr).into());
         }
         Ok(c)
     }
@@ -174,19 +173,16 @@ struct MethodResult {
 }
 
 /// Runs the demo and prints its report.
-pub fn run(args: &DemoArgs) -> Result<(), CliError> {
+pub fn run(args: &DemoArgs) -> Result<(), Error> {
     let c = DemoConfig::resolve(args)?;
-    let (base, inputs) = load_layer(&c).map_err(|e| lora_mini::error::message(&e))?;
-    let (d_out, d_in) = base
-        .weight()
-        .dims2()
-        .map_err(|e| lora_mini::error::message(&e))?;
+    let (base, inputs) = load_layer(&c)?;
+    let (d_out, d_in) = base.weight().dims2()?;
     println!(
         "layer {} of {} ({d_out}x{d_in}); {TRAIN_TOKENS} training and {HELD_OUT_TOKENS} held-out tokens",
         c.module,
         c.model_dir.display()
     );
-    let task = Task::new(&base, inputs, &c).map_err(|e| lora_mini::error::message(&e))?;
+    let task = Task::new(&base, inputs, &c)?;
 
     let mini = LoraMiniConfig {
         seed: c.seed,
@@ -220,9 +216,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let mut trained_mini = None;
     for (name, method) in methods {
         let config = AdapterConfig::new(method, &[c.module.as_str()]);
-        let (result, registry) = task
-            .fit(&name, &base, &config, &c)
-            .map_err(|e| lora_mini::error::message(&e))?;
+        let (result, registry) = task.fit(&name, &base, &config, &c)?;
         if name.starts_with("LoRA-Mini") && trained_mini.is_none() {
             trained_mini = Some((config, registry));
         }
@@ -251,13 +245,12 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     );
 
     let (config, registry) = trained_mini.ok_or("no LoRA-Mini run")?;
-    save_and_check(&c, &task, &base, &config, &registry)
-        .map_err(|e| lora_mini::error::message(&e))?;
+    save_and_check(&c, &task, &base, &config, &registry)?;
     let json =
         serde_json::to_string_pretty(&serde_json::json!({ "config": c, "results": results }))
             .map_err(|e| e.to_string())?;
     let out = c.output_dir.join("results.json");
-    std::fs::write(&out, json).map_err(|e| format!("writing {}: {e}", out.display()))?;
+    std::fs::write(&out, json).map_err(Error::io(&out))?;
     println!("results: {}", out.display());
     Ok(())
 }

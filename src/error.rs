@@ -3,7 +3,7 @@
 //! Layers (`adapter`, `nn`, `models`) return `candle::Result`, as
 //! candle-nn's do: they implement Candle's `Module`. Everything above them
 //! (data files, configs, training, the CLI) returns [`Result`], whose
-//! [`Error`] wraps a Candle error when one is the cause. Every variant
+//! [`Error`] wraps a Candle or I/O error when one is the cause. Every variant
 //! displays as one line that names the file, line and key where it can.
 
 use std::fmt;
@@ -15,8 +15,9 @@ use std::path::PathBuf;
 pub enum Error {
     /// A tensor, layer or checkpoint operation failed.
     Candle(candle::Error),
-    /// A bad input file: where, and what was wrong.
-    File {
+    /// A bad data file (a dataset, predictions, references): where, and
+    /// what was wrong.
+    Data {
         path: PathBuf,
         /// 1-based, when the problem is on one line.
         line: Option<usize>,
@@ -31,6 +32,11 @@ pub enum Error {
         key: String,
         message: String,
     },
+    /// Reading or writing a file failed.
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Any other problem, already phrased as one line (it names its file
     /// or setting itself).
     Message(String),
@@ -43,12 +49,12 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Candle(e) => f.write_str(&message(e)),
-            Error::File {
+            Error::Data {
                 path,
                 line: Some(line),
                 message,
             } => write!(f, "{}:{line}: {message}", path.display()),
-            Error::File { path, message, .. } => write!(f, "{}: {message}", path.display()),
+            Error::Data { path, message, .. } => write!(f, "{}: {message}", path.display()),
             Error::Config {
                 path,
                 line: Some(line),
@@ -58,6 +64,7 @@ impl fmt::Display for Error {
             Error::Config {
                 path, key, message, ..
             } => write!(f, "{}: {key}: {message}", path.display()),
+            Error::Io { path, source } => write!(f, "{}: {source}", path.display()),
             Error::Message(m) => f.write_str(m),
         }
     }
@@ -67,6 +74,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Candle(e) => Some(e),
+            Error::Io { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -91,6 +99,12 @@ impl From<&str> for Error {
 }
 
 impl Error {
+    /// For `map_err`: an I/O failure on `path`.
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+
     /// `context: self`, as one line (a Candle cause keeps its variant).
     pub fn context(self, context: impl fmt::Display) -> Error {
         Error::Message(format!("{context}: {self}"))
@@ -128,7 +142,7 @@ mod tests {
 
     #[test]
     fn every_variant_is_one_line_naming_where() {
-        let file = Error::File {
+        let file = Error::Data {
             path: "dev.tsv".into(),
             line: Some(3),
             message: "expected 4 columns, found 2".into(),
@@ -144,6 +158,9 @@ mod tests {
             config.to_string(),
             "run.toml: optim.lr: -1 must be positive"
         );
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let io = Error::io("runs/a/config.toml")(missing);
+        assert_eq!(io.to_string(), "runs/a/config.toml: entity not found");
         let wrapped = Error::from("no examples").context("train.tsv");
         assert_eq!(wrapped.to_string(), "train.tsv: no examples");
     }

@@ -356,10 +356,9 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
         }
         _ => return Err(format!("task {} does not fit this model", task.name).into()),
     }
-    let mut out = std::fs::File::create(&args.output)
-        .map_err(|e| format!("creating {}: {e}", args.output.display()))?;
+    let mut out = std::fs::File::create(&args.output).map_err(Error::io(&args.output))?;
     for row in &rows {
-        writeln!(out, "{row}").map_err(|e| format!("writing {}: {e}", args.output.display()))?;
+        writeln!(out, "{row}").map_err(Error::io(&args.output))?;
     }
     eprintln!(
         "wrote {} predictions to {}",

@@ -61,9 +61,8 @@ pub fn run(args: &ParamsArgs) -> Result<(), Error> {
     } else {
         args.model.clone()
     };
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let err = |e: candle::Error| format!("{}: {}", path.display(), lora_mini::error::message(&e));
+    let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+    let err = |e: candle::Error| Error::from(e).context(path.display());
     let family = Family::from_config_json(&text).map_err(err)?;
     let labels = lora_mini::data::task(&args.task)?.num_labels();
     let (shapes, gated) = match (family, labels) {

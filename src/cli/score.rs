@@ -51,7 +51,7 @@ fn read_predictions(path: &Path) -> Result<Vec<String>, Error> {
             if !is_jsonl {
                 return Ok(line.to_string());
             }
-            let at_line = |message: String| Error::File {
+            let at_line = |message: String| Error::Data {
                 path: path.to_path_buf(),
                 line: Some(i + 1),
                 message,
@@ -73,7 +73,7 @@ fn labels_of(task: &Task, path: &Path, rows: &[String]) -> Result<Vec<Label>, Er
     rows.iter()
         .enumerate()
         .map(|(i, r)| {
-            parse_label(task, r).map_err(|message| Error::File {
+            parse_label(task, r).map_err(|message| Error::Data {
                 path: path.to_path_buf(),
                 line: Some(i + 1),
                 message,

@@ -35,7 +35,7 @@ impl std::error::Error for DataError {}
 
 impl From<DataError> for crate::Error {
     fn from(e: DataError) -> Self {
-        crate::Error::File {
+        crate::Error::Data {
             path: e.path,
             line: e.line,
             message: e.message,

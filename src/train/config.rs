@@ -353,8 +353,7 @@ impl TrainConfig {
     /// Reads a config, applies `--set section.key=value` overrides, and
     /// validates it. Errors name the file, the key and its line.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(Error::io(&path))?;
         // Parse once as written, for one-line errors with line and column.
         let here = |e: toml::de::Error| match e.span() {
             Some(span) => {

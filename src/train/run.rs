@@ -468,8 +468,7 @@ impl<'a> Run<'a> {
 
     fn plot(&self) -> Result<(), Error> {
         let path = self.out.join("metrics.jsonl");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
         write_svg(
             &self.out.join("curves.svg"),
             &Curves::from_metrics_jsonl(&text, &self.headline),
@@ -477,8 +476,7 @@ impl<'a> Run<'a> {
     }
 
     fn write_metrics(&mut self, value: serde_json::Value) -> Result<(), Error> {
-        writeln!(self.metrics_log, "{value}")
-            .map_err(|e| format!("writing metrics.jsonl: {e}").into())
+        writeln!(self.metrics_log, "{value}").map_err(Error::io(self.out.join("metrics.jsonl")))
     }
 
     /// Time in the training loop, summed over interruptions.
@@ -565,10 +563,10 @@ fn check_fresh_start(out: &Path, options: &TrainOptions) -> Result<(), Error> {
 
 /// Creates the output folder and writes the resolved config into it.
 fn write_config(out: &Path, config: &TrainConfig) -> Result<String, Error> {
-    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
     let config_toml = toml::to_string(config).map_err(|e| e.to_string())?;
     let path = out.join("config.toml");
-    std::fs::write(&path, &config_toml).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    std::fs::write(&path, &config_toml).map_err(Error::io(&path))?;
     Ok(config_toml)
 }
 
@@ -717,7 +715,7 @@ fn clear_earlier_run(out: &Path) -> Result<(), Error> {
         );
     }
     for path in old {
-        std::fs::remove_file(&path).map_err(|e| format!("removing {}: {e}", path.display()))?;
+        std::fs::remove_file(&path).map_err(Error::io(&path))?;
     }
     Ok(())
 }
@@ -734,7 +732,7 @@ fn open_metrics_log(out: &Path, resume: bool) -> Result<std::fs::File, Error> {
     } else {
         std::fs::File::create(&path)
     };
-    file.map_err(|e| format!("opening {}: {e}", path.display()).into())
+    file.map_err(Error::io(path))
 }
 
 /// Drops the `metrics.jsonl` lines logged after `step` (by a run that went
