@@ -28,7 +28,7 @@ fn registry(config_json: &Path, config: AdapterConfig) -> Result<AdapterRegistry
     for l in encoder_classifier(Family::Roberta, &bert, 2).linears {
         let weight = Tensor::zeros((l.d_out, l.d_in), DType::F32, &Device::Cpu)?;
         let bias = Tensor::zeros(l.d_out, DType::F32, &Device::Cpu)?;
-        factory.build(&l.path, &Linear::new(weight, Some(bias)))?;
+        factory.build(&l.path, Linear::new(weight, Some(bias)))?;
     }
     factory.finish()
 }

@@ -15,8 +15,9 @@
 //! | [`error`], [`rng`], [`dropout`], [`io`], `kernels` | the crate's one [`Error`]; the portable seeded RNG; seeded dropout; atomic file writers; the CPU kernels (crate-private) | Candle |
 //! | [`adapter`] | LoRA-Mini, LoRA, full and frozen linears; their seeded (or SVD) init; the factory keyed by module path; the registry; adapter files; merging into a checkpoint; PEFT export and import | the leaves |
 //! | [`nn`] | candle-nn's builders made adapter-aware (`VarBuilder`, `linear`, norms, `embedding`) and ops with a backward (`layer_norm`, `rms_norm`, `softmax_last_dim`, `sdpa`, `rope`) | `adapter` |
-//! | [`models`] | BERT, RoBERTa and T5 written on `nn`; the checkpoint loader | `nn`, `adapter` |
+//! | [`models`] | BERT, RoBERTa, T5 and the Llama family written on `nn`; the checkpoint and GGUF loaders; token-by-token generation | `nn`, `adapter` |
 //! | [`data`], [`metrics`] | the GLUE and WMT16 task registry, readers, tokenising and batching; the reference metrics | the leaves |
+//! | `decoder` (feature `data`) | Llama-family decoders as users run them: a model with its tokenizer and chat template, from GGUF or Hugging Face files; chat rendering; streamed generation with stop strings | `models`, `data` |
 //! | [`train`] | the TOML config, AdamW with parameter groups, schedules, the training loop, evaluation, checkpoints, sweeps | all of the above |
 //!
 //! The `lora-mini` binary (`src/main.rs`, `src/cli/`) uses only the public
@@ -28,6 +29,8 @@
 pub mod adapter;
 pub mod alloc;
 pub mod data;
+#[cfg(feature = "data")]
+pub mod decoder;
 pub mod dropout;
 pub mod error;
 #[cfg(feature = "hub")]

@@ -1,10 +1,13 @@
 //! The one place that decides which linear layer gets which adapter.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
+use candle::quantized::QTensor;
 use candle::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use super::base::{BaseLinear, BaseWeight};
 use super::config::{AdapterConfig, Method};
 use super::linear::AdaptedLinear;
 use super::peft::PeftAdapter;
@@ -42,6 +45,11 @@ pub struct LinearFactory {
     used_targets: BTreeSet<String>,
     /// Seeds the model's own dropout masks (see [`LinearFactory::dropout`]).
     dropout_seed: u64,
+    /// Linear weights to keep quantized, by full tensor name; each is
+    /// taken by the first [`LinearFactory::linear`] call for its module.
+    quantized: HashMap<String, Arc<QTensor>>,
+    /// Whether a quantized (GGUF) checkpoint is to be dequantized on load.
+    dequantize: bool,
 }
 
 impl LinearFactory {
@@ -66,7 +74,35 @@ impl LinearFactory {
             registry: AdapterRegistry::new(),
             used_targets: BTreeSet::new(),
             dropout_seed: 0,
+            quantized: HashMap::new(),
+            dequantize: false,
         }
+    }
+
+    /// Whether a quantized checkpoint (a GGUF file) loads dequantized (to
+    /// f32, or the dtype asked for) instead of staying quantized, the
+    /// default. The loaders read this before they read the weights.
+    pub fn with_dequantized_base(mut self, dequantize: bool) -> Self {
+        self.dequantize = dequantize;
+        self
+    }
+
+    pub fn dequantizes_base(&self) -> bool {
+        self.dequantize
+    }
+
+    /// Whether the weight `name` (a full tensor name) is held quantized,
+    /// waiting for its layer.
+    pub fn has_quantized(&self, name: &str) -> bool {
+        self.quantized.contains_key(name)
+    }
+
+    /// Linear weights that stay quantized, by full tensor name
+    /// (`model.layers.0.self_attn.q_proj.weight`): [`LinearFactory::linear`]
+    /// builds those layers on them instead of reading the `VarBuilder`.
+    pub fn with_quantized_weights(mut self, weights: HashMap<String, Arc<QTensor>>) -> Self {
+        self.quantized = weights;
+        self
     }
 
     /// Seeds the dropouts the model registers (the run's seed; 0 unless set).
@@ -97,32 +133,35 @@ impl LinearFactory {
         }
     }
 
-    /// Wraps `base`, the pretrained layer at `path`.
-    pub fn build(&mut self, path: &str, base: &Linear) -> Result<AdaptedLinear> {
+    /// Wraps `base`, the pretrained layer at `path` (a `candle_nn::Linear`
+    /// or a [`BaseLinear`], possibly quantized).
+    pub fn build(&mut self, path: &str, base: impl Into<BaseLinear>) -> Result<AdaptedLinear> {
+        let base: BaseLinear = base.into();
         let layer = match &self.source {
             Source::Frozen => AdaptedLinear::Frozen(base.clone()),
             Source::Config(config) => {
                 for t in config.targets.iter().filter(|t| matches_target(path, t)) {
                     self.used_targets.insert(t.clone());
                 }
-                AdaptedLinear::new(base, &config.method_for(path), path)?
+                AdaptedLinear::new(&base, &config.method_for(path), path)?
             }
-            Source::Peft(adapter) => match adapter.lora_linear(path, base)? {
+            Source::Peft(adapter) => match adapter.lora_linear(path, &base)? {
                 Some(lora) => {
                     self.used_targets.insert(path.to_string());
                     AdaptedLinear::Lora(lora)
                 }
                 None if adapter.is_saved_module(path) => {
-                    let weight = adapter
-                        .saved_tensor(path, "weight")?
-                        .unwrap_or(base.weight().clone());
+                    let weight = match adapter.saved_tensor(path, "weight")? {
+                        Some(w) => w,
+                        None => base.weight().to_dense()?,
+                    };
                     let bias: Option<Tensor> = match adapter.saved_tensor(path, "bias")? {
                         Some(b) => Some(b),
                         None => base.bias().cloned(),
                     };
-                    AdaptedLinear::Full(super::linear::FullLinear::new(&Linear::new(weight, bias))?)
+                    AdaptedLinear::Full(super::linear::FullLinear::new(Linear::new(weight, bias))?)
                 }
-                None => AdaptedLinear::Frozen(base.clone()),
+                None => AdaptedLinear::Frozen(base),
             },
         };
         self.registry.register(path, &layer)?;
@@ -131,7 +170,8 @@ impl LinearFactory {
 
     /// Loads the `(d_out, d_in)` weight (and bias) under `vb` and wraps
     /// the layer; its module path is `vb`'s prefix, as candle-nn's
-    /// `linear_b(d_in, d_out, bias, vb)` names it.
+    /// `linear_b(d_in, d_out, bias, vb)` names it. A weight given to
+    /// [`LinearFactory::with_quantized_weights`] stays quantized.
     pub fn linear(
         &mut self,
         d_in: usize,
@@ -139,13 +179,25 @@ impl LinearFactory {
         bias: bool,
         vb: VarBuilder,
     ) -> Result<AdaptedLinear> {
-        let weight = vb.get((d_out, d_in), "weight")?;
+        let path = vb.prefix();
+        let weight = match self.quantized.remove(&format!("{path}.weight")) {
+            Some(q) => {
+                let dims = q.shape().dims();
+                if dims != [d_out, d_in] {
+                    candle::bail!(
+                        "{path}.weight: shape mismatch, expected [{d_out}, {d_in}], got {dims:?}"
+                    );
+                }
+                BaseWeight::Quantized(q)
+            }
+            None => BaseWeight::Dense(vb.get((d_out, d_in), "weight")?),
+        };
         let bias = if bias {
             Some(vb.get(d_out, "bias")?)
         } else {
             None
         };
-        self.build(&vb.prefix(), &Linear::new(weight, bias))
+        self.build(&path, BaseLinear::new(weight, bias))
     }
 
     /// Whether every weight of the model trains (full fine-tuning), not only
@@ -253,7 +305,7 @@ mod tests {
             Method::Lora(LoraConfig::new(2)),
             &["query", "qeury"],
         ))?;
-        f.build("l.0.query", &base(8))?;
+        f.build("l.0.query", base(8))?;
         let err = f.finish().unwrap_err().to_string();
         assert!(err.contains("qeury") && !err.contains("\"query\""), "{err}");
         Ok(())

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle::{Result, Tensor};
 use candle_nn::Linear;
 
+use super::base::{BaseLinear, BaseWeight};
 use super::matmul::{linear_fwd, merged_weight};
 use crate::dropout::SeededDropout;
 
@@ -16,8 +17,7 @@ use crate::dropout::SeededDropout;
 #[derive(Clone, Debug)]
 pub struct AdapterHost {
     pub(crate) name: String,
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Option<Tensor>,
+    pub(crate) base: BaseLinear,
     pub(crate) dropout: Option<SeededDropout>,
     merged: Option<Tensor>,
     /// What `Module::forward` does: train (dropout on, factored update) or
@@ -27,11 +27,10 @@ pub struct AdapterHost {
 }
 
 impl AdapterHost {
-    pub(crate) fn new(base: &Linear, dropout: f64, seed: u64, path: &str) -> Self {
+    pub(crate) fn new(base: &BaseLinear, dropout: f64, seed: u64, path: &str) -> Self {
         Self {
             name: path.to_string(),
-            weight: base.weight().clone(),
-            bias: base.bias().cloned(),
+            base: base.clone(),
             dropout: (dropout > 0.0).then(|| SeededDropout::new(dropout, seed, path)),
             merged: None,
             training: Arc::new(AtomicBool::new(true)),
@@ -52,7 +51,7 @@ impl AdapterHost {
 
     /// Keeps `W + delta` beside the untouched `W`, so unmerging is exact.
     pub(crate) fn merge(&mut self, delta: &Tensor) -> Result<()> {
-        self.merged = Some(merged_weight(&self.weight, delta)?);
+        self.merged = Some(merged_weight(&self.base.weight().to_dense()?, delta)?);
         Ok(())
     }
 
@@ -68,7 +67,7 @@ impl AdapterHost {
     }
 
     pub(crate) fn base_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        linear_fwd(xs, &self.weight, self.bias.as_ref())
+        self.base.forward(xs)
     }
 
     /// The forward pass with the update given as `(A_eff: r x d_in,
@@ -84,29 +83,31 @@ impl AdapterHost {
             if train {
                 candle::bail!("module {} is merged: unmerge it before training", self.name);
             }
-            return linear_fwd(xs, merged, self.bias.as_ref());
+            return linear_fwd(xs, merged, self.base.bias());
         }
         let (a_eff, b_eff) = factors()?;
-        let (d_out, d_in) = self.weight.dims2()?;
+        let (d_out, d_in) = self.base.dims2()?;
         let rows = xs.elem_count() / d_in.max(1);
-        if !train && rows >= d_in.min(d_out) {
+        if let (false, true, BaseWeight::Dense(weight)) =
+            (train, rows >= d_in.min(d_out), self.base.weight())
+        {
             // Inference over many rows: one gemm with `W + B_eff·A_eff`
             // costs less than two thin gemms and an add once the rows
             // outnumber a side of W (decoding one token at a time does not
             // qualify). The sum keeps its graph, so a backward from an
-            // inference-mode forward still reaches the factors.
+            // inference-mode forward still reaches the factors. A quantized
+            // base would have to be dequantized for it, so it never takes
+            // this path.
             let delta = b_eff.matmul(&a_eff)?;
-            return linear_fwd(
-                xs,
-                &merged_weight(&self.weight, &delta)?,
-                self.bias.as_ref(),
-            );
+            return linear_fwd(xs, &merged_weight(weight, &delta)?, self.base.bias());
         }
         let h = linear_fwd(&self.adapter_input(xs, train)?, &a_eff, None)?;
         self.base_forward(xs)? + linear_fwd(&h, &b_eff, None)?
     }
 
-    pub(crate) fn as_plain(&self) -> Linear {
-        Linear::new(self.weight.clone(), self.bias.clone())
+    /// The base layer as a plain candle-nn layer (dequantized if it was
+    /// quantized).
+    pub(crate) fn as_plain(&self) -> Result<Linear> {
+        self.base.to_linear()
     }
 }

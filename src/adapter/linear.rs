@@ -3,6 +3,7 @@
 use candle::{Module, Result, Tensor, Var};
 use candle_nn::Linear;
 
+use super::base::BaseLinear;
 use super::config::Method;
 use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
@@ -17,10 +18,12 @@ pub struct FullLinear {
 }
 
 impl FullLinear {
-    /// Copies `base`'s tensors into fresh trainable `Var`s.
-    pub fn new(base: &Linear) -> Result<Self> {
+    /// Copies `base`'s tensors into fresh trainable `Var`s (a quantized
+    /// weight is dequantized: full fine-tuning trains every value).
+    pub fn new(base: impl Into<BaseLinear>) -> Result<Self> {
+        let base: BaseLinear = base.into();
         Ok(Self {
-            weight: Var::from_tensor(base.weight())?,
+            weight: Var::from_tensor(&base.weight().to_dense()?)?,
             bias: base.bias().map(Var::from_tensor).transpose()?,
         })
     }
@@ -70,7 +73,7 @@ impl Module for FullLinear {
 /// ```
 #[derive(Clone, Debug)]
 pub enum AdaptedLinear {
-    Frozen(Linear),
+    Frozen(BaseLinear),
     Full(FullLinear),
     Lora(LoraLinear),
     LoraMini(LoraMiniLinear),
@@ -98,6 +101,12 @@ impl From<FullLinear> for AdaptedLinear {
 
 impl From<Linear> for AdaptedLinear {
     fn from(layer: Linear) -> Self {
+        Self::Frozen(layer.into())
+    }
+}
+
+impl From<BaseLinear> for AdaptedLinear {
+    fn from(layer: BaseLinear) -> Self {
         Self::Frozen(layer)
     }
 }
@@ -106,26 +115,31 @@ impl AdaptedLinear {
     /// A frozen layer from its weight and bias (candle-transformers'
     /// `Linear::from_weights`, used for heads tied to an embedding).
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self::Frozen(Linear::new(weight, bias))
+        Self::Frozen(Linear::new(weight, bias).into())
     }
 
-    /// Applies `method` to `base`; `path` is the module's full Hugging Face path.
-    pub fn new(base: &Linear, method: &Method, path: &str) -> Result<Self> {
-        let dtype = base.weight().dtype();
-        if !dtype.is_float() {
-            candle::bail!("module {path}: cannot fine-tune a weight of dtype {dtype:?}");
-        }
-        if base.weight().rank() != 2 {
-            candle::bail!(
-                "module {path}: weight must be 2-D, got shape {:?}",
-                base.weight().dims()
-            );
+    /// Applies `method` to `base` (a `candle_nn::Linear` or a
+    /// [`BaseLinear`], possibly quantized); `path` is the module's full
+    /// Hugging Face path.
+    pub fn new(base: impl Into<BaseLinear>, method: &Method, path: &str) -> Result<Self> {
+        let base: BaseLinear = base.into();
+        if let super::BaseWeight::Dense(w) = base.weight() {
+            let dtype = w.dtype();
+            if !dtype.is_float() {
+                candle::bail!("module {path}: cannot fine-tune a weight of dtype {dtype:?}");
+            }
+            if w.rank() != 2 {
+                candle::bail!(
+                    "module {path}: weight must be 2-D, got shape {:?}",
+                    w.dims()
+                );
+            }
         }
         Ok(match method {
-            Method::Frozen => Self::Frozen(base.clone()),
-            Method::Full => Self::Full(FullLinear::new(base)?),
-            Method::Lora(c) => Self::Lora(LoraLinear::new(base, c, path)?),
-            Method::LoraMini(c) => Self::LoraMini(LoraMiniLinear::new(base, c, path)?),
+            Method::Frozen => Self::Frozen(base),
+            Method::Full => Self::Full(FullLinear::new(&base)?),
+            Method::Lora(c) => Self::Lora(LoraLinear::new(&base, c, path)?),
+            Method::LoraMini(c) => Self::LoraMini(LoraMiniLinear::new(&base, c, path)?),
         })
     }
 
@@ -141,7 +155,13 @@ impl AdaptedLinear {
 
     /// `(d_out, d_in)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
-        self.weight().dims2()
+        match self {
+            Self::Frozen(l) => l.dims2(),
+            Self::Full(f) => f.weight.dims2(),
+            Self::Lora(_) | Self::LoraMini(_) => {
+                self.as_low_rank().expect("low rank").base().dims2()
+            }
+        }
     }
 
     /// The low-rank layer behind a LoRA or LoRA-Mini variant: every
@@ -163,12 +183,27 @@ impl AdaptedLinear {
     }
 
     /// The current base weight `W` (the trained one for full fine-tuning,
-    /// never merged).
-    pub fn weight(&self) -> &Tensor {
+    /// never merged), dense: a quantized base is dequantized (a copy of
+    /// this layer's weight).
+    pub fn weight(&self) -> Result<Tensor> {
         match self {
-            Self::Frozen(l) => l.weight(),
-            Self::Full(f) => f.weight.as_tensor(),
+            Self::Frozen(l) => l.weight().to_dense(),
+            Self::Full(f) => Ok(f.weight.as_tensor().clone()),
             Self::Lora(_) | Self::LoraMini(_) => self.as_low_rank().expect("low rank").weight(),
+        }
+    }
+
+    /// Whether the frozen base weight is held quantized.
+    pub fn is_quantized(&self) -> bool {
+        match self {
+            Self::Frozen(l) => l.weight().is_quantized(),
+            Self::Full(_) => false,
+            Self::Lora(_) | Self::LoraMini(_) => self
+                .as_low_rank()
+                .expect("low rank")
+                .base()
+                .weight()
+                .is_quantized(),
         }
     }
 
@@ -210,8 +245,8 @@ impl AdaptedLinear {
     /// `W + ΔW` for the low-rank methods, `W` otherwise.
     pub fn merged_weight(&self) -> Result<Tensor> {
         match self.low_rank()? {
-            Some(update) => merged_weight(self.weight(), &update.delta_weight()?),
-            None => Ok(self.weight().clone()),
+            Some(update) => merged_weight(&self.weight()?, &update.delta_weight()?),
+            None => self.weight(),
         }
     }
 
@@ -233,11 +268,14 @@ impl AdaptedLinear {
         Ok(Linear::new(self.merged_weight()?, self.bias().cloned()))
     }
 
-    /// The base layer without any adapter.
-    pub fn base_linear(&self) -> Linear {
+    /// The base layer without any adapter (dequantized if quantized).
+    pub fn base_linear(&self) -> Result<Linear> {
         match self {
-            Self::Frozen(l) => l.clone(),
-            Self::Full(f) => Linear::new(f.weight.as_tensor().clone(), self.bias().cloned()),
+            Self::Frozen(l) => l.to_linear(),
+            Self::Full(f) => Ok(Linear::new(
+                f.weight.as_tensor().clone(),
+                self.bias().cloned(),
+            )),
             Self::Lora(_) | Self::LoraMini(_) => self.as_low_rank().expect("low rank").as_plain(),
         }
     }
@@ -260,7 +298,7 @@ impl AdaptedLinear {
     /// thread `train` through; [`Module::forward`] reads the layer's mode.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Self::Frozen(l) => linear_fwd(xs, l.weight(), l.bias()),
+            Self::Frozen(l) => l.forward(xs),
             Self::Full(f) => f.forward(xs),
             Self::Lora(l) => l.forward_t(xs, train),
             Self::LoraMini(l) => l.forward_t(xs, train),

@@ -2,8 +2,8 @@
 
 use candle::Module;
 use candle::{Result, Tensor, Var};
-use candle_nn::Linear;
 
+use super::base::BaseLinear;
 use super::config::{InnerInit, LoraConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
@@ -31,11 +31,13 @@ pub struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// Wraps `base` (kept frozen) with a freshly initialised adapter.
-    pub fn new(base: &Linear, config: &LoraConfig, path: &str) -> Result<Self> {
+    /// Wraps `base` (kept frozen: a `candle_nn::Linear` or a
+    /// [`BaseLinear`], possibly quantized) with a freshly initialised adapter.
+    pub fn new(base: impl Into<BaseLinear>, config: &LoraConfig, path: &str) -> Result<Self> {
+        let base: BaseLinear = base.into();
         config.validate()?;
-        let (d_out, d_in) = base.weight().dims2()?;
-        let (dtype, device) = (base.weight().dtype(), base.weight().device());
+        let (d_out, d_in) = base.dims2()?;
+        let (dtype, device) = (base.weight().dtype(), &base.weight().device());
         let a = kaiming_uniform(
             config.seed,
             &format!("{path}/A"),
@@ -55,21 +57,21 @@ impl LoraLinear {
                 device,
             )?,
         };
-        Self::from_factors(base, &a, &b, config, path)
+        Self::from_factors(&base, &a, &b, config, path)
     }
 
     /// Wraps `base` with given factors `A: r x d_in` and `B: d_out x r`, e.g.
     /// read from a PEFT adapter. Shapes are checked against the base layer.
     pub fn from_factors(
-        base: &Linear,
+        base: impl Into<BaseLinear>,
         a: &Tensor,
         b: &Tensor,
         config: &LoraConfig,
         path: &str,
     ) -> Result<Self> {
+        let base: BaseLinear = base.into();
         config.validate()?;
-        let weight = base.weight().clone();
-        let (d_out, d_in) = weight.dims2()?;
+        let (d_out, d_in) = base.dims2()?;
         let r = config.r;
         if a.dims() != [r, d_in] || b.dims() != [d_out, r] {
             candle::bail!(
@@ -79,11 +81,11 @@ impl LoraLinear {
                 b.dims()
             );
         }
-        let (dtype, device) = (weight.dtype(), weight.device());
+        let (dtype, device) = (base.weight().dtype(), base.weight().device());
         Ok(Self {
-            a: Var::from_tensor(&a.to_dtype(dtype)?.to_device(device)?)?,
-            b: Var::from_tensor(&b.to_dtype(dtype)?.to_device(device)?)?,
-            host: AdapterHost::new(base, config.dropout, config.seed, path),
+            a: Var::from_tensor(&a.to_dtype(dtype)?.to_device(&device)?)?,
+            b: Var::from_tensor(&b.to_dtype(dtype)?.to_device(&device)?)?,
+            host: AdapterHost::new(&base, config.dropout, config.seed, path),
             config: config.clone(),
         })
     }

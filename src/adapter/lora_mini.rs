@@ -2,8 +2,8 @@
 
 use candle::Module;
 use candle::{Result, Tensor, Var};
-use candle_nn::Linear;
 
+use super::base::BaseLinear;
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
@@ -56,15 +56,19 @@ pub struct LoraMiniLinear {
 impl LoraMiniLinear {
     /// Wraps `base` (kept frozen). `path` is the module's full Hugging Face
     /// path; it names the RNG streams, so keep it stable.
-    pub fn new(base: &Linear, config: &LoraMiniConfig, path: &str) -> Result<Self> {
+    /// The base is a `candle_nn::Linear` or a [`BaseLinear`] (possibly
+    /// quantized; the SVD projections then come from its dequantized
+    /// weight).
+    pub fn new(base: impl Into<BaseLinear>, config: &LoraMiniConfig, path: &str) -> Result<Self> {
+        let base: BaseLinear = base.into();
         config.validate()?;
-        let (d_out, d_in) = base.weight().dims2()?;
-        let (dtype, device) = (base.weight().dtype(), base.weight().device().clone());
+        let (d_out, d_in) = base.dims2()?;
+        let (dtype, device) = (base.weight().dtype(), base.weight().device());
         let (a_vals, b_vals) = aux_values(config, path, base.weight())?;
         let aux_fingerprint = match config.aux_init {
             AuxInit::Kaiming => None,
             AuxInit::Orthogonal => Some(values_hash(a_vals.iter().chain(&b_vals))),
-            AuxInit::Svd | AuxInit::SvdScaled => Some(weight_hash(base.weight())?),
+            AuxInit::Svd | AuxInit::SvdScaled => Some(weight_hash(&base.weight().to_dense()?)?),
         };
         let a_aux = Tensor::from_vec(a_vals, (config.a, d_in), &device)?.to_dtype(dtype)?;
         let b_aux = Tensor::from_vec(b_vals, (d_out, config.b), &device)?.to_dtype(dtype)?;
@@ -89,7 +93,7 @@ impl LoraMiniLinear {
             )?,
         };
         Ok(Self {
-            host: AdapterHost::new(base, config.dropout, seed, path),
+            host: AdapterHost::new(&base, config.dropout, seed, path),
             aux_fingerprint,
             a_aux,
             b_aux,

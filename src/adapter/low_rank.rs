@@ -3,6 +3,7 @@
 use candle::{Result, Tensor, Var};
 use candle_nn::Linear;
 
+use super::base::BaseLinear;
 use super::host::AdapterHost;
 use crate::dropout::SeededDropout;
 
@@ -56,13 +57,19 @@ pub trait LowRankLayer {
         &self.host().name
     }
 
-    /// The frozen base weight `W` (unmerged).
-    fn weight(&self) -> &Tensor {
-        &self.host().weight
+    /// The frozen base layer (unmerged), dense or quantized.
+    fn base(&self) -> &BaseLinear {
+        &self.host().base
+    }
+
+    /// The frozen base weight `W` (unmerged) as a dense tensor: a quantized
+    /// base is dequantized, a copy of this layer only.
+    fn weight(&self) -> Result<Tensor> {
+        self.base().weight().to_dense()
     }
 
     fn bias(&self) -> Option<&Tensor> {
-        self.host().bias.as_ref()
+        self.base().bias()
     }
 
     fn dropout(&self) -> Option<&SeededDropout> {
@@ -118,8 +125,8 @@ pub trait LowRankLayer {
         self.host().set_training(training)
     }
 
-    /// The base layer without the adapter.
-    fn as_plain(&self) -> Linear {
+    /// The base layer without the adapter (dequantized if quantized).
+    fn as_plain(&self) -> Result<Linear> {
         self.host().as_plain()
     }
 }

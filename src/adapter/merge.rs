@@ -99,7 +99,7 @@ impl AdapterFile {
         };
         match tensor("weight") {
             Some(weight) if is_linear => {
-                let layer = FullLinear::new(&Linear::new(weight, tensor("bias")))?;
+                let layer = FullLinear::new(Linear::new(weight, tensor("bias")))?;
                 registry.register(module, &layer)
             }
             _ => {

@@ -5,6 +5,7 @@
 //! This module depends on Candle alone, so a user who only wants to adapt
 //! their own model gets nothing else.
 
+pub mod base;
 pub mod config;
 pub mod factory;
 pub mod file;
@@ -21,6 +22,7 @@ pub mod projections;
 pub mod registry;
 pub mod targets;
 
+pub use base::{BaseLinear, BaseWeight};
 pub use config::{AdapterConfig, AuxInit, InnerInit, LoraConfig, LoraMiniConfig, Method};
 pub use factory::LinearFactory;
 pub use file::{save_adapter, AdapterFile, DataSettings, SaveOptions};

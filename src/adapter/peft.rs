@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle::{DType, Device, Result, Tensor};
-use candle_nn::Linear;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -220,7 +219,11 @@ impl PeftAdapter {
     /// A [`LoraLinear`] around `base` carrying this adapter's update for
     /// `path`, or `None` when the adapter does not touch `path`. A shape that
     /// does not fit `base` is an error naming the module.
-    pub fn lora_linear(&self, path: &str, base: &Linear) -> Result<Option<LoraLinear>> {
+    pub fn lora_linear(
+        &self,
+        path: &str,
+        base: impl Into<super::BaseLinear>,
+    ) -> Result<Option<LoraLinear>> {
         let (Some((a, b)), Some(config)) = (self.lora.get(path), self.lora_config(path)) else {
             return Ok(None);
         };

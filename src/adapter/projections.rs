@@ -3,6 +3,7 @@
 
 use candle::{DType, Result, Tensor};
 
+use super::base::BaseWeight;
 use super::config::{AuxInit, LoraMiniConfig};
 use super::init::{kaiming_uniform_values, normal_values};
 use crate::rng::fnv1a64_extend;
@@ -15,11 +16,11 @@ fn aux_stream_names(path: &str) -> (String, String) {
 /// The frozen `(A_aux: a x d_in, B_aux: d_out x b)` of module `path` over the
 /// frozen `weight` (`d_out x d_in`), row-major f32, exactly as
 /// [`super::LoraMiniLinear::new`] makes them. The seeded inits read only the
-/// weight's shape.
+/// weight's shape; the SVD dequantizes a quantized weight.
 pub fn aux_values(
     config: &LoraMiniConfig,
     path: &str,
-    weight: &Tensor,
+    weight: &BaseWeight,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (d_out, d_in) = weight.dims2()?;
     let (a_name, b_name) = aux_stream_names(path);
@@ -41,7 +42,7 @@ pub fn aux_values(
             let rank = d_out.min(d_in);
             check_width(path, "a", a, "min(d_out, d_in)", rank)?;
             check_width(path, "b", b, "min(d_out, d_in)", rank)?;
-            let w = weight_values(weight)?;
+            let w = weight_values(&weight.to_dense()?)?;
             let scaled = config.aux_init == AuxInit::SvdScaled;
             truncated_svd_factors(&w, d_out, d_in, a, b, scaled)
                 .map_err(|e| candle::Error::msg(format!("module {path}: {e}")))
@@ -215,7 +216,7 @@ mod tests {
             ..LoraMiniConfig::new(2, 12, 10)
         };
         let w = Tensor::zeros((40, 30), DType::F32, &candle::Device::Cpu)?;
-        let (a, b) = aux_values(&config, "m", &w)?;
+        let (a, b) = aux_values(&config, "m", &BaseWeight::Dense(w.clone()))?;
         assert_identity(&gram(&a, 12, 30), 12);
         // Columns of B_aux (40 x 10): rows of its transpose.
         let bt: Vec<f32> = (0..10)
@@ -224,7 +225,10 @@ mod tests {
             .collect();
         assert_identity(&gram(&bt, 10, 40), 10);
         // Seeded: the same config and path give the same bits.
-        assert_eq!(aux_values(&config, "m", &w)?, (a, b));
+        assert_eq!(
+            aux_values(&config, "m", &BaseWeight::Dense(w.clone()))?,
+            (a, b)
+        );
         Ok(())
     }
 
@@ -235,7 +239,7 @@ mod tests {
             ..LoraMiniConfig::new(2, 64, 8)
         };
         let w = Tensor::zeros((16, 32), DType::F32, &candle::Device::Cpu).unwrap();
-        let err = aux_values(&config, "layer.0.query", &w)
+        let err = aux_values(&config, "layer.0.query", &BaseWeight::Dense(w.clone()))
             .unwrap_err()
             .to_string();
         assert!(

@@ -149,7 +149,7 @@ impl AdapterRegistry {
         for (path, layer) in &self.modules {
             if let AdaptedLinear::LoraMini(l) = layer {
                 let config = l.config();
-                let (d_out, d_in) = l.weight().dims2()?;
+                let (d_out, d_in) = l.base().dims2()?;
                 let mut h = hash.unwrap_or(0xCBF2_9CE4_8422_2325);
                 h = fnv1a64_extend(h, path.as_bytes());
                 for dim in [config.a, d_in, d_out, config.b] {
@@ -163,7 +163,7 @@ impl AdapterRegistry {
                     // Computed once when the layer was built.
                     h = fnv1a64_extend(h, fingerprint.as_bytes());
                 } else {
-                    let (a, b) = aux_values(config, path, l.weight())?;
+                    let (a, b) = aux_values(config, path, l.base().weight())?;
                     for v in a.iter().chain(b.iter()) {
                         h = fnv1a64_extend(h, &v.to_bits().to_le_bytes());
                     }

@@ -8,6 +8,7 @@ use candle::{DType, Device, Tensor, D};
 use clap::Args;
 use serde_json::json;
 
+use super::decoder::{DecoderArgs, SamplingArgs, CAUSAL_LM};
 use super::Error;
 use lora_mini::adapter::{AdapterFile, LinearFactory};
 use lora_mini::data::batch::{
@@ -60,13 +61,26 @@ fn setting<T: PartialEq + std::fmt::Display + Clone>(
     }
 }
 
-fn load(args: &ModelArgs) -> Result<Session, Error> {
-    let device = lora_mini::train::trainer::device(args.device)
+/// The device `--device` names, the `--adapter` file read onto it, and the
+/// factory that builds the model's layers for it (frozen without one).
+pub(super) fn device_and_adapter(
+    choice: DeviceChoice,
+    adapter: Option<&Path>,
+    dequantize: bool,
+) -> Result<(Device, Option<AdapterFile>, LinearFactory), Error> {
+    let device = lora_mini::train::trainer::device(choice)
         .map_err(|e| Error::from(e.to_string().replace("run.device = ", "--device ")))?;
-    let file = match &args.adapter {
-        Some(path) => Some(AdapterFile::read(path, &device)?),
-        None => None,
+    let file = adapter.map(|p| AdapterFile::read(p, &device)).transpose()?;
+    let factory = match &file {
+        Some(f) => LinearFactory::new(f.config.clone())?,
+        None => LinearFactory::frozen(),
     };
+    Ok((device, file, factory.with_dequantized_base(dequantize)))
+}
+
+fn load(args: &ModelArgs) -> Result<Session, Error> {
+    let (device, file, factory) =
+        device_and_adapter(args.device, args.adapter.as_deref(), args.dequantize)?;
     let recorded = file.as_ref().and_then(|f| f.data_settings());
     let r = recorded.as_ref();
     let task_name = setting(
@@ -78,10 +92,6 @@ fn load(args: &ModelArgs) -> Result<Session, Error> {
     let task = task(&task_name)?;
     let max_len =
         setting(("--max-len", args.max_len), r.map(|d| d.max_len), Some(128)).unwrap_or(128);
-    let factory = match &file {
-        Some(f) => LinearFactory::new(f.config.clone())?,
-        None => LinearFactory::frozen(),
-    };
     let loaded = load_task_model(
         &args.model,
         None,
@@ -122,7 +132,9 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub adapter: Option<PathBuf>,
     /// cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli or wmt16-en-ro;
-    /// by default the adapter's (recorded when it was trained).
+    /// by default the adapter's (recorded when it was trained). causal-lm
+    /// runs a decoder (a GGUF or Llama-family model) on JSONL rows of
+    /// {"text"}, {"prompt"[, "completion"]} or {"messages"}.
     #[arg(long)]
     pub task: Option<String>,
     /// Truncate inputs (and translations) to this many tokens; by default
@@ -140,6 +152,11 @@ pub struct ModelArgs {
     /// adapter's tensors are cast to it).
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDtype,
+    /// Load a GGUF base dequantized (to --dtype) instead of keeping its
+    /// linear weights quantized, the default: more memory, exact weights
+    /// and no 8-bit rounding of the activations in the matmuls.
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 /// Options of `lora-mini eval`.
@@ -182,6 +199,21 @@ enum EvalData {
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
+    if args.common.task.as_deref() == Some(CAUSAL_LM) {
+        let data = args
+            .data
+            .as_deref()
+            .ok_or("--task causal-lm needs --data FILE.jsonl")?;
+        let max_len = args.common.max_len.unwrap_or(1024);
+        let decoder = DecoderArgs::from_model_args(&args.common);
+        return super::decoder::run_eval(
+            &decoder,
+            data,
+            max_len,
+            args.common.batch_size,
+            args.json,
+        );
+    }
     let Session {
         loaded,
         tokenizer,
@@ -275,6 +307,9 @@ pub struct PredictArgs {
     /// JSON Lines, one object per input row, in input order.
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
+    /// How a decoder (--task causal-lm) picks tokens.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Beam search width for translation (1 is greedy).
     #[arg(long, default_value_t = 1)]
     pub beams: usize,
@@ -283,6 +318,11 @@ pub struct PredictArgs {
 }
 
 pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
+    if args.common.task.as_deref() == Some(CAUSAL_LM) {
+        let decoder = DecoderArgs::from_model_args(&args.common);
+        let options = args.sampling.options(args.max_new_tokens);
+        return super::decoder::run_predict(&decoder, &options, &args.input, &args.output);
+    }
     let Session {
         loaded,
         tokenizer,

@@ -26,7 +26,8 @@ pub enum Format {
 #[command(after_help = "Example:\n  \
     lora-mini export --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --format peft --output runs/quickstart/peft")]
 pub struct ExportArgs {
-    /// The base model: a checkpoint folder or a hub id.
+    /// The base model: a checkpoint folder, a hub id, or a .gguf file (or a
+    /// folder holding one; merged, it is written dequantized to f32).
     #[arg(long)]
     pub model: String,
     /// A lora-mini adapter file (as `train` writes).
@@ -62,17 +63,16 @@ pub fn run(args: &ExportArgs) -> Result<(), Error> {
         Format::Merged => loaded.save_merged(&args.output)?,
         Format::Peft => {
             let options = PeftExportOptions {
-                task_type: if loaded.family == Family::T5 {
-                    "SEQ_2_SEQ_LM"
-                } else {
-                    "SEQ_CLS"
+                task_type: match loaded.family {
+                    Family::T5 => "SEQ_2_SEQ_LM",
+                    Family::Llama => "CAUSAL_LM",
+                    Family::Bert | Family::Roberta => "SEQ_CLS",
                 }
                 .into(),
                 base_model: Some(base_model_name(&args.model)),
-                modules_to_save: if loaded.family == Family::T5 {
-                    vec![]
-                } else {
-                    vec!["classifier".into()]
+                modules_to_save: match loaded.family {
+                    Family::Bert | Family::Roberta => vec!["classifier".into()],
+                    Family::T5 | Family::Llama => vec![],
                 },
                 ..Default::default()
             };

@@ -1,6 +1,7 @@
 //! The `lora-mini` command line. `main.rs` only parses and dispatches; each
 //! subcommand lives in its own file.
 
+pub mod decoder;
 pub mod eval;
 pub mod export;
 pub mod params;
@@ -30,6 +31,10 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write one JSON prediction per input row (labels, scores or translations).
     Predict(eval::PredictArgs),
+    /// Talk with a decoder (a GGUF file or a Hugging Face Llama-family
+    /// folder), optionally with an adapter: streams answers, keeps the
+    /// conversation; /reset and /quit.
+    Chat(decoder::ChatArgs),
     /// Write a trained adapter as a PEFT LoRA adapter or a merged checkpoint.
     Export(export::ExportArgs),
     /// Count trainable and total parameters for a model config, task and
@@ -54,6 +59,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Export(args) => export::run(&args),
         Command::Eval(args) => eval::run_eval(&args),
         Command::Predict(args) => eval::run_predict(&args),
+        Command::Chat(args) => decoder::run_chat(&args),
         Command::Params(args) => params::run(&args),
         Command::Score(args) => score::run(&args),
         Command::Sweep(args) => sweep::run(&args),

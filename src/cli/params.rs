@@ -9,8 +9,9 @@ use super::Error;
 use lora_mini::adapter::targets::ALL_LINEAR;
 use lora_mini::adapter::{AdapterConfig, LoraConfig, LoraMiniConfig, Method};
 use lora_mini::models::bert::BertConfig;
+use lora_mini::models::llama::LlamaConfig;
 use lora_mini::models::presets::{resolve_targets, Family};
-use lora_mini::models::shapes::{encoder_classifier, t5_conditional_generation};
+use lora_mini::models::shapes::{encoder_classifier, llama_causal_lm, t5_conditional_generation};
 use lora_mini::models::t5::T5Config;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -66,6 +67,13 @@ pub fn run(args: &ParamsArgs) -> Result<(), Error> {
     let family = Family::from_config_json(&text).map_err(err)?;
     let labels = lora_mini::data::task(&args.task)?.num_labels();
     let (shapes, gated) = match (family, labels) {
+        (Family::Llama, None) => {
+            let c = LlamaConfig::from_json(&text).map_err(err)?;
+            (llama_causal_lm(&c), false)
+        }
+        (Family::Llama, Some(_)) => {
+            return Err(format!("a decoder trains on task causal-lm, not {}", args.task).into())
+        }
         (Family::T5, None) => {
             let c = T5Config::from_json(&text).map_err(err)?;
             (t5_conditional_generation(&c), c.is_gated())
@@ -73,7 +81,9 @@ pub fn run(args: &ParamsArgs) -> Result<(), Error> {
         (Family::T5, Some(_)) => {
             return Err(format!("task {} needs a BERT or RoBERTa model", args.task).into())
         }
-        (_, None) => return Err(format!("task {} needs a T5 model", args.task).into()),
+        (_, None) => {
+            return Err(format!("task {} needs a T5 or Llama-family model", args.task).into())
+        }
         (_, Some(n)) => (
             encoder_classifier(family, &BertConfig::from_json(&text).map_err(err)?, n),
             false,

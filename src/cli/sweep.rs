@@ -54,7 +54,7 @@ pub fn run(args: &SweepArgs) -> Result<(), Error> {
         .collect::<Result<Vec<_>, _>>()?;
     let base = TrainConfig::load(&args.config, &args.set)?;
     let task = lora_mini::data::task(&base.task.name)?;
-    let headline = format!("{:?}", task.metrics[0]).to_lowercase();
+    let headline = task.metrics[0].name();
     let options = SweepOptions {
         config: args.config.clone(),
         set: args.set.clone(),

@@ -41,7 +41,9 @@ pub fn parse_label(task: &Task, raw: &str) -> std::result::Result<Label, String>
             }
             Ok(Label::Score(score))
         }
-        TaskKind::Translation => Err(format!("task {} has no class labels", task.name)),
+        TaskKind::Translation | TaskKind::CausalLm => {
+            Err(format!("task {} has no class labels", task.name))
+        }
     }
 }
 

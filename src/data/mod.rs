@@ -6,6 +6,8 @@
 pub mod batch;
 pub mod error;
 pub mod examples;
+#[cfg(feature = "data")]
+pub mod gguf_tokenizer;
 pub mod locate;
 #[cfg(feature = "data")]
 pub mod parquet;

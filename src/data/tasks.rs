@@ -13,6 +13,9 @@ pub enum TaskKind {
     Regression { range: (f32, f32) },
     /// Sequence to sequence.
     Translation,
+    /// Next-token prediction for a decoder, on JSONL rows of `{"text"}`,
+    /// `{"prompt", "completion"}` or `{"messages"}`.
+    CausalLm,
 }
 
 /// An evaluation metric of a task.
@@ -26,6 +29,49 @@ pub enum Metric {
     Spearman,
     Bleu,
     Rouge,
+    /// Mean negative log-likelihood per predicted token.
+    Loss,
+    Perplexity,
+}
+
+impl Metric {
+    /// Every metric, for looking one up by name.
+    const ALL: [Metric; 9] = [
+        Self::Accuracy,
+        Self::F1,
+        Self::Mcc,
+        Self::Pearson,
+        Self::Spearman,
+        Self::Bleu,
+        Self::Rouge,
+        Self::Loss,
+        Self::Perplexity,
+    ];
+
+    /// Whether a larger value is better (false for loss and perplexity),
+    /// which model selection needs.
+    pub fn higher_is_better(self) -> bool {
+        !matches!(self, Self::Loss | Self::Perplexity)
+    }
+
+    /// Whether `candidate` is strictly better than `incumbent`.
+    pub fn improves(self, candidate: f64, incumbent: f64) -> bool {
+        if self.higher_is_better() {
+            candidate > incumbent
+        } else {
+            candidate < incumbent
+        }
+    }
+
+    /// The lower-case name results and logs use (`mcc`, `loss`...).
+    pub fn name(self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+
+    /// The metric a [`Metric::name`] names.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
 }
 
 /// One task.
@@ -203,6 +249,20 @@ pub const TASKS: &[Task] = &[
         metrics: &[Metric::Bleu, Metric::Rouge],
         dev_splits: &["validation"],
     },
+    Task {
+        name: "causal-lm",
+        glue_dir: "",
+        hf_dataset: "",
+        hf_config: "",
+        text_a: "text",
+        text_b: None,
+        tsv_text_a: "",
+        tsv_text_b: None,
+        tsv_label: "",
+        kind: TaskKind::CausalLm,
+        metrics: &[Metric::Loss, Metric::Perplexity],
+        dev_splits: &["validation"],
+    },
 ];
 
 /// Looks a task up by its CLI name (case-insensitive; `sst-2` and `sts-b`
@@ -227,7 +287,7 @@ impl Task {
         match self.kind {
             TaskKind::Classification { labels } => Some(labels.len()),
             TaskKind::Regression { .. } => Some(1),
-            TaskKind::Translation => None,
+            TaskKind::Translation | TaskKind::CausalLm => None,
         }
     }
 

@@ -7,6 +7,7 @@ pub(crate) mod attention;
 pub(crate) mod composed;
 pub(crate) mod frozen_matmul;
 pub(crate) mod fused;
+pub(crate) mod quantized_matmul;
 
 use candle::{CpuStorage, Layout, Result, Tensor};
 

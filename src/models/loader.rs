@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle::quantized::QTensor;
 use candle::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -12,6 +14,10 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub config_json: String,
     pub tensors: HashMap<String, Tensor>,
+    /// The linear weights of a GGUF checkpoint read quantized, as stored
+    /// (for [`LinearFactory::with_quantized_weights`](crate::adapter::LinearFactory::with_quantized_weights));
+    /// empty otherwise.
+    pub quantized: HashMap<String, Arc<QTensor>>,
 }
 
 /// The local folder of a checkpoint named by `spec`: `spec` itself when it is
@@ -129,30 +135,34 @@ impl Checkpoint {
             .map_err(|e| candle::Error::msg(format!("reading {}: {e}", config_path.display())))?;
         let safetensors = dir.join("model.safetensors");
         let bin = dir.join("pytorch_model.bin");
-        let (file, raw): (PathBuf, Vec<(String, Tensor)>) = if safetensors.exists() {
-            let t = candle::safetensors::load(&safetensors, device).map_err(|e| {
-                candle::Error::msg(format!(
-                    "{}: {}",
-                    safetensors.display(),
-                    crate::error::message(&e)
-                ))
-            })?;
-            (safetensors, t.into_iter().collect())
-        } else if bin.exists() {
-            let t = candle::pickle::read_all(&bin).map_err(|e| {
-                candle::Error::msg(format!("{}: {}", bin.display(), crate::error::message(&e)))
-            })?;
-            let t = t
-                .into_iter()
-                .map(|(n, t)| Ok((n, t.to_device(device)?)))
-                .collect::<Result<_>>()?;
-            (bin, t)
-        } else {
-            candle::bail!(
-                "{} holds neither model.safetensors nor pytorch_model.bin",
+        let index = dir.join("model.safetensors.index.json");
+        let (file, raw): (PathBuf, Vec<(String, Tensor)>) =
+            if !safetensors.exists() && index.exists() {
+                (index.clone(), read_shards(&index, device)?)
+            } else if safetensors.exists() {
+                let t = candle::safetensors::load(&safetensors, device).map_err(|e| {
+                    candle::Error::msg(format!(
+                        "{}: {}",
+                        safetensors.display(),
+                        crate::error::message(&e)
+                    ))
+                })?;
+                (safetensors, t.into_iter().collect())
+            } else if bin.exists() {
+                let t = candle::pickle::read_all(&bin).map_err(|e| {
+                    candle::Error::msg(format!("{}: {}", bin.display(), crate::error::message(&e)))
+                })?;
+                let t = t
+                    .into_iter()
+                    .map(|(n, t)| Ok((n, t.to_device(device)?)))
+                    .collect::<Result<_>>()?;
+                (bin, t)
+            } else {
+                candle::bail!(
+                "{} holds neither model.safetensors (or its sharded index) nor pytorch_model.bin",
                 dir.display()
             );
-        };
+            };
         let mut tensors = HashMap::new();
         for (name, tensor) in raw {
             if name.ends_with("position_ids") {
@@ -171,7 +181,47 @@ impl Checkpoint {
             dir,
             config_json,
             tensors,
+            quantized: HashMap::new(),
         })
+    }
+
+    /// A llama.cpp GGUF file as a checkpoint, under Hugging Face names and
+    /// row order, with the config its metadata describes. The decoder
+    /// layers' linear weights stay quantized in [`Checkpoint::quantized`]
+    /// unless `dequantize`; everything else (and then everything) is
+    /// dequantized to f32. `dir` is the file's folder (for a
+    /// `tokenizer.json` beside it).
+    pub fn read_gguf(file: &Path, device: &Device, dequantize: bool) -> Result<Self> {
+        let gguf = super::gguf::GgufFile::open(file)?;
+        let config = gguf.config()?;
+        let config_json = serde_json::to_string_pretty(&config).map_err(candle::Error::wrap)?;
+        let (tensors, quantized) = if dequantize {
+            (gguf.dequantized(device)?, HashMap::new())
+        } else {
+            gguf.quantized_base(device)?
+        };
+        Ok(Self {
+            dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+            config_json,
+            tensors,
+            quantized,
+        })
+    }
+
+    /// The checkpoint `spec` names: a `.gguf` file, a folder holding one
+    /// (and no safetensors or PyTorch weights; its linear weights stay
+    /// quantized unless `dequantize_gguf`), or a Hugging Face folder or hub
+    /// id (see [`resolve_checkpoint_dir`]).
+    pub fn read(
+        spec: &str,
+        revision: Option<&str>,
+        device: &Device,
+        dequantize_gguf: bool,
+    ) -> Result<Self> {
+        if let Some(file) = gguf_file_of(spec)? {
+            return Self::read_gguf(&file, device, dequantize_gguf);
+        }
+        Self::read_dir(resolve_checkpoint_dir(spec, revision)?, device)
     }
 
     /// Puts `prefix.` in front of every tensor whose name starts with one of
@@ -242,6 +292,67 @@ impl Checkpoint {
         );
         Ok(true)
     }
+}
+
+/// The `.gguf` file a local `spec` names: the file itself, or the one in a
+/// folder that holds no Hugging Face weights (safetensors, single or
+/// sharded, or `pytorch_model.bin`). `None` for anything else.
+pub fn gguf_file_of(spec: &str) -> Result<Option<PathBuf>> {
+    let path = Path::new(spec);
+    let hf_weights = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ];
+    let has_hf = path.is_dir() && hf_weights.iter().any(|w| path.join(w).exists());
+    if !path.exists() || has_hf {
+        return Ok(None);
+    }
+    super::gguf::find_gguf(path)
+}
+
+/// The folder and `config.json` text of the checkpoint `spec` names,
+/// without reading its weights: for a GGUF file, the config its metadata
+/// describes.
+pub fn read_config(spec: &str, revision: Option<&str>) -> Result<(PathBuf, String)> {
+    if let Some(file) = gguf_file_of(spec)? {
+        let config = super::gguf::GgufFile::open(&file)?.config()?;
+        let json = serde_json::to_string_pretty(&config).map_err(candle::Error::wrap)?;
+        return Ok((
+            file.parent().map(Path::to_path_buf).unwrap_or_default(),
+            json,
+        ));
+    }
+    let dir = resolve_checkpoint_dir(spec, revision)?;
+    let config_path = dir.join("config.json");
+    let json = std::fs::read_to_string(&config_path)
+        .map_err(|e| candle::Error::msg(format!("{}: {e}", config_path.display())))?;
+    Ok((dir, json))
+}
+
+/// Every tensor of a sharded safetensors checkpoint, from the shards its
+/// `model.safetensors.index.json` lists.
+fn read_shards(index: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let in_index = |m: String| candle::Error::msg(format!("{}: {m}", index.display()));
+    let text = std::fs::read_to_string(index).map_err(|e| in_index(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| in_index(e.to_string()))?;
+    let map = value["weight_map"]
+        .as_object()
+        .ok_or_else(|| in_index("no weight_map".into()))?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut all = Vec::new();
+    for shard in shards {
+        let path = dir.join(shard);
+        let tensors = candle::safetensors::load(&path, device).map_err(|e| {
+            candle::Error::msg(format!("{}: {}", path.display(), crate::error::message(&e)))
+        })?;
+        all.extend(tensors);
+    }
+    Ok(all)
 }
 
 #[cfg(test)]

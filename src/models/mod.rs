@@ -3,7 +3,11 @@
 //! Hugging Face module path. Every op on the training path has a backward.
 
 pub mod bert;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
 pub mod loader;
+pub mod loss;
 pub mod presets;
 pub mod roberta;
 pub mod shapes;

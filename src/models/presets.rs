@@ -8,6 +8,8 @@ pub enum Family {
     Bert,
     Roberta,
     T5,
+    /// Llama, Mistral, Qwen2, SmolLM2: decoders.
+    Llama,
 }
 
 impl Family {
@@ -16,7 +18,10 @@ impl Family {
             "bert" => Self::Bert,
             "roberta" | "xlm-roberta" => Self::Roberta,
             "t5" | "mt5" => Self::T5,
-            other => candle::bail!("unsupported model_type {other:?} (bert, roberta, t5)"),
+            t if super::llama::MODEL_TYPES.contains(&t) => Self::Llama,
+            other => candle::bail!(
+                "unsupported model_type {other:?} (bert, roberta, t5, llama, mistral, qwen2)"
+            ),
         })
     }
 
@@ -36,7 +41,7 @@ impl Family {
         match self {
             Self::Bert => vec!["classifier".into()],
             Self::Roberta => vec!["classifier.out_proj".into()],
-            Self::T5 => Vec::new(),
+            Self::T5 | Self::Llama => Vec::new(),
         }
     }
 }
@@ -60,6 +65,13 @@ pub const LINEAR_MODULE_NAMES: &[&str] = &[
     "wi_1",
     "wo",
     "lm_head",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 /// Adapter targets: a preset name (`dense`, `attention`, `dense+attention`)
@@ -71,14 +83,20 @@ pub const LINEAR_MODULE_NAMES: &[&str] = &[
 /// | `dense` | every `dense` (attention output, intermediate, output, BERT's pooler, RoBERTa's `classifier.dense`) | `wi` (or `wi_0`, `wi_1`), `wo`, `lm_head` |
 /// | `attention` | `query`, `key`, `value` | `q`, `k`, `v` in self- and cross-attention |
 /// | `dense+attention` | both | both |
+///
+/// For the Llama family, `dense` is `o_proj`, `gate_proj`, `up_proj` and
+/// `down_proj`, `attention` is `q_proj`, `k_proj` and `v_proj`, and
+/// `dense+attention` is every linear but `lm_head` (PEFT's `all-linear`).
 pub fn resolve_targets(family: Family, spec: &str, gated: bool) -> Result<Vec<String>> {
     let dense: Vec<&str> = match (family, gated) {
         (Family::T5, false) => vec!["wi", "wo", "lm_head"],
         (Family::T5, true) => vec!["wi_0", "wi_1", "wo", "lm_head"],
+        (Family::Llama, _) => vec!["o_proj", "gate_proj", "up_proj", "down_proj"],
         _ => vec!["dense"],
     };
     let attention: Vec<&str> = match family {
         Family::T5 => vec!["q", "k", "v"],
+        Family::Llama => vec!["q_proj", "k_proj", "v_proj"],
         _ => vec!["query", "key", "value"],
     };
     let names: Vec<&str> = match spec.trim() {

@@ -9,6 +9,7 @@ use candle::Result;
 use serde::Serialize;
 
 use super::bert::BertConfig;
+use super::llama::LlamaConfig;
 use super::presets::Family;
 use super::t5::T5Config;
 use crate::adapter::{AdapterConfig, Method};
@@ -226,5 +227,55 @@ pub fn t5_conditional_generation(c: &T5Config) -> ModelShapes {
     ModelShapes {
         linears,
         other_params: shared + norms + position_bias,
+    }
+}
+
+/// `LlamaForCausalLM` (and Mistral, Qwen2): seven linears per layer and
+/// `lm_head` (counted once with the embeddings when tied).
+pub fn llama_causal_lm(c: &LlamaConfig) -> ModelShapes {
+    let (h, d) = (c.hidden_size, c.head_dim());
+    let (q, kv) = (c.num_attention_heads * d, c.num_kv_heads() * d);
+    let mut linears = Vec::new();
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let attn = [
+            ("q_proj", h, q, c.qkv_bias()),
+            ("k_proj", h, kv, c.qkv_bias()),
+            ("v_proj", h, kv, c.qkv_bias()),
+            ("o_proj", q, h, c.attention_bias),
+        ];
+        for (name, d_in, d_out, bias) in attn {
+            linears.push(LinearShape::new(
+                format!("{p}.self_attn.{name}"),
+                d_in,
+                d_out,
+                bias,
+            ));
+        }
+        let i_size = c.intermediate_size;
+        for (name, d_in, d_out) in [
+            ("gate_proj", h, i_size),
+            ("up_proj", h, i_size),
+            ("down_proj", i_size, h),
+        ] {
+            linears.push(LinearShape::new(
+                format!("{p}.mlp.{name}"),
+                d_in,
+                d_out,
+                c.mlp_bias,
+            ));
+        }
+    }
+    linears.push(LinearShape::new("lm_head", h, c.vocab_size, false));
+    // A tied head is the embedding table: counted once, in lm_head.
+    let embeddings = if c.tie_word_embeddings {
+        0
+    } else {
+        c.vocab_size * h
+    };
+    let norms = (2 * c.num_hidden_layers + 1) * h;
+    ModelShapes {
+        linears,
+        other_params: embeddings + norms,
     }
 }

@@ -13,6 +13,7 @@ use candle::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use serde::Deserialize;
 
+use super::loss::token_cross_entropy;
 use crate::adapter::AdaptedLinear;
 use crate::dropout::SeededDropout;
 use crate::nn::ops::softmax_last_dim;
@@ -426,7 +427,7 @@ impl T5ForConditionalGeneration {
         let tied = Linear::new(shared.embeddings().clone(), None);
         let lm_head = if c.tie_word_embeddings && vb.trains_everything() {
             // The tied head must train the shared table itself, not a copy.
-            AdaptedLinear::Frozen(tied)
+            AdaptedLinear::Frozen(tied.into())
         } else if c.tie_word_embeddings {
             vb.factory().build("lm_head", &tied)?
         } else {
@@ -611,7 +612,7 @@ impl T5ForConditionalGeneration {
     ) -> Result<Tensor> {
         let logits =
             self.forward_t(input_ids, attention_mask, &self.shift_right(labels)?, train)?;
-        seq2seq_cross_entropy(&logits, labels)
+        token_cross_entropy(&logits, labels)
     }
 
     fn new_cache(&self, encoder_hidden: &Tensor) -> Result<DecoderCache> {
@@ -838,30 +839,4 @@ impl T5ForConditionalGeneration {
             .max_by(|a, b| a.0.total_cmp(&b.0));
         Ok(best.map(|(_, t)| t).unwrap_or_default())
     }
-}
-
-/// Mean token cross-entropy of `logits (B, T, V)` against `labels (B, T)`,
-/// skipping `-100`.
-pub fn seq2seq_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = logits.dims3()?;
-    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
-    let keep: Vec<u32> = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l != -100)
-        .map(|(i, _)| i as u32)
-        .collect();
-    if keep.is_empty() {
-        candle::bail!("every label is -100: nothing to compute a loss on");
-    }
-    let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
-    let dev = logits.device();
-    let rows = Tensor::from_vec(keep.clone(), keep.len(), dev)?;
-    let picked = logits
-        .reshape((b * t, v))?
-        .index_select(&rows, 0)?
-        .to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (keep.len(), 1), dev)?;
-    logp.gather(&targets, 1)?.mean_all()?.neg()
 }

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use candle::{DType, Device, Result};
 
 use super::bert::{BertConfig, BertForSequenceClassification};
-use super::loader::{resolve_checkpoint_dir, Checkpoint};
+use super::llama::{LlamaConfig, LlamaForCausalLM};
+use super::loader::Checkpoint;
 use super::presets::Family;
 use super::roberta::RobertaForSequenceClassification;
 use super::t5::{T5Config, T5ForConditionalGeneration};
@@ -14,10 +15,13 @@ use crate::nn::VarBuilder;
 
 /// A model with its task head.
 #[derive(Clone, Debug)]
+// One model per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum TaskModel {
     Bert(BertForSequenceClassification),
     Roberta(RobertaForSequenceClassification),
     T5(T5ForConditionalGeneration),
+    Llama(LlamaForCausalLM),
 }
 
 /// A loaded model, the registry of what it trains, and where it came from.
@@ -65,6 +69,23 @@ fn warn_if_random_head(dir: &Path, missing: bool, factory: &LinearFactory, path:
     }
 }
 
+/// Hands a GGUF checkpoint's quantized linear weights to the factory. A
+/// quantized base computes in f32, so another `dtype` needs the base
+/// dequantized.
+pub(crate) fn quantized_base(
+    factory: LinearFactory,
+    ckpt: &mut Checkpoint,
+    dtype: DType,
+) -> Result<LinearFactory> {
+    if !ckpt.quantized.is_empty() && dtype != DType::F32 {
+        candle::bail!(
+            "{}: a quantized base computes in f32; dequantize it (--dequantize, or model.dequantize = true) to load it as {dtype:?}",
+            ckpt.dir.display()
+        );
+    }
+    Ok(factory.with_quantized_weights(std::mem::take(&mut ckpt.quantized)))
+}
+
 pub fn load_task_model(
     spec: &str,
     revision: Option<&str>,
@@ -74,8 +95,8 @@ pub fn load_task_model(
     device: &Device,
     seed: u64,
 ) -> Result<LoadedModel> {
-    let dir = resolve_checkpoint_dir(spec, revision)?;
-    let mut ckpt = Checkpoint::read_dir(&dir, device)?;
+    let mut ckpt = Checkpoint::read(spec, revision, device, factory.dequantizes_base())?;
+    let dir = ckpt.dir.clone();
     let family = Family::from_config_json(&ckpt.config_json).map_err(|e| in_dir(&dir, e))?;
     let labels = |family: Family| {
         num_labels.ok_or_else(|| {
@@ -131,6 +152,13 @@ pub fn load_task_model(
             let model = T5ForConditionalGeneration::new(vb.clone(), &config)?;
             (TaskModel::T5(model), vb)
         }
+        Family::Llama => {
+            let config = LlamaConfig::from_json(&ckpt.config_json).map_err(|e| in_dir(&dir, e))?;
+            let factory = quantized_base(factory, &mut ckpt, dtype)?;
+            let vb = VarBuilder::new(ckpt.var_builder(dtype, device), factory);
+            let model = LlamaForCausalLM::new(vb.clone(), &config)?;
+            (TaskModel::Llama(model), vb)
+        }
     };
     let registry = vb.finish()?;
     Ok(LoadedModel {
@@ -171,6 +199,10 @@ impl LoadedModel {
                     config["tie_word_embeddings"] = serde_json::Value::Bool(false);
                 }
             }
+            // An updated head no longer equals the embedding table.
+            if let (TaskModel::Llama(_), "lm_head") = (&self.model, path) {
+                config["tie_word_embeddings"] = serde_json::Value::Bool(false);
+            }
             tensors.insert(format!("{path}.weight"), weight);
             if let Some(bias) = layer.bias() {
                 tensors.insert(format!("{path}.bias"), bias.clone());
@@ -206,6 +238,17 @@ impl LoadedModel {
                 "classifier.out_proj.weight",
             ),
             Family::T5 => return,
+            Family::Llama => {
+                if config.get("architectures").is_none() {
+                    let architecture = match config["model_type"].as_str() {
+                        Some("mistral") => "MistralForCausalLM",
+                        Some("qwen2") => "Qwen2ForCausalLM",
+                        _ => "LlamaForCausalLM",
+                    };
+                    config["architectures"] = serde_json::json!([architecture]);
+                }
+                return;
+            }
         };
         let Some(n) = tensors.get(head).map(|t| t.dims()[0]) else {
             return;
@@ -270,6 +313,7 @@ impl TaskModel {
             Self::Bert(m) => m.forward_t(input_ids, token_type_ids, attention_mask, train),
             Self::Roberta(m) => m.forward_t(input_ids, attention_mask, train),
             Self::T5(_) => candle::bail!("T5 has no classification head: use it for translation"),
+            Self::Llama(_) => candle::bail!("a decoder has no classification head: use --task causal-lm (or the GLUE tasks as instructions, not yet supported)"),
         }
     }
 }

@@ -88,6 +88,11 @@ pub struct ModelSection {
     /// The precision the frozen base is loaded in.
     #[serde(default)]
     pub dtype: WeightDtype,
+    /// A GGUF base keeps its linear weights quantized (QLoRA-style: less
+    /// memory, 8-bit activations in those matmuls) unless this is true;
+    /// then it is dequantized to `dtype`. Other checkpoints ignore it.
+    #[serde(default)]
+    pub dequantize: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,6 +124,11 @@ pub struct TaskSection {
     /// (or 0): the dev set chooses, as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_split: Option<f64>,
+    /// `causal-lm` only: a JSONL file scored as the dev set (`task.data` is
+    /// then the training JSONL). Without it, the validation slice is
+    /// reported as the dev set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_data: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

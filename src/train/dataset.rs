@@ -6,8 +6,11 @@ use super::eval::EvalSet;
 use crate::data::batch::{encode_examples, encode_translation, Encoded, EncodedPair};
 use crate::data::locate::{locate_data, DataSource};
 use crate::data::{read_examples, read_parallel, Example, Task, TaskKind, TranslationPair};
+use crate::decoder::data::{read_lm_jsonl, LmExample, LmRow};
+use crate::decoder::{ChatTokenizer, Message};
 use crate::rng::SeededRng;
 use crate::Error;
+use std::path::Path;
 use tokenizers::Tokenizer;
 
 /// Tokenised training and evaluation data. `validation` is carved out of
@@ -25,19 +28,73 @@ pub(crate) enum Data {
         dev: Vec<EncodedPair>,
         dev_refs: Vec<String>,
     },
+    CausalLm {
+        train: Vec<LmExample>,
+        validation: Vec<LmExample>,
+        dev: Vec<LmExample>,
+    },
 }
 
 impl Data {
+    /// Reads, slices, splits and tokenises a decoder's JSONL data:
+    /// `task.data` trains (less the validation slice), `task.dev_data`
+    /// (else the validation slice) is the dev set. Rows whose every
+    /// predicted token was truncated away are dropped, and counted.
+    pub(super) fn load_causal_lm(
+        config: &TrainConfig,
+        text: &ChatTokenizer,
+    ) -> Result<Data, Error> {
+        let t = &config.task;
+        let rows = decoder_rows(config, &t.data, "newsdev2016")?;
+        let (train, validation) = training_examples(rows, config);
+        let wmt = Path::new(&t.data).join("newstest2016-enro.en").exists();
+        let dev = match &t.dev_data {
+            Some(path) => dev_examples(decoder_rows(config, path, "newstest2016")?, config),
+            None if wmt => dev_examples(decoder_rows(config, &t.data, "newstest2016")?, config),
+            None if !validation.is_empty() => validation.clone(),
+            None => {
+                return Err(format!(
+                    "task causal-lm needs a dev set: set task.dev_data = \"FILE.jsonl\" or task.validation_split (reading {})",
+                    t.data
+                )
+                .into())
+            }
+        };
+        let encode = |rows: &[LmRow], what: &str| -> Result<Vec<LmExample>, Error> {
+            let all = rows
+                .iter()
+                .map(|r| text.encode_row(r, t.max_len))
+                .collect::<Result<Vec<_>, _>>()?;
+            let kept: Vec<LmExample> = all.into_iter().filter(|e| e.predicted() > 0).collect();
+            if kept.len() < rows.len() {
+                eprintln!(
+                    "warning: {} of {} {what} rows have nothing left to predict within task.max_len = {} and are skipped",
+                    rows.len() - kept.len(),
+                    rows.len(),
+                    t.max_len
+                );
+            }
+            Ok(kept)
+        };
+        Ok(Data::CausalLm {
+            train: encode(&train, "training")?,
+            validation: encode(&validation, "validation")?,
+            dev: encode(&dev, "dev")?,
+        })
+    }
+
     /// Reads, slices, splits and tokenises the data `config` asks for.
     pub(super) fn load(
         task: &Task,
         config: &TrainConfig,
         tokenizer: &Tokenizer,
     ) -> Result<Data, Error> {
-        if task.kind == TaskKind::Translation {
-            Self::load_translation(task, config, tokenizer)
-        } else {
-            Self::load_classification(task, config, tokenizer)
+        match task.kind {
+            TaskKind::Translation => Self::load_translation(task, config, tokenizer),
+            TaskKind::CausalLm => Err(
+                "causal-lm data needs the decoder's chat tokenizer (Data::load_causal_lm)".into(),
+            ),
+            _ => Self::load_classification(task, config, tokenizer),
         }
     }
 
@@ -105,6 +162,7 @@ impl Data {
                 .iter()
                 .map(|e| e.source.len() + e.target.len())
                 .collect(),
+            Data::CausalLm { train, .. } => train.iter().map(|e| e.ids.len()).collect(),
         }
     }
 
@@ -116,6 +174,7 @@ impl Data {
                 pairs: dev,
                 refs: dev_refs,
             },
+            Data::CausalLm { dev, .. } => EvalSet::CausalLm(dev),
         }
     }
 
@@ -133,9 +192,40 @@ impl Data {
                 pairs: validation,
                 refs: validation_refs,
             }),
+            Data::CausalLm { validation, .. } if !validation.is_empty() => {
+                Some(EvalSet::CausalLm(validation))
+            }
             _ => None,
         }
     }
+}
+
+/// A decoder's rows from `data`: a JSONL file, or the WMT16 en-ro folder,
+/// whose `set` (newsdev2016 or newstest2016) becomes chat rows asking for a
+/// translation in `task.direction`.
+fn decoder_rows(config: &TrainConfig, data: &str, set: &str) -> Result<Vec<LmRow>, Error> {
+    let dir = Path::new(data);
+    if !dir.is_dir() {
+        return read_lm_jsonl(dir, false);
+    }
+    let pairs = read_parallel(
+        &dir.join(format!("{set}-enro.en")),
+        &dir.join(format!("{set}-enro.ro")),
+    )?;
+    let direction = config.task.direction;
+    // T5's prefix as a sentence: "Translate English to Romanian:".
+    let prefix = direction.t5_prefix().trim_end();
+    let instruction = format!("{}{}", prefix[..1].to_uppercase(), &prefix[1..]);
+    Ok(pairs
+        .iter()
+        .map(|p| {
+            let (source, target) = direction.split(p);
+            LmRow::Messages(vec![
+                Message::new("user", &format!("{instruction}\n{source}")),
+                Message::new("assistant", target),
+            ])
+        })
+        .collect())
 }
 
 /// The indices `0..n` in a seeded random order (Fisher–Yates on the stream

@@ -66,7 +66,7 @@ pub fn score_labels(
                 "spearman",
                 metrics::spearman(&scores(predictions), &scores(references)),
             ),
-            Metric::Bleu | Metric::Rouge => continue,
+            Metric::Bleu | Metric::Rouge | Metric::Loss | Metric::Perplexity => continue,
         };
         out.insert(name.to_string(), value);
     }
@@ -81,6 +81,8 @@ pub enum EvalSet<'a> {
         pairs: &'a [EncodedPair],
         refs: &'a [String],
     },
+    /// A decoder's tokenised rows, scored by loss and perplexity.
+    CausalLm(&'a [crate::decoder::data::LmExample]),
 }
 
 /// The task's metrics on `set`.
@@ -137,6 +139,15 @@ pub fn evaluate(
             scores.insert("rougeL".to_string(), rouge.map(|r| r.rouge_l));
             Ok(scores)
         }
+        (EvalSet::CausalLm(examples), TaskModel::Llama(m)) => {
+            let (nll, tokens) = crate::decoder::score_examples(m, examples, batch_size, pad_id)?;
+            let loss = (tokens > 0).then(|| nll / tokens as f64);
+            let mut scores = BTreeMap::new();
+            scores.insert("loss".to_string(), loss);
+            scores.insert("perplexity".to_string(), loss.map(f64::exp));
+            Ok(scores)
+        }
+        (EvalSet::CausalLm(_), _) => Err("causal-lm needs a Llama-family decoder".into()),
         _ => Err("translation needs a T5 model".into()),
     }
 }

@@ -28,6 +28,8 @@ use crate::data::batch::{
     collate_classification, collate_seq2seq, load_tokenizer, BatchPlan, Encoded, EncodedPair,
 };
 use crate::data::{task, Task, TaskKind};
+use crate::decoder::chat_tokenizer_for;
+use crate::decoder::data::{collate as collate_lm, LmExample};
 use crate::models::bert::sequence_classification_loss;
 use crate::models::task::{load_task_model, LoadedModel, TaskModel};
 use crate::Error;
@@ -132,8 +134,25 @@ impl<'a> Run<'a> {
         check_fresh_start(&out, options)?;
         let config_toml = write_config(&out, config)?;
         let (source_dir, adapter, loaded) = load_model(config, task, &device)?;
-        let tokenizer = load_tokenizer(&source_dir.join("tokenizer.json"))?;
-        let data = Data::load(task, config, &tokenizer)?;
+        let (tokenizer, data) = match (&loaded.model, task.kind) {
+            (TaskModel::Llama(m), TaskKind::CausalLm) => {
+                let (source, revision) = (&config.model.source, &config.model.revision);
+                let text = chat_tokenizer_for(source, Some(revision), m.config())?;
+                let data = Data::load_causal_lm(config, &text)?;
+                (text.tokenizer, data)
+            }
+            (_, TaskKind::CausalLm) => {
+                return Err("task causal-lm needs a Llama-family decoder (llama, mistral, qwen2 or a GGUF file)".into())
+            }
+            (TaskModel::Llama(_), _) => {
+                return Err(format!("a decoder trains on task causal-lm (JSONL text, prompt/completion or messages), not {}", task.name).into())
+            }
+            _ => {
+                let tokenizer = load_tokenizer(&source_dir.join("tokenizer.json"))?;
+                let data = Data::load(task, config, &tokenizer)?;
+                (tokenizer, data)
+            }
+        };
         let train_lengths = data.train_lengths();
         if train_lengths.is_empty() {
             return Err("no training examples".into());
@@ -155,7 +174,7 @@ impl<'a> Run<'a> {
             task,
             pad_id: loaded.pad_token_id(),
             metrics_log: open_metrics_log(&out, options.resume)?,
-            headline: format!("{:?}", task.metrics[0]).to_lowercase(),
+            headline: task.metrics[0].name(),
             device,
             out,
             config_toml,
@@ -366,7 +385,7 @@ impl<'a> Run<'a> {
         let value = chooser.get(&self.headline).copied().flatten();
         let best = &self.state.best;
         let improved = match (value, best.value) {
-            (Some(v), Some(b)) => v > b,
+            (Some(v), Some(b)) => self.task.metrics[0].improves(v, b),
             (Some(_), None) => true,
             _ => best.metrics.is_empty(),
         };
@@ -577,19 +596,22 @@ fn load_model(
     task: &Task,
     device: &Device,
 ) -> Result<(PathBuf, AdapterConfig, LoadedModel), Error> {
-    let source_dir = crate::models::loader::resolve_checkpoint_dir(
-        &config.model.source,
-        Some(&config.model.revision),
-    )?;
-    let config_json = std::fs::read_to_string(source_dir.join("config.json"))
-        .map_err(|e| format!("{}: {e}", source_dir.display()))?;
+    let (source_dir, config_json) =
+        crate::models::loader::read_config(&config.model.source, Some(&config.model.revision))?;
     let family = crate::models::presets::Family::from_config_json(&config_json)?;
     let gated = config_json.contains("gated-");
     let adapter = adapter_config(config, family, gated)?;
-    let factory = LinearFactory::new(adapter.clone())?;
+    let factory =
+        LinearFactory::new(adapter.clone())?.with_dequantized_base(config.model.dequantize);
     let dtype = config.model.dtype.dtype();
+    // A local spec as given (a .gguf file among several stays that file);
+    // a hub id as the folder it resolved to.
+    let spec = match Path::new(&config.model.source).exists() {
+        true => config.model.source.clone(),
+        false => source_dir.to_string_lossy().into_owned(),
+    };
     let loaded = load_task_model(
-        source_dir.to_str().unwrap_or_default(),
+        &spec,
         None,
         task.num_labels(),
         factory,
@@ -789,7 +811,12 @@ fn batch_loss(
             let b = collate_seq2seq(&items, pad_id, dev)?;
             m.loss(&b.input_ids, Some(&b.attention_mask), &b.labels, true)
         }
-        _ => candle::bail!("translation needs a T5 model"),
+        (Data::CausalLm { train, .. }, TaskModel::Llama(m)) => {
+            let items: Vec<&LmExample> = batch.iter().map(|&i| &train[i]).collect();
+            let (ids, mask, labels) = collate_lm(&items, pad_id, dev)?;
+            m.loss(&ids, Some(&mask), &labels, true)
+        }
+        _ => candle::bail!("translation needs a T5 model, causal-lm a decoder"),
     }
 }
 

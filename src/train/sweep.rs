@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::config::TrainConfig;
 use super::trainer::{train_with, TrainOptions, CHECKPOINT};
+use crate::data::Metric;
 use crate::Error;
 
 /// One swept key and its values, from `section.key=v1,v2,...`.
@@ -276,21 +277,26 @@ pub fn summarise(runs: &[SweepRun], headline: &str) -> Vec<SettingSummary> {
         .collect()
 }
 
-/// The index of the setting with the best mean validation metric; `None`
-/// when no run held out a validation slice (choosing on dev is not offered).
-pub fn chosen(summaries: &[SettingSummary]) -> Option<usize> {
-    summaries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.validation.map(|(m, _)| (i, m)))
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(i, _)| i)
+/// The index of the setting with the best mean validation `headline`
+/// (the highest, or the lowest for a loss); `None` when no run held out a
+/// validation slice (choosing on dev is not offered).
+pub fn chosen(summaries: &[SettingSummary], headline: &str) -> Option<usize> {
+    let metric = Metric::named(headline).unwrap_or(Metric::Accuracy);
+    let mut best: Option<(usize, f64)> = None;
+    for (i, s) in summaries.iter().enumerate() {
+        let Some((m, _)) = s.validation else { continue };
+        // Ties go to the later setting, as `max_by` did before.
+        if best.is_none_or(|(_, b)| !metric.improves(b, m)) {
+            best = Some((i, m));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// The sweep's Markdown table.
 pub fn markdown(runs: &[SweepRun], headline: &str) -> String {
     let summaries = summarise(runs, headline);
-    let pick = chosen(&summaries);
+    let pick = chosen(&summaries, headline);
     let cell = |v: Option<(f64, f64)>| v.map_or("–".into(), |(m, s)| format!("{m:.4} ± {s:.4}"));
     let mut out = format!(
         "| setting | seeds | validation {headline} | dev {headline} | trainable | train s (mean) |\n\
@@ -323,7 +329,7 @@ pub fn write_sweep(dir: &Path, runs: &[SweepRun], headline: &str) -> Result<(), 
     let summaries = summarise(runs, headline);
     let json = serde_json::to_string_pretty(&serde_json::json!({
         "headline": headline,
-        "chosen": chosen(&summaries).map(|i| &summaries[i].setting),
+        "chosen": chosen(&summaries, headline).map(|i| &summaries[i].setting),
         "settings": summaries,
         "runs": runs,
     }))
@@ -379,7 +385,21 @@ mod tests {
         assert_eq!(s[0].seeds, 2);
         let (m, sd) = s[0].validation.unwrap();
         assert!((m - 0.25).abs() < 1e-12 && (sd - 0.0707106781).abs() < 1e-9);
-        assert_eq!(chosen(&s), Some(0));
+        assert_eq!(chosen(&s, "mcc"), Some(0));
         assert!(markdown(&runs, "mcc").contains("optim.lr=1e-3 **(chosen)**"));
+    }
+
+    /// A decoder sweep's headline is a loss: the lowest validation wins.
+    #[test]
+    fn a_loss_headline_chooses_the_lowest() {
+        let rename = |mut r: SweepRun| {
+            r.validation = [("loss".to_string(), r.validation["mcc"])].into();
+            r
+        };
+        let runs = vec![
+            rename(run("1e-3", 1, 2.5, 0.0)),
+            rename(run("1e-2", 1, 1.5, 0.0)),
+        ];
+        assert_eq!(chosen(&summarise(&runs, "loss"), "loss"), Some(1));
     }
 }

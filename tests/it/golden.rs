@@ -60,7 +60,7 @@ fn encoder_classifiers_match_transformers_logits() -> Result<()> {
                 false,
             )?,
             TaskModel::Roberta(m) => m.forward_t(&ids, Some(&mask), false)?,
-            TaskModel::T5(_) => unreachable!(),
+            TaskModel::T5(_) | TaskModel::Llama(_) => unreachable!(),
         };
         let err = max_abs_diff(&logits, &tensor_f32(&case["logits"])?)?;
         eprintln!("{fixture}: max |logits - transformers| = {err:e}");

@@ -234,7 +234,7 @@ fn one_step_moves_every_trainable_and_no_frozen_tensor() -> Result<()> {
         };
         let frozen_values = || -> Result<Vec<Vec<f32>>> {
             [
-                mini.weight(),
+                &mini.weight()?,
                 mini.bias().unwrap(),
                 mini.a_aux(),
                 mini.b_aux(),

@@ -7,11 +7,14 @@ mod cli;
 mod common;
 #[cfg(feature = "data")]
 mod data;
+#[cfg(feature = "cli")]
+mod decoder_cli;
 mod examples;
 mod files;
 mod golden;
 mod layers;
 mod layout;
+mod llama;
 mod loading;
 mod merged;
 mod metrics;

@@ -25,7 +25,7 @@ fn load(dir: &str, family: Family, adapted: bool) -> Result<LoadedModel> {
     let labels = match family {
         Family::Bert => Some(2),
         Family::Roberta => Some(3),
-        Family::T5 => None,
+        Family::T5 | Family::Llama => None,
     };
     load_task_model(dir, None, labels, factory, DType::F32, &Device::Cpu, 5)
 }
@@ -46,6 +46,12 @@ fn outputs(model: &TaskModel) -> Result<Tensor> {
             let ids = Tensor::new(&[[5u32, 17, 42, 8, 1]], &dev)?;
             m.forward_t(&ids, None, &Tensor::new(&[[0u32, 7, 22]], &dev)?, false)
         }
+        TaskModel::Llama(m) => m.forward_t(
+            &Tensor::new(&[[1u32, 17, 42, 8, 3]], &dev)?,
+            None,
+            None,
+            false,
+        ),
     }
 }
 
@@ -55,6 +61,8 @@ fn merged_checkpoints_reproduce_model_plus_adapter() -> Result<()> {
         ("bert-2", Family::Bert),
         ("roberta-3", Family::Roberta),
         ("t5-v1_0", Family::T5),
+        ("llama-gqa", Family::Llama),
+        ("qwen2-bias", Family::Llama),
     ] {
         let dir = format!("{}/tests/fixtures/{fixture}", env!("CARGO_MANIFEST_DIR"));
         let adapted = load(&dir, family, true)?;

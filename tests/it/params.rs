@@ -216,3 +216,48 @@ fn shapes_list_the_linears_the_model_builds() -> Result<()> {
     assert_eq!(shapes.count(&all)?.total, in_file);
     Ok(())
 }
+
+/// Decoders: totals as published, LoRA r=8 on all linears as PEFT prints
+/// it for Llama 3 8B (20,971,520), and SmolLM2's count as the loaded GGUF
+/// has it; the shapes agree with the model built from the real file.
+#[test]
+fn decoder_counts_match_published_figures_and_the_loaded_model() -> Result<()> {
+    use lora_mini::models::llama::LlamaConfig;
+    use lora_mini::models::shapes::llama_causal_lm;
+    let count = |text: &str, method: Method| -> Result<(usize, usize)> {
+        let c = LlamaConfig::from_json(text)?;
+        let adapter = AdapterConfig::new(method, &[]);
+        let adapter = AdapterConfig {
+            targets: resolve_targets(Family::Llama, "dense+attention", false)?,
+            ..adapter
+        };
+        let n = llama_causal_lm(&c).count(&adapter)?;
+        Ok((n.trainable, n.total))
+    };
+    let fixture = |name: &str| {
+        std::fs::read_to_string(format!(
+            "{}/tests/fixtures/model-configs/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+    };
+    let lora = || Method::Lora(LoraConfig::new(8));
+    let mini = || Method::LoraMini(LoraMiniConfig::new(8, 64, 64));
+    let llama = fixture("llama-3.1-8b")?;
+    assert_eq!(count(&llama, lora())?, (20_971_520, 8_030_261_248));
+    assert_eq!(count(&llama, mini())?.0, 32 * 7 * 8 * (64 + 64));
+    let mistral = fixture("mistral-7b-v0.1")?;
+    assert_eq!(count(&mistral, lora())?, (20_971_520, 7_241_732_096));
+    let smol = std::fs::read_to_string(shared("models/SmolLM2-135M-Instruct-GGUF/config.json"))?;
+    let (_, total) = count(&smol, mini())?;
+    let gguf = lora_mini::models::gguf::GgufFile::open(shared(
+        "models/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ))?;
+    let loaded: usize = gguf
+        .quantized(&Device::Cpu)?
+        .values()
+        .map(|t| t.shape().elem_count())
+        .sum();
+    assert_eq!(total, loaded);
+    assert_eq!(total, 134_515_008);
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The frozen layer every adapter is built on: a dense weight, or a
+//! quantized one (a GGUF base, QLoRA-style) that stays in its block format
+//! in memory and is multiplied by Candle's quantized matmul.
+
+use std::sync::Arc;
+
+use candle::quantized::QTensor;
+use candle::{DType, Device, Result, Tensor};
+use candle_nn::Linear;
+
+use super::matmul::linear_fwd;
+use crate::kernels::quantized_matmul::quantized_matmul;
+
+/// A frozen `(d_out, d_in)` weight.
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    /// Kept quantized; the forward pass runs Candle's quantized matmul and
+    /// the backward reaches the input through the weight dequantized a band
+    /// of rows at a time (the weight itself gets no gradient).
+    Quantized(Arc<QTensor>),
+}
+
+impl BaseWeight {
+    /// `(d_out, d_in)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(w) => w.dims2(),
+            Self::Quantized(q) => q.shape().dims2(),
+        }
+    }
+
+    /// The dtype the layer computes in: the weight's, or f32 for a
+    /// quantized weight (its activations and adapters are f32).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(w) => w.dtype(),
+            Self::Quantized(_) => DType::F32,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Dense(w) => w.device().clone(),
+            Self::Quantized(q) => q.device(),
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized(_))
+    }
+
+    /// The weight as a dense tensor: itself, or dequantized to f32 (a new
+    /// copy of this one layer, for merging, export or an SVD).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => Ok(w.clone()),
+            Self::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+
+    /// `x·Wᵀ` over the last dimension of `xs`.
+    pub fn matmul_t(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => linear_fwd(xs, w, None),
+            Self::Quantized(q) => quantized_matmul(xs, q),
+        }
+    }
+}
+
+/// A frozen linear layer `y = x·Wᵀ + b` over a [`BaseWeight`].
+#[derive(Clone, Debug)]
+pub struct BaseLinear {
+    weight: BaseWeight,
+    bias: Option<Tensor>,
+}
+
+impl BaseLinear {
+    pub fn new(weight: BaseWeight, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn weight(&self) -> &BaseWeight {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `(d_out, d_in)`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        self.weight.dims2()
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match (&self.weight, &self.bias) {
+            (BaseWeight::Dense(w), bias) => linear_fwd(xs, w, bias.as_ref()),
+            (BaseWeight::Quantized(_), None) => self.weight.matmul_t(xs),
+            (BaseWeight::Quantized(_), Some(b)) => self.weight.matmul_t(xs)?.broadcast_add(b),
+        }
+    }
+
+    /// A plain candle-nn layer with the weight dense (dequantized if it
+    /// was quantized).
+    pub fn to_linear(&self) -> Result<Linear> {
+        Ok(Linear::new(self.weight.to_dense()?, self.bias.clone()))
+    }
+}
+
+impl From<Linear> for BaseLinear {
+    fn from(layer: Linear) -> Self {
+        Self::new(
+            BaseWeight::Dense(layer.weight().clone()),
+            layer.bias().cloned(),
+        )
+    }
+}
+
+impl From<&Linear> for BaseLinear {
+    fn from(layer: &Linear) -> Self {
+        Self::new(
+            BaseWeight::Dense(layer.weight().clone()),
+            layer.bias().cloned(),
+        )
+    }
+}
+
+impl From<&BaseLinear> for BaseLinear {
+    fn from(layer: &BaseLinear) -> Self {
+        layer.clone()
+    }
+}

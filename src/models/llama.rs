@@ -1,0 +1,642 @@
+//! The Llama family of decoders (Hugging Face `LlamaForCausalLM` layout,
+//! which Mistral, Qwen2 and SmolLM2 share) with every linear layer built
+//! through the adapter factory under its Hugging Face path:
+//! `model.layers.N.self_attn.{q,k,v,o}_proj`,
+//! `model.layers.N.mlp.{gate,up,down}_proj` and `lm_head`.
+
+use candle::{DType, Device, IndexOp, Module, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::loss::rows_cross_entropy;
+use crate::adapter::AdaptedLinear;
+use crate::nn::ops::sdpa;
+use crate::nn::rotary_emb::rope;
+use crate::nn::{embedding, linear_b, rms_norm, Activation, Embedding, RmsNorm, VarBuilder};
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_act() -> Activation {
+    Activation::Silu
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// `eos_token_id`: one id, or several (Llama 3.1 lists three).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// `rope_scaling`: the kinds transformers' Llama applies to its inverse
+/// frequencies. Others (`yarn`, `dynamic`...) are refused by name.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default = "one")]
+    pub factor: f64,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The fields of a Hugging Face Llama, Mistral or Qwen2 `config.json` this
+/// crate reads; others are ignored.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct LlamaConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Mistral-Nemo and Qwen3 set it; otherwise `hidden_size / heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama's switch for a bias on q, k, v and o (Qwen2 has q, k and v
+    /// biases without it).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Mistral's sliding attention window; sequences longer than it are
+    /// refused, since only full attention is implemented.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2 states whether its `sliding_window` applies.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+/// The `model_type`s this module reads.
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "smollm2"];
+
+impl LlamaConfig {
+    /// Reads a `config.json`, in transformers 4's layout (`rope_theta`,
+    /// `rope_scaling`) or 5's (`rope_parameters`).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let bad = |e: serde_json::Error| candle::Error::msg(format!("Llama config: {e}"));
+        let mut value: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+        lift_rope_parameters(&mut value);
+        let config: Self = serde_json::from_value(value).map_err(bad)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if let Some(t) = self.model_type.as_deref() {
+            if !MODEL_TYPES.contains(&t) {
+                candle::bail!("model_type {t:?} is not a Llama-family decoder ({MODEL_TYPES:?})");
+            }
+        }
+        let heads = self.num_attention_heads;
+        if heads == 0 || heads % self.num_kv_heads() != 0 {
+            candle::bail!(
+                "num_attention_heads {heads} is not a multiple of num_key_value_heads {}",
+                self.num_kv_heads()
+            );
+        }
+        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+            candle::bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {heads}",
+                self.hidden_size
+            );
+        }
+        if self.head_dim() % 2 != 0 {
+            candle::bail!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim()
+            );
+        }
+        if let Some(s) = &self.rope_scaling {
+            if !matches!(s.rope_type.as_str(), "default" | "linear" | "llama3") {
+                candle::bail!(
+                    "rope_scaling type {:?} is not supported (default, linear, llama3)",
+                    s.rope_type
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q, k and v carry a bias: Llama's `attention_bias`, or Qwen2.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type.as_deref() == Some("qwen2")
+    }
+
+    /// The attention window beyond which a sequence is refused, if any.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.model_type.as_deref() {
+            Some("qwen2") if self.use_sliding_window != Some(true) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The end-of-sequence ids (none when the config names none).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::ids)
+            .unwrap_or_default()
+    }
+
+    /// RoPE inverse frequencies, `rope_scaling` applied as transformers'
+    /// `ROPE_INIT_FUNCTIONS` does.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let dim = self.head_dim();
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / dim as f64))
+            .collect();
+        match &self.rope_scaling {
+            Some(s) if s.rope_type == "linear" => base.iter().map(|f| f / s.factor).collect(),
+            Some(s) if s.rope_type == "llama3" => llama3_inv_freq(&base, s),
+            _ => base,
+        }
+    }
+}
+
+/// transformers 5 keeps `rope_theta` and the scaling in one
+/// `rope_parameters` object; moves them where transformers 4 had them.
+fn lift_rope_parameters(config: &mut serde_json::Value) {
+    let Some(params) = config.get("rope_parameters").cloned() else {
+        return;
+    };
+    if let Some(theta) = params.get("rope_theta") {
+        config["rope_theta"] = theta.clone();
+    }
+    let kind = params.get("rope_type").and_then(|t| t.as_str());
+    if kind.is_some_and(|t| t != "default") {
+        config["rope_scaling"] = params;
+    }
+}
+
+/// Llama 3.1's frequency-dependent scaling: long wavelengths divided by
+/// `factor`, short ones kept, the band between interpolated.
+fn llama3_inv_freq(base: &[f64], s: &RopeScaling) -> Vec<f64> {
+    let low = s.low_freq_factor.unwrap_or(1.0);
+    let high = s.high_freq_factor.unwrap_or(4.0);
+    let old_len = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+    let (low_wavelen, high_wavelen) = (old_len / low, old_len / high);
+    base.iter()
+        .map(|&f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth = (old_len / wavelen - low) / (high - low);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+/// Cached keys and values per layer, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// How many positions the cache holds.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let kv = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// Positions `offset..offset + seq` of the rotary tables, `(seq, dim / 2)`.
+#[derive(Clone, Debug)]
+struct Rotary {
+    inv_freq: Vec<f64>,
+}
+
+impl Rotary {
+    fn cos_sin(
+        &self,
+        offset: usize,
+        seq: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        // f32 angles, as transformers computes them (its inv_freq is f32).
+        let angles: Vec<f32> = (offset..offset + seq)
+            .flat_map(|p| self.inv_freq.iter().map(move |f| p as f32 * (*f as f32)))
+            .collect();
+        let angles = Tensor::from_vec(angles, (seq, half), dev)?;
+        Ok((
+            angles.cos()?.to_dtype(dtype)?,
+            angles.sin()?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q_proj: AdaptedLinear,
+    k_proj: AdaptedLinear,
+    v_proj: AdaptedLinear,
+    o_proj: AdaptedLinear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, c: &LlamaConfig) -> Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_dim());
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_kv_heads());
+        Ok(Self {
+            q_proj: linear_b(h, heads * d, c.qkv_bias(), vb.pp("q_proj"))?,
+            k_proj: linear_b(h, kv_heads * d, c.qkv_bias(), vb.pp("k_proj"))?,
+            v_proj: linear_b(h, kv_heads * d, c.qkv_bias(), vb.pp("v_proj"))?,
+            o_proj: linear_b(heads * d, h, c.attention_bias, vb.pp("o_proj"))?,
+            heads,
+            kv_heads,
+            head_dim: d,
+        })
+    }
+
+    /// `(B, T, heads * d)` to `(B, heads, T, d)`.
+    fn split(&self, xs: Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        xs.reshape((b, t, heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        step: &Step,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let q = self.split(self.q_proj.forward_t(xs, step.train)?, self.heads)?;
+        let k = self.split(self.k_proj.forward_t(xs, step.train)?, self.kv_heads)?;
+        let v = self.split(self.v_proj.forward_t(xs, step.train)?, self.kv_heads)?;
+        let q = rope(&q, &step.cos, &step.sin)?;
+        let k = rope(&k, &step.cos, &step.sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let ys = sdpa(&q, &k, &v, step.mask.as_ref(), false, scale, 1.0)?;
+        let ys = ys
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
+        self.o_proj.forward_t(&ys, step.train)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    gate_proj: AdaptedLinear,
+    up_proj: AdaptedLinear,
+    down_proj: AdaptedLinear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(vb: VarBuilder, c: &LlamaConfig) -> Result<Self> {
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(Self {
+            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"))?,
+            up_proj: linear_b(h, i, bias, vb.pp("up_proj"))?,
+            down_proj: linear_b(i, h, bias, vb.pp("down_proj"))?,
+            act: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward_t(xs, train)?)?;
+        let hidden = (gate * self.up_proj.forward_t(xs, train)?)?;
+        self.down_proj.forward_t(&hidden, train)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(vb: VarBuilder, c: &LlamaConfig) -> Result<Self> {
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: rms_norm(h, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(vb.pp("self_attn"), c)?,
+            post_attention_layernorm: rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(vb.pp("mlp"), c)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        step: &Step,
+        layer: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let attn =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, step, layer, cache)?;
+        let xs = (xs + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?, step.train)?;
+        xs + mlp
+    }
+}
+
+/// What every layer of one forward pass shares.
+struct Step {
+    cos: Tensor,
+    sin: Tensor,
+    /// The additive causal and padding mask, broadcastable to
+    /// `(B, heads, T, kv_len)`; built once per forward, not per layer.
+    mask: Option<Tensor>,
+    train: bool,
+}
+
+/// `LlamaForCausalLM` (and `MistralForCausalLM`, `Qwen2ForCausalLM`).
+#[derive(Clone, Debug)]
+pub struct LlamaForCausalLM {
+    config: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: AdaptedLinear,
+    rotary: Rotary,
+}
+
+impl LlamaForCausalLM {
+    /// `vb` is the checkpoint root (`model.*`, and `lm_head` unless the
+    /// embeddings are tied). A tied `lm_head` starts from the embedding
+    /// table and goes through the factory like any other linear.
+    pub fn new(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
+        config.validate()?;
+        let m = vb.pp("model");
+        let embed_tokens = embedding(config.vocab_size, config.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(m.pp("layers").pp(i), config))
+            .collect::<Result<_>>()?;
+        let norm = rms_norm(config.hidden_size, config.rms_norm_eps, m.pp("norm"))?;
+        let own_head =
+            vb.contains_tensor("lm_head.weight") || vb.factory().has_quantized("lm_head.weight");
+        let lm_head = if config.tie_word_embeddings && !own_head {
+            let tied = candle_nn::Linear::new(embed_tokens.embeddings().clone(), None);
+            vb.factory().build("lm_head", &tied)?
+        } else {
+            linear_b(
+                config.hidden_size,
+                config.vocab_size,
+                false,
+                vb.pp("lm_head"),
+            )?
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary {
+                inv_freq: config.inv_freq(),
+            },
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.embeddings().device().clone()
+    }
+
+    /// Logits `(B, T, vocab)` for `input_ids (B, T)`. `attention_mask`
+    /// `(B, kv_len)` marks real tokens with 1 (right padding in training;
+    /// it covers the cached positions too); `cache`, when given, holds the
+    /// earlier positions and receives these.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, cache, train)?;
+        self.lm_head.forward_t(&hidden, train)
+    }
+
+    /// The final normalised hidden states `(B, T, hidden)`, before
+    /// `lm_head` (see [`Self::forward_t`] for the arguments).
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (_, t) = input_ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        self.check_length(offset + t)?;
+        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let (cos, sin) = self.rotary.cos_sin(offset, t, xs.dtype(), xs.device())?;
+        let mask = attention_bias(attention_mask, offset, t, xs.dtype(), xs.device())?;
+        let step = Step {
+            cos,
+            sin,
+            mask,
+            train,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, &step, i, cache.as_deref_mut())?;
+        }
+        self.norm.forward(&xs)
+    }
+
+    fn check_length(&self, len: usize) -> Result<()> {
+        if let Some(window) = self.config.attention_window().filter(|w| len > *w) {
+            candle::bail!("a sequence of {len} tokens is longer than the sliding attention window of {window}, which is not implemented");
+        }
+        if let Some(max) = self.config.max_position_embeddings.filter(|m| len > *m) {
+            candle::bail!("a sequence of {len} tokens is longer than the model's context of {max}");
+        }
+        Ok(())
+    }
+
+    /// Mean cross-entropy of each next token against `labels (B, T)`
+    /// (aligned with `input_ids`, `-100` where no loss falls), as
+    /// transformers' `LlamaForCausalLM(labels=...)` shifts and computes it.
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, None, train)?;
+        let (b, t, h) = hidden.dims3()?;
+        if t < 2 {
+            candle::bail!("a causal LM loss needs at least 2 tokens per row");
+        }
+        // Position i predicts token i + 1. Only the positions with a label
+        // go through lm_head: its (rows, vocab) logits are the largest
+        // tensors of a step, and prompts and padding need none.
+        let next: Vec<i64> = labels
+            .narrow(1, 1, t - 1)?
+            .to_dtype(DType::I64)?
+            .flatten_all()?
+            .to_vec1()?;
+        let (rows, targets): (Vec<u32>, Vec<u32>) = next
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l != -100)
+            .map(|(i, l)| (((i / (t - 1)) * t + i % (t - 1)) as u32, *l as u32))
+            .unzip();
+        if rows.is_empty() {
+            candle::bail!("every label is -100: nothing to compute a loss on");
+        }
+        let n = rows.len();
+        let dev = hidden.device();
+        let picked = hidden
+            .reshape((b * t, h))?
+            .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+        rows_cross_entropy(&self.lm_head.forward_t(&picked, train)?, targets)
+    }
+
+    /// The next-token logits `(vocab)` after `tokens` (one sequence), with
+    /// `cache` holding what came before them.
+    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, &self.device())?.unsqueeze(0)?;
+        let hidden = self.hidden_states(&ids, None, Some(cache), false)?;
+        let last = hidden.i((.., tokens.len() - 1..tokens.len(), ..))?;
+        self.lm_head
+            .forward_t(&last, false)?
+            .i((0, 0))?
+            .to_dtype(DType::F32)
+    }
+}
+
+/// The additive mask of `t` queries at positions `offset..offset + t`:
+/// `-inf` on future keys and on padding keys (`attention_mask` 0), else 0.
+/// `None` when nothing is masked (one query, no padding).
+fn attention_bias(
+    attention_mask: Option<&Tensor>,
+    offset: usize,
+    t: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let kv = offset + t;
+    let causal = if t > 1 {
+        let bias: Vec<f32> = (0..t)
+            .flat_map(|i| {
+                (0..kv).map(move |j| {
+                    if j <= i + offset {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        Some(Tensor::from_vec(bias, (1, 1, t, kv), dev)?.to_dtype(dtype)?)
+    } else {
+        None
+    };
+    let padding = attention_mask.map(|m| padding_mask(m, dtype)).transpose()?;
+    Ok(match (causal, padding) {
+        (Some(c), Some(p)) => Some(c.broadcast_add(&p)?),
+        (c, p) => c.or(p),
+    })
+}
+
+/// `0` where `mask` is 1 and `-inf` where it is 0, shaped `(B, 1, 1, kv)`.
+fn padding_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let keep = mask.to_dtype(DType::U8)?;
+    let zeros = Tensor::zeros(keep.shape(), dtype, mask.device())?;
+    let blocked = Tensor::new(f32::NEG_INFINITY, mask.device())?
+        .to_dtype(dtype)?
+        .broadcast_as(keep.shape())?;
+    keep.where_cond(&zeros, &blocked)?
+        .unsqueeze(1)?
+        .unsqueeze(1)
+}

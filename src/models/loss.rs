@@ -1,0 +1,32 @@
+//! The token-level cross-entropy every generative model here trains on.
+
+use candle::{DType, Result, Tensor, D};
+
+/// Mean token cross-entropy of `logits (B, T, V)` against `labels (B, T)`,
+/// skipping `-100`.
+pub fn token_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let labels: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+    let keep: Vec<u32> = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != -100)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if keep.is_empty() {
+        candle::bail!("every label is -100: nothing to compute a loss on");
+    }
+    let targets: Vec<u32> = keep.iter().map(|&i| labels[i as usize] as u32).collect();
+    let rows = Tensor::from_vec(keep, targets.len(), logits.device())?;
+    let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
+    rows_cross_entropy(&picked, targets)
+}
+
+/// Mean cross-entropy of `logits (n, V)`, one row per scored token, against
+/// its `targets` (computed in f32).
+pub fn rows_cross_entropy(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
+    let n = targets.len();
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (n, 1), logits.device())?;
+    logp.gather(&targets, 1)?.mean_all()?.neg()
+}
