@@ -37,11 +37,21 @@ fn temp(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// The dequantized base, which answers as transformers does; the default
+/// quantized base answers as candle-transformers' quantized_llama does
+/// (see `predict_writes_completions_for_prompts_and_messages`).
 #[test]
 fn chat_answers_keeps_the_conversation_resets_and_ends_at_eof() {
     let input = "What is the capital of France?\n/reset\nWhat is the capital of France?\n";
     let (ok, stdout, stderr) = run(
-        &["chat", "--model", SMOLLM, "--max-new-tokens", "24"],
+        &[
+            "chat",
+            "--model",
+            SMOLLM,
+            "--dequantize",
+            "--max-new-tokens",
+            "24",
+        ],
         input,
     );
     assert!(ok, "{stderr}");
@@ -64,6 +74,7 @@ fn chat_stops_at_a_stop_string_and_samples_repeatably() {
             "chat",
             "--model",
             SMOLLM,
+            "--dequantize",
             "--stop",
             " is",
             "--max-new-tokens",
@@ -106,31 +117,42 @@ fn predict_writes_completions_for_prompts_and_messages() {
         ),
     );
     let output = input.with_file_name("out.jsonl");
-    let args = [
-        "predict",
-        "--model",
-        SMOLLM,
-        "--task",
-        "causal-lm",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--max-new-tokens",
-        "24",
-    ];
-    let (ok, _, stderr) = run(&args, "");
-    assert!(ok, "{stderr}");
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rows[0]["completion"], "The capital of France is Paris.");
-    assert_eq!(rows.len(), 2);
+    let predict = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "predict",
+            "--model",
+            SMOLLM,
+            "--task",
+            "causal-lm",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--max-new-tokens",
+            "24",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = run(&args, "");
+        assert!(ok, "{stderr}");
+        std::fs::read_to_string(&output)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let row: serde_json::Value = serde_json::from_str(l).unwrap();
+                row["completion"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let dequantized = predict(&["--dequantize"]);
+    assert_eq!(dequantized.len(), 2);
+    assert_eq!(dequantized[0], "The capital of France is Paris.");
+    assert!(dequantized[1].contains("Paris"), "{dequantized:?}");
+    // The default quantized base (Q4_1 weights, 8-bit activations) starts
+    // as candle-transformers' quantized_llama does on this prompt.
+    let quantized = predict(&[]);
     assert!(
-        rows[1]["completion"].as_str().unwrap().contains("Paris"),
-        "{rows:?}"
+        quantized[0].starts_with("L'Étoile, la Mar"),
+        "{quantized:?}"
     );
 }
 
@@ -186,6 +208,15 @@ fn decoder_input_errors_are_one_line_and_name_the_place() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(
         stderr.contains("bad.jsonl:2:") && stderr.contains("\"prompt\" must be a string"),
+        "{stderr}"
+    );
+
+    // A quantized base computes in f32: another dtype needs --dequantize.
+    let (ok, _, stderr) = run(&["chat", "--model", SMOLLM, "--dtype", "bf16"], "");
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("SmolLM2-135M-Instruct-GGUF") && stderr.contains("--dequantize"),
         "{stderr}"
     );
 
