@@ -83,7 +83,8 @@ pub(crate) fn quantized_base(
             ckpt.dir.display()
         );
     }
-    Ok(factory.with_quantized_weights(std::mem::take(&mut ckpt.quantized)))
+    // The checkpoint keeps its handles (for counts); the tensors are shared.
+    Ok(factory.with_quantized_weights(ckpt.quantized.clone()))
 }
 
 pub fn load_task_model(

@@ -637,12 +637,17 @@ fn load_model(
 
 /// The parameter count of the checkpoint the model was built from.
 fn base_parameters(loaded: &LoadedModel) -> usize {
-    loaded
-        .checkpoint
-        .tensors
-        .values()
-        .map(|t| t.elem_count())
-        .sum()
+    let ckpt = &loaded.checkpoint;
+    let dense: usize = ckpt.tensors.values().map(|t| t.elem_count()).sum();
+    // A tied head held quantized is the embedding table again.
+    let tied = matches!(&loaded.model, TaskModel::Llama(m) if m.config().tie_word_embeddings);
+    let quantized: usize = ckpt
+        .quantized
+        .iter()
+        .filter(|(name, _)| !(tied && name.as_str() == "lm_head.weight"))
+        .map(|(_, q)| q.shape().elem_count())
+        .sum();
+    dense + quantized
 }
 
 /// AdamW over the trainable tensors, with the head and adapter groups
