@@ -138,6 +138,14 @@ pub struct ChatArgs {
 
 pub fn run_chat(args: &ChatArgs) -> Result<(), Error> {
     let decoder = load(&args.model)?;
+    let gguf = lora_mini::models::loader::gguf_file_of(&args.model.model)?;
+    if gguf.is_some() && !args.model.dequantize {
+        // Said once, because the two bases can answer differently.
+        eprintln!(
+            "{}: linear weights kept quantized (8-bit activations when decoding); --dequantize loads them as f32",
+            args.model.model
+        );
+    }
     let template = decoder.text.chat_template()?.clone();
     let options = args.sampling.options(args.max_new_tokens);
     let fresh = || -> Vec<Message> {

@@ -65,6 +65,7 @@ fn chat_answers_keeps_the_conversation_resets_and_ends_at_eof() {
         "{stdout}"
     );
     assert!(stderr.contains("(new conversation)"), "{stderr}");
+    assert!(!stderr.contains("kept quantized"), "{stderr}");
 }
 
 #[test]
@@ -98,6 +99,7 @@ fn chat_stops_at_a_stop_string_and_samples_repeatably() {
         ];
         let (ok, stdout, stderr) = run(&args, "Tell me a story.\n");
         assert!(ok, "{stderr}");
+        assert!(stderr.contains("kept quantized"), "{stderr}");
         stdout
     };
     let first = sample("3");
