@@ -205,11 +205,7 @@ pub fn run_predict(
 ) -> Result<(), Error> {
     let decoder = load(args)?;
     let rows = read_lm_jsonl(input, true)?;
-    let progress = indicatif::ProgressBar::new(rows.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("predicting [{bar:30}] {pos}/{len} ({eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let progress = progress_bar(rows.len(), "predicting");
     let mut lines = Vec::new();
     for (i, row) in rows.iter().enumerate() {
         let prompt = decoder.text.encode_prompt(row)?;
@@ -257,4 +253,14 @@ pub fn run_eval(
         );
     }
     Ok(())
+}
+
+/// A progress bar over `len` units of `what` (on stderr).
+pub fn progress_bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let template = format!("{what} [{{bar:30}}] {{pos}}/{{len}} ({{eta}})");
+    indicatif::ProgressBar::new(len as u64).with_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .expect("a valid template")
+            .progress_chars("=> "),
+    )
 }

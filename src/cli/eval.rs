@@ -1,6 +1,7 @@
 //! `lora-mini eval` and `lora-mini predict`: a model, optionally with an
 //! adapter, on a task's data.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -16,12 +17,13 @@ use lora_mini::data::batch::{
 };
 use lora_mini::data::error::{lines, read_text};
 use lora_mini::data::{
-    read_examples, read_parallel, read_translation_jsonl, task, Direction, Task, TaskKind,
+    read_examples, read_parallel, read_translation_jsonl, task, Direction, Example, Task, TaskKind,
     TranslationPair,
 };
+use lora_mini::decoder::instructions::{self, InstructionSet};
 use lora_mini::models::task::{load_task_model, LoadedModel, TaskModel};
 use lora_mini::train::config::{DeviceChoice, WeightDtype};
-use lora_mini::train::eval::{evaluate, EvalSet};
+use lora_mini::train::eval::{evaluate, evaluate_decoder, EvalSet};
 use lora_mini::train::trainer::classify_batch;
 
 /// The model (with the adapter applied) on the device `args` names, its
@@ -214,6 +216,9 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
             args.json,
         );
     }
+    if lora_mini::decoder::is_decoder(&args.common.model)? {
+        return run_decoder_eval(args);
+    }
     let Session {
         loaded,
         tokenizer,
@@ -238,26 +243,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
             pairs.iter().map(|p| p.ro.clone()).collect(),
         )
     } else {
-        let path = match &args.data {
-            Some(d) if d.is_dir() => d.join(format!("{}.tsv", args.split)),
-            Some(f) => f.clone(),
-            None => {
-                let split = if args.split == "dev" {
-                    task.dev_splits[0]
-                } else {
-                    args.split.as_str()
-                };
-                lora_mini::data::parquet::fetch_split(task, split, None)?
-            }
-        };
-        let examples = read_examples(task, &path)?;
-        if examples.iter().any(|e| e.label.is_none()) {
-            return Err(format!(
-                "{}: has unlabelled rows; eval needs labels (use predict)",
-                path.display()
-            )
-            .into());
-        }
+        let examples = eval_examples(task, args.data.as_deref(), &args.split)?;
         (
             EvalData::Classification(encode_examples(&tokenizer, &examples, max_len)?),
             Vec::new(),
@@ -277,13 +263,43 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
         loaded.pad_token_id(),
         &device,
     )?;
-    if args.json {
+    print_scores(&scores, args.json)
+}
+
+/// The labelled examples of a classification or regression task that
+/// `eval` reads: `SPLIT.tsv` in a folder, one file, or the hub's split.
+fn eval_examples(task: &Task, data: Option<&Path>, split: &str) -> Result<Vec<Example>, Error> {
+    let path = match data {
+        Some(d) if d.is_dir() => d.join(format!("{split}.tsv")),
+        Some(f) => f.to_path_buf(),
+        None => {
+            let split = if split == "dev" {
+                task.dev_splits[0]
+            } else {
+                split
+            };
+            lora_mini::data::parquet::fetch_split(task, split, None)?
+        }
+    };
+    let examples = read_examples(task, &path)?;
+    if examples.iter().any(|e| e.label.is_none()) {
+        return Err(format!(
+            "{}: has unlabelled rows; eval needs labels (use predict)",
+            path.display()
+        )
+        .into());
+    }
+    Ok(examples)
+}
+
+fn print_scores(scores: &BTreeMap<String, Option<f64>>, as_json: bool) -> Result<(), Error> {
+    if as_json {
         println!(
             "{}",
-            serde_json::to_string(&scores).map_err(|e| e.to_string())?
+            serde_json::to_string(scores).map_err(|e| e.to_string())?
         );
     } else {
-        for (name, value) in &scores {
+        for (name, value) in scores {
             println!(
                 "{name:<10} {}",
                 value.map_or("undefined".into(), |v| format!("{v:.4}"))
@@ -291,6 +307,48 @@ pub fn run_eval(args: &EvalArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `eval` of a decoder on a built-in task, asked as instructions: GLUE
+/// classification by label words, WMT16 by greedy translations (up to
+/// `--max-len` new tokens, 256 by default).
+fn run_decoder_eval(args: &EvalArgs) -> Result<(), Error> {
+    let recorded = match &args.common.adapter {
+        Some(path) => AdapterFile::read(path, &Device::Cpu)?.data_settings(),
+        None => None,
+    };
+    let name = setting(
+        ("--task", args.common.task.clone()),
+        recorded.map(|d| d.task),
+        None,
+    )
+    .ok_or("--task is required (the adapter does not record its task)")?;
+    let task = task(&name)?;
+    let decoder = super::decoder::load(&DecoderArgs::from_model_args(&args.common))?;
+    let set = if task.kind == TaskKind::Translation {
+        let pairs = eval_pairs(task, args.data.as_deref())?;
+        InstructionSet::translation(&decoder.text, Direction::EnRo, &pairs)?
+    } else {
+        let examples = eval_examples(task, args.data.as_deref(), &args.split)?;
+        InstructionSet::label_words(&decoder.text, &instructions::prompt(task)?, &examples)?
+    };
+    let what = match set {
+        InstructionSet::LabelWords { .. } => "scoring label words",
+        InstructionSet::Translation { .. } => "translating",
+    };
+    let bar = super::decoder::progress_bar(set.work(), what);
+    let scores = evaluate_decoder(
+        &decoder.model,
+        task,
+        &set,
+        &decoder.text.tokenizer,
+        args.common.batch_size,
+        args.common.max_len.unwrap_or(256),
+        decoder.text.eos_ids.first().copied().unwrap_or(0),
+        |n| bar.inc(n as u64),
+    )?;
+    bar.finish_and_clear();
+    print_scores(&scores, args.json)
 }
 
 /// Options of `lora-mini predict`.

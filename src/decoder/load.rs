@@ -73,6 +73,14 @@ fn read_weights(source: &DecoderSource, factory: LinearFactory) -> Result<Weight
     })
 }
 
+/// Whether the model `spec` names (a `.gguf` file, a folder, a hub id) is
+/// a Llama-family decoder, from its config alone.
+pub fn is_decoder(spec: &str) -> Result<bool> {
+    let (_, config) = crate::models::loader::read_config(spec, None)?;
+    let family = crate::models::presets::Family::from_config_json(&config)?;
+    Ok(family == crate::models::presets::Family::Llama)
+}
+
 /// Loads the decoder `source` names, every linear built by `factory`.
 pub fn load_decoder(source: &DecoderSource, factory: LinearFactory) -> Result<Decoder> {
     let weights = read_weights(source, factory)?;

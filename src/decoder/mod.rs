@@ -3,12 +3,13 @@
 //! folder, generating text with streaming and stop strings.
 
 pub mod data;
+pub mod instructions;
 mod load;
 pub mod template;
 
 use tokenizers::Tokenizer;
 
-pub use load::{chat_tokenizer_for, load_chat_tokenizer, load_decoder, DecoderSource};
+pub use load::{chat_tokenizer_for, is_decoder, load_chat_tokenizer, load_decoder, DecoderSource};
 pub use template::{ChatTemplate, Message};
 
 use crate::adapter::AdapterRegistry;
@@ -153,6 +154,31 @@ pub fn score_examples(
         tokens += count;
     }
     Ok((nll, tokens))
+}
+
+/// The summed negative log-likelihood of each row's predicted tokens,
+/// in order (inference mode, `batch_size` rows at a time, right padding
+/// with `pad`; a row with nothing to predict scores 0).
+pub fn row_nlls(
+    model: &LlamaForCausalLM,
+    examples: &[&data::LmExample],
+    batch_size: usize,
+    pad: u32,
+) -> candle::Result<Vec<f64>> {
+    let device = model.device();
+    let mut out = vec![0.0; examples.len()];
+    let scored: Vec<usize> = (0..examples.len())
+        .filter(|&i| examples[i].predicted() > 0)
+        .collect();
+    for chunk in scored.chunks(batch_size.max(1)) {
+        let rows: Vec<&data::LmExample> = chunk.iter().map(|&i| examples[i]).collect();
+        let (ids, mask, labels) = data::collate(&rows, pad, &device)?;
+        let (nlls, row_of) = model.token_nlls(&ids, Some(&mask), &labels, false)?;
+        for (nll, row) in nlls.to_vec1::<f32>()?.into_iter().zip(row_of) {
+            out[chunk[row]] += f64::from(nll);
+        }
+    }
+    Ok(out)
 }
 
 /// The text before the first stop string, and whether one was found.

@@ -7,7 +7,7 @@
 use candle::{DType, Device, IndexOp, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::loss::rows_cross_entropy;
+use super::loss::token_nlls;
 use crate::adapter::AdaptedLinear;
 use crate::nn::ops::sdpa;
 use crate::nn::rotary_emb::rope;
@@ -552,6 +552,20 @@ impl LlamaForCausalLM {
         labels: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        self.token_nlls(input_ids, attention_mask, labels, train)?
+            .0
+            .mean_all()
+    }
+
+    /// The negative log-likelihood of each labelled next token, `(n)`, and
+    /// the batch row each belongs to (see [`Self::loss`]).
+    pub fn token_nlls(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Vec<usize>)> {
         let hidden = self.hidden_states(input_ids, attention_mask, None, train)?;
         let (b, t, h) = hidden.dims3()?;
         if t < 2 {
@@ -574,12 +588,12 @@ impl LlamaForCausalLM {
         if rows.is_empty() {
             candle::bail!("every label is -100: nothing to compute a loss on");
         }
-        let n = rows.len();
-        let dev = hidden.device();
-        let picked = hidden
-            .reshape((b * t, h))?
-            .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-        rows_cross_entropy(&self.lm_head.forward_t(&picked, train)?, targets)
+        let (n, dev) = (rows.len(), hidden.device());
+        let row_of = rows.iter().map(|&r| r as usize / t).collect();
+        let rows = Tensor::from_vec(rows, n, dev)?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
+        let nlls = token_nlls(&self.lm_head.forward_t(&picked, train)?, targets)?;
+        Ok((nlls, row_of))
     }
 
     /// The next-token logits `(vocab)` after `tokens` (one sequence), with

@@ -25,8 +25,14 @@ pub fn token_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Mean cross-entropy of `logits (n, V)`, one row per scored token, against
 /// its `targets` (computed in f32).
 pub fn rows_cross_entropy(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
+    token_nlls(logits, targets)?.mean_all()
+}
+
+/// The negative log-likelihood `(n)` of each row's target in `logits (n,
+/// V)` (computed in f32).
+pub fn token_nlls(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
     let n = targets.len();
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let targets = Tensor::from_vec(targets, (n, 1), logits.device())?;
-    logp.gather(&targets, 1)?.mean_all()?.neg()
+    logp.gather(&targets, 1)?.squeeze(1)?.neg()
 }

@@ -314,7 +314,7 @@ impl TaskModel {
             Self::Bert(m) => m.forward_t(input_ids, token_type_ids, attention_mask, train),
             Self::Roberta(m) => m.forward_t(input_ids, attention_mask, train),
             Self::T5(_) => candle::bail!("T5 has no classification head: use it for translation"),
-            Self::Llama(_) => candle::bail!("a decoder has no classification head: use --task causal-lm (or the GLUE tasks as instructions, not yet supported)"),
+            Self::Llama(_) => candle::bail!("a decoder has no classification head: it answers GLUE tasks with label words (decoder::instructions)"),
         }
     }
 }

@@ -7,7 +7,8 @@ use crate::data::batch::{encode_examples, encode_translation, Encoded, EncodedPa
 use crate::data::locate::{locate_data, DataSource};
 use crate::data::{read_examples, read_parallel, Example, Task, TaskKind, TranslationPair};
 use crate::decoder::data::{read_lm_jsonl, LmExample, LmRow};
-use crate::decoder::{ChatTokenizer, Message};
+use crate::decoder::instructions::{self, InstructionSet};
+use crate::decoder::ChatTokenizer;
 use crate::rng::SeededRng;
 use crate::Error;
 use std::path::Path;
@@ -32,6 +33,12 @@ pub(crate) enum Data {
         train: Vec<LmExample>,
         validation: Vec<LmExample>,
         dev: Vec<LmExample>,
+    },
+    /// A built-in task asked of a decoder (`decoder::instructions`).
+    Instructions {
+        train: Vec<LmExample>,
+        validation: InstructionSet,
+        dev: InstructionSet,
     },
 }
 
@@ -60,26 +67,42 @@ impl Data {
                 .into())
             }
         };
-        let encode = |rows: &[LmRow], what: &str| -> Result<Vec<LmExample>, Error> {
-            let all = rows
-                .iter()
-                .map(|r| text.encode_row(r, t.max_len))
-                .collect::<Result<Vec<_>, _>>()?;
-            let kept: Vec<LmExample> = all.into_iter().filter(|e| e.predicted() > 0).collect();
-            if kept.len() < rows.len() {
-                eprintln!(
-                    "warning: {} of {} {what} rows have nothing left to predict within task.max_len = {} and are skipped",
-                    rows.len() - kept.len(),
-                    rows.len(),
-                    t.max_len
-                );
-            }
-            Ok(kept)
-        };
+        let encode = |rows: &[LmRow], what: &str| encode_lm_rows(text, rows, t.max_len, what);
         Ok(Data::CausalLm {
             train: encode(&train, "training")?,
             validation: encode(&validation, "validation")?,
             dev: encode(&dev, "dev")?,
+        })
+    }
+
+    /// A built-in task as instructions for a decoder: GLUE classification
+    /// answered by label words, WMT16 by the translation. The dev set and
+    /// validation slice are scored with the task's metrics.
+    pub(super) fn load_instructions(
+        task: &Task,
+        config: &TrainConfig,
+        text: &ChatTokenizer,
+    ) -> Result<Data, Error> {
+        let max_len = config.task.max_len;
+        if task.kind == TaskKind::Translation {
+            let (train, validation) = training_examples(read_pairs(task, config, "train")?, config);
+            let dev = dev_examples(read_pairs(task, config, "dev")?, config);
+            let direction = config.task.direction;
+            let rows = instructions::translation_rows(direction, &train);
+            return Ok(Data::Instructions {
+                train: encode_lm_rows(text, &rows, max_len, "training")?,
+                validation: InstructionSet::translation(text, direction, &validation)?,
+                dev: InstructionSet::translation(text, direction, &dev)?,
+            });
+        }
+        let prompt = instructions::prompt(task)?;
+        let (train, validation) = training_examples(read_split(task, config, "train")?, config);
+        let dev = dev_examples(read_split(task, config, "dev")?, config);
+        let rows = instructions::classification_rows(&prompt, &train)?;
+        Ok(Data::Instructions {
+            train: encode_lm_rows(text, &rows, max_len, "training")?,
+            validation: InstructionSet::label_words(text, &prompt, &validation)?,
+            dev: InstructionSet::label_words(text, &prompt, &dev)?,
         })
     }
 
@@ -162,7 +185,9 @@ impl Data {
                 .iter()
                 .map(|e| e.source.len() + e.target.len())
                 .collect(),
-            Data::CausalLm { train, .. } => train.iter().map(|e| e.ids.len()).collect(),
+            Data::CausalLm { train, .. } | Data::Instructions { train, .. } => {
+                train.iter().map(|e| e.ids.len()).collect()
+            }
         }
     }
 
@@ -175,6 +200,7 @@ impl Data {
                 refs: dev_refs,
             },
             Data::CausalLm { dev, .. } => EvalSet::CausalLm(dev),
+            Data::Instructions { dev, .. } => EvalSet::Instructions(dev),
         }
     }
 
@@ -195,6 +221,9 @@ impl Data {
             Data::CausalLm { validation, .. } if !validation.is_empty() => {
                 Some(EvalSet::CausalLm(validation))
             }
+            Data::Instructions { validation, .. } if !validation.is_empty() => {
+                Some(EvalSet::Instructions(validation))
+            }
             _ => None,
         }
     }
@@ -212,20 +241,33 @@ fn decoder_rows(config: &TrainConfig, data: &str, set: &str) -> Result<Vec<LmRow
         &dir.join(format!("{set}-enro.en")),
         &dir.join(format!("{set}-enro.ro")),
     )?;
-    let direction = config.task.direction;
-    // T5's prefix as a sentence: "Translate English to Romanian:".
-    let prefix = direction.t5_prefix().trim_end();
-    let instruction = format!("{}{}", prefix[..1].to_uppercase(), &prefix[1..]);
-    Ok(pairs
+    Ok(instructions::translation_rows(
+        config.task.direction,
+        &pairs,
+    ))
+}
+
+/// Tokenised decoder rows; rows with nothing left to predict within
+/// `max_len` are dropped with a warning counting them.
+fn encode_lm_rows(
+    text: &ChatTokenizer,
+    rows: &[LmRow],
+    max_len: usize,
+    what: &str,
+) -> Result<Vec<LmExample>, Error> {
+    let all = rows
         .iter()
-        .map(|p| {
-            let (source, target) = direction.split(p);
-            LmRow::Messages(vec![
-                Message::new("user", &format!("{instruction}\n{source}")),
-                Message::new("assistant", target),
-            ])
-        })
-        .collect())
+        .map(|r| text.encode_row(r, max_len))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kept: Vec<LmExample> = all.into_iter().filter(|e| e.predicted() > 0).collect();
+    if kept.len() < rows.len() {
+        eprintln!(
+            "warning: {} of {} {what} rows have nothing left to predict within task.max_len = {max_len} and are skipped",
+            rows.len() - kept.len(),
+            rows.len(),
+        );
+    }
+    Ok(kept)
 }
 
 /// The indices `0..n` in a seeded random order (Fisher–Yates on the stream

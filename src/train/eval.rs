@@ -11,6 +11,8 @@ use crate::data::batch::{
     collate_classification, collate_seq2seq, ClassificationBatch, Encoded, EncodedPair,
 };
 use crate::data::{Label, Metric, Task};
+#[cfg(feature = "train")]
+use crate::decoder::instructions::{self, InstructionSet};
 use crate::metrics;
 #[cfg(feature = "train")]
 use crate::models::task::{LoadedModel, TaskModel};
@@ -83,6 +85,8 @@ pub enum EvalSet<'a> {
     },
     /// A decoder's tokenised rows, scored by loss and perplexity.
     CausalLm(&'a [crate::decoder::data::LmExample]),
+    /// A built-in task asked of a decoder, scored by the task's metrics.
+    Instructions(&'a InstructionSet),
 }
 
 /// The task's metrics on `set`.
@@ -132,12 +136,7 @@ pub fn evaluate(
                     hyps.push(tokenizer.decode(&ids, true).map_err(|e| e.to_string())?);
                 }
             }
-            let bleu = crate::metrics::corpus_bleu(&hyps, refs);
-            let rouge = crate::metrics::corpus_rouge(&hyps, refs, false);
-            let mut scores = BTreeMap::new();
-            scores.insert("bleu".to_string(), Some(bleu.score));
-            scores.insert("rougeL".to_string(), rouge.map(|r| r.rouge_l));
-            Ok(scores)
+            Ok(translation_scores(&hyps, refs))
         }
         (EvalSet::CausalLm(examples), TaskModel::Llama(m)) => {
             let (nll, tokens) = crate::decoder::score_examples(m, examples, batch_size, pad_id)?;
@@ -147,8 +146,72 @@ pub fn evaluate(
             scores.insert("perplexity".to_string(), loss.map(f64::exp));
             Ok(scores)
         }
-        (EvalSet::CausalLm(_), _) => Err("causal-lm needs a Llama-family decoder".into()),
+        (EvalSet::Instructions(set), TaskModel::Llama(m)) => {
+            let quiet = |_| ();
+            evaluate_decoder(
+                m,
+                task,
+                set,
+                tokenizer,
+                batch_size,
+                max_new_tokens,
+                pad_id,
+                quiet,
+            )
+        }
+        (EvalSet::CausalLm(_) | EvalSet::Instructions(_), _) => {
+            Err("causal-lm and instructions need a Llama-family decoder".into())
+        }
         _ => Err("translation needs a T5 model".into()),
+    }
+}
+
+/// BLEU and ROUGE-L of translations against their references.
+#[cfg(feature = "train")]
+fn translation_scores(hyps: &[String], refs: &[String]) -> BTreeMap<String, Option<f64>> {
+    let bleu = crate::metrics::corpus_bleu(hyps, refs);
+    let rouge = crate::metrics::corpus_rouge(hyps, refs, false);
+    let mut scores = BTreeMap::new();
+    scores.insert("bleu".to_string(), Some(bleu.score));
+    scores.insert("rougeL".to_string(), rouge.map(|r| r.rouge_l));
+    scores
+}
+
+/// A decoder's scores on a built-in task asked as instructions: label
+/// words scored with the task's classification metrics, greedy
+/// translations (up to `max_new_tokens`) with BLEU and ROUGE-L.
+/// `progress` counts [`InstructionSet::work`] as it is done.
+#[cfg(feature = "train")]
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_decoder(
+    model: &crate::models::llama::LlamaForCausalLM,
+    task: &Task,
+    set: &InstructionSet,
+    tokenizer: &tokenizers::Tokenizer,
+    batch_size: usize,
+    max_new_tokens: usize,
+    pad_id: u32,
+    progress: impl FnMut(usize),
+) -> Result<BTreeMap<String, Option<f64>>, Error> {
+    match set {
+        InstructionSet::LabelWords { choices, gold } => {
+            let predicted =
+                instructions::predict_labels(model, choices, batch_size, pad_id, progress)?;
+            Ok(score_labels(task, &predicted, gold))
+        }
+        InstructionSet::Translation {
+            prompts,
+            refs,
+            eos_ids,
+        } => {
+            let answers =
+                instructions::greedy_answers(model, prompts, eos_ids, max_new_tokens, progress)?;
+            let hyps = answers
+                .iter()
+                .map(|ids| tokenizer.decode(ids, true).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(translation_scores(&hyps, refs))
+        }
     }
 }
 

@@ -144,8 +144,11 @@ impl<'a> Run<'a> {
             (_, TaskKind::CausalLm) => {
                 return Err("task causal-lm needs a Llama-family decoder (llama, mistral, qwen2 or a GGUF file)".into())
             }
-            (TaskModel::Llama(_), _) => {
-                return Err(format!("a decoder trains on task causal-lm (JSONL text, prompt/completion or messages), not {}", task.name).into())
+            (TaskModel::Llama(m), _) => {
+                let (source, revision) = (&config.model.source, &config.model.revision);
+                let text = chat_tokenizer_for(source, Some(revision), m.config())?;
+                let data = Data::load_instructions(task, config, &text)?;
+                (text.tokenizer, data)
             }
             _ => {
                 let tokenizer = load_tokenizer(&source_dir.join("tokenizer.json"))?;
@@ -816,7 +819,7 @@ fn batch_loss(
             let b = collate_seq2seq(&items, pad_id, dev)?;
             m.loss(&b.input_ids, Some(&b.attention_mask), &b.labels, true)
         }
-        (Data::CausalLm { train, .. }, TaskModel::Llama(m)) => {
+        (Data::CausalLm { train, .. } | Data::Instructions { train, .. }, TaskModel::Llama(m)) => {
             let items: Vec<&LmExample> = batch.iter().map(|&i| &train[i]).collect();
             let (ids, mask, labels) = collate_lm(&items, pad_id, dev)?;
             m.loss(&ids, Some(&mask), &labels, true)

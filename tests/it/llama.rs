@@ -594,3 +594,165 @@ fn decoder_rows_mask_everything_but_what_the_model_should_write() {
     // Truncation keeps ids and labels aligned.
     assert_eq!(text.encode_row(&chat, 5).unwrap().labels.len(), 5);
 }
+
+/// Each row's summed loss from one padded batch equals the row's own
+/// mean loss times its predicted tokens: what label-word scoring compares.
+#[cfg(feature = "data")]
+#[test]
+fn row_nlls_from_a_padded_batch_match_each_rows_own_loss() {
+    use lora_mini::decoder::data::LmRow;
+    use lora_mini::decoder::{load_decoder, row_nlls, DecoderSource, Message};
+    let dir = format!("{}/tests/fixtures/llama-gqa", env!("CARGO_MANIFEST_DIR"));
+    let decoder = load_decoder(&DecoderSource::new(&dir), LinearFactory::frozen()).unwrap();
+    let chat = |q: &str, a: &str| {
+        LmRow::Messages(vec![Message::new("user", q), Message::new("assistant", a)])
+    };
+    let rows = [
+        chat("count from one", "two three four five"),
+        chat("is the cat red ?", "yes"),
+        LmRow::Text("hello".into()),
+        chat("what is after two", "three"),
+    ];
+    let examples: Vec<_> = rows
+        .iter()
+        .map(|r| decoder.text.encode_row(r, 64).unwrap())
+        .collect();
+    let refs: Vec<_> = examples.iter().collect();
+    let batched = row_nlls(&decoder.model, &refs, 3, 0).unwrap();
+    for (i, ex) in examples.iter().enumerate() {
+        let alone = decoder.score(std::slice::from_ref(ex), 1).unwrap().0;
+        assert!(
+            (batched[i] - alone).abs() < 1e-4 * alone.max(1.0),
+            "row {i}: {} batched against {alone} alone",
+            batched[i]
+        );
+    }
+    // "hello" alone predicts nothing (one token) and scores 0.
+    assert_eq!(batched[2], 0.0);
+}
+
+/// GLUE-style TSVs in the tiny fixture's vocabulary: MRPC pairs whose
+/// answer is "yes" exactly when the first sentence is about the cat.
+#[cfg(feature = "train")]
+fn toy_mrpc(dir: &Path) -> std::path::PathBuf {
+    let (animals, colors) = (["cat", "dog"], ["red", "blue", "green"]);
+    let write = |name: &str, n: usize, offset: usize| {
+        let mut text = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n".to_string();
+        for i in offset..offset + n {
+            let (a, c) = (animals[i % 2], colors[(i / 2) % 3]);
+            let (a2, c2) = (animals[(i / 3) % 2], colors[(i / 5) % 3]);
+            let label = usize::from(a == "cat");
+            text.push_str(&format!(
+                "{label}\t{i}\t{i}\tthe {a} is {c}\tthe {a2} is {c2}\n"
+            ));
+        }
+        std::fs::write(dir.join(name), text).unwrap();
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    write("train.tsv", 48, 0);
+    write("dev.tsv", 16, 48);
+    dir.to_path_buf()
+}
+
+#[cfg(feature = "train")]
+fn instruction_config(tag: &str, task: &str, data: &Path) -> lora_mini::train::config::TrainConfig {
+    let dir = crate::common::scratch(&format!("instructions-{tag}"));
+    let text = format!(
+        r#"[model]
+source = "{}/tests/fixtures/llama-gqa"
+[task]
+name = "{task}"
+data = "{}"
+max_len = 64
+max_target_len = 12
+[adapter]
+method = "lora"
+targets = "dense+attention"
+r = 4
+[optim]
+epochs = 6
+batch_size = 8
+lr = 0.02
+warmup_ratio = 0.0
+[run]
+device = "cpu"
+output_dir = "{}"
+log_every = 2
+eval_every = 6
+"#,
+        env!("CARGO_MANIFEST_DIR"),
+        data.display(),
+        dir.join("out").display()
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    lora_mini::train::config::TrainConfig::load(&path, &[]).unwrap()
+}
+
+/// A decoder learns a GLUE task as label words: the dev set is scored
+/// by the likelier word, with the task's own metrics.
+#[cfg(feature = "train")]
+#[test]
+fn a_decoder_learns_a_glue_task_as_label_words() {
+    let data = toy_mrpc(&crate::common::scratch("toy-mrpc"));
+    let config = instruction_config("mrpc", "mrpc", &data);
+    let summary = lora_mini::train::trainer::train(&config).unwrap();
+    let dev = dev_metric(&config.run.output_dir, "accuracy");
+    // Measured: 0.5 (the balanced dev set's chance) after one epoch, 1.0
+    // from the third on.
+    assert!(
+        dev[0] < 0.9,
+        "the rule is not known before training: {dev:?}"
+    );
+    assert!(summary.best["accuracy"].unwrap() >= 0.9, "{dev:?}");
+    assert!(summary.best["f1"].unwrap() >= 0.9, "{:?}", summary.best);
+}
+
+/// WMT16 as chat instructions on a decoder, scored by BLEU on greedy
+/// translations: words to digits in the fixture's vocabulary.
+#[cfg(feature = "train")]
+#[test]
+fn a_decoder_learns_wmt16_as_instructions_scored_by_bleu() {
+    let words = [
+        "one", "two", "three", "four", "five", "six", "seven", "eight",
+    ];
+    let dir = crate::common::scratch("toy-wmt16");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (set, n, offset) in [("newsdev2016", 40, 0), ("newstest2016", 8, 3)] {
+        let (mut en, mut ro) = (String::new(), String::new());
+        for i in offset..offset + n {
+            // Five words, so BLEU has 4-grams to count.
+            let idx = [i % 8, (i / 2) % 8, (i / 3) % 8, (i / 5) % 8, (i + 3) % 8];
+            en.push_str(&idx.map(|k| words[k]).join(" "));
+            ro.push_str(&idx.map(|k| (k + 1).to_string()).join(" "));
+            en.push('\n');
+            ro.push('\n');
+        }
+        std::fs::write(dir.join(format!("{set}-enro.en")), en).unwrap();
+        std::fs::write(dir.join(format!("{set}-enro.ro")), ro).unwrap();
+    }
+    let mut config = instruction_config("wmt16", "wmt16-en-ro", &dir);
+    config.optim.epochs = 20;
+    config.optim.lr = 0.01;
+    config.run.eval_every = 20;
+    let summary = lora_mini::train::trainer::train(&config).unwrap();
+    let bleu = dev_metric(&config.run.output_dir, "bleu");
+    // Measured: 6.4 after 4 epochs, 100 (every digit right) after 20.
+    assert!(
+        bleu[0] < 20.0,
+        "the untrained mapping is not known: {bleu:?}"
+    );
+    assert!(summary.best["bleu"].unwrap() > 90.0, "{bleu:?}");
+    assert!(summary.best["rougeL"].unwrap() > 0.9, "{:?}", summary.best);
+}
+
+/// A dev metric at each evaluation of a run.
+#[cfg(feature = "train")]
+fn dev_metric(run: &Path, name: &str) -> Vec<f64> {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["metrics"][name].as_f64())
+        .collect()
+}
