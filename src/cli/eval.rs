@@ -329,8 +329,9 @@ fn run_decoder_eval(args: &EvalArgs) -> Result<(), Error> {
         let pairs = eval_pairs(task, args.data.as_deref())?;
         InstructionSet::translation(&decoder.text, Direction::EnRo, &pairs)?
     } else {
+        let prompt = instructions::prompt(task)?;
         let examples = eval_examples(task, args.data.as_deref(), &args.split)?;
-        InstructionSet::label_words(&decoder.text, &instructions::prompt(task)?, &examples)?
+        InstructionSet::label_words(&decoder.text, &prompt, &examples)?
     };
     let what = match set {
         InstructionSet::LabelWords { .. } => "scoring label words",

@@ -250,3 +250,54 @@ fn decoder_input_errors_are_one_line_and_name_the_place() {
     assert!(!ok);
     assert!(stderr.starts_with("error: "), "{stderr}");
 }
+
+/// `eval` asks a decoder a GLUE task as label words: after `train` on the
+/// toy MRPC, `eval` with the adapter (which records its task) scores the
+/// dev set as the training run's best evaluation did; STS-B, a regression,
+/// is refused in one line.
+#[cfg(feature = "train")]
+#[test]
+fn eval_scores_a_glue_task_on_a_decoder_as_training_did() {
+    let data = crate::llama::toy_mrpc(&crate::common::scratch("cli-toy-mrpc"));
+    let config = crate::llama::instruction_config_file("cli-mrpc", "mrpc", &data);
+    let (ok, _, stderr) = run(&["train", "--config", config.to_str().unwrap()], "");
+    assert!(ok, "{stderr}");
+    let out = config.with_file_name("out");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let adapter = out.join("adapter-best.safetensors");
+    let fixture = "tests/fixtures/llama-gqa";
+    let args = [
+        "eval",
+        "--model",
+        fixture,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ];
+    let (ok, stdout, stderr) = run(&args, "");
+    assert!(ok, "{stderr}");
+    let scores: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(scores["accuracy"], results["best"]["accuracy"], "{results}");
+    assert_eq!(scores["f1"], results["best"]["f1"], "{results}");
+    assert!(scores["accuracy"].as_f64().unwrap() >= 0.9, "{scores}");
+
+    let args = [
+        "eval",
+        "--model",
+        fixture,
+        "--task",
+        "stsb",
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    let (ok, _, stderr) = run(&args, "");
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("stsb") && stderr.contains("label words"),
+        "{stderr}"
+    );
+}

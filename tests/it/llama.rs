@@ -634,7 +634,7 @@ fn row_nlls_from_a_padded_batch_match_each_rows_own_loss() {
 /// GLUE-style TSVs in the tiny fixture's vocabulary: MRPC pairs whose
 /// answer is "yes" exactly when the first sentence is about the cat.
 #[cfg(feature = "train")]
-fn toy_mrpc(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn toy_mrpc(dir: &Path) -> std::path::PathBuf {
     let (animals, colors) = (["cat", "dog"], ["red", "blue", "green"]);
     let write = |name: &str, n: usize, offset: usize| {
         let mut text = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n".to_string();
@@ -656,6 +656,13 @@ fn toy_mrpc(dir: &Path) -> std::path::PathBuf {
 
 #[cfg(feature = "train")]
 fn instruction_config(tag: &str, task: &str, data: &Path) -> lora_mini::train::config::TrainConfig {
+    let path = instruction_config_file(tag, task, data);
+    lora_mini::train::config::TrainConfig::load(&path, &[]).unwrap()
+}
+
+/// A LoRA config training the tiny fixture on `task` as instructions.
+#[cfg(feature = "train")]
+pub(crate) fn instruction_config_file(tag: &str, task: &str, data: &Path) -> std::path::PathBuf {
     let dir = crate::common::scratch(&format!("instructions-{tag}"));
     let text = format!(
         r#"[model]
@@ -686,7 +693,7 @@ eval_every = 6
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
-    lora_mini::train::config::TrainConfig::load(&path, &[]).unwrap()
+    path
 }
 
 /// A decoder learns a GLUE task as label words: the dev set is scored
