@@ -17,7 +17,7 @@
 //! | [`nn`] | candle-nn's builders made adapter-aware (`VarBuilder`, `linear`, norms, `embedding`) and ops with a backward (`layer_norm`, `rms_norm`, `softmax_last_dim`, `sdpa`, `rope`) | `adapter` |
 //! | [`models`] | BERT, RoBERTa, T5 and the Llama family written on `nn`; the checkpoint and GGUF loaders; token-by-token generation | `nn`, `adapter` |
 //! | [`data`], [`metrics`] | the GLUE and WMT16 task registry, readers, tokenising and batching; the reference metrics | the leaves |
-//! | `decoder` (feature `data`) | Llama-family decoders as users run them: a model with its tokenizer and chat template, from GGUF or Hugging Face files; chat rendering; streamed generation with stop strings | `models`, `data` |
+//! | `decoder` (feature `data`) | Llama-family decoders as users run them: a model with its tokenizer and chat template, from GGUF or Hugging Face files; chat rendering; streamed generation with stop strings; the built-in tasks as instructions (label words, translation requests) | `models`, `data` |
 //! | [`train`] | the TOML config, AdamW with parameter groups, schedules, the training loop, evaluation, checkpoints, sweeps | all of the above |
 //!
 //! The `lora-mini` binary (`src/main.rs`, `src/cli/`) uses only the public
