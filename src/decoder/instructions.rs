@@ -1,8 +1,8 @@
 //! The built-in tasks as instructions for a decoder. A GLUE classification
 //! example becomes a user turn asking a question, answered by a label word
-//! ("positive", "negative"); WMT16 becomes "Translate English to
-//! Romanian:\n<sentence>", answered by the translation. Training learns the
-//! answer turns only. A dev set is scored with the task's own metrics:
+//! ("positive", "negative"); WMT16 becomes `"Translate English to
+//! Romanian:\n<sentence>"`, answered by the translation. Training learns
+//! the answer turns only. A dev set is scored with the task's own metrics:
 //! classification by the label word the model finds likeliest (the summed
 //! log-likelihood of each word's whole answer turn, so every example gets a
 //! valid prediction, as in lm-evaluation-harness's multiple choice),
