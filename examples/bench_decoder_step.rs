@@ -15,7 +15,6 @@
 //! benches/compare_decoder_step.sh     # ours (both bases) and the PyTorch peer
 //! ```
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle::{Device, Tensor};
@@ -24,6 +23,9 @@ use lora_mini::decoder::{load_decoder, DecoderSource};
 use lora_mini::models::presets::{resolve_targets, Family};
 use lora_mini::rng::SeededRng;
 use lora_mini::train::optim::{AdamWConfig, GroupedAdamW};
+
+#[path = "common/timing.rs"]
+mod timing;
 
 struct Args {
     model: String,
@@ -66,17 +68,6 @@ fn parse_args() -> Args {
         }
     }
     args
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn adapter(method: &str) -> candle::Result<AdapterConfig> {
@@ -125,15 +116,7 @@ fn main() -> candle::Result<()> {
     for i in 0..args.warmup + args.steps {
         let t = Instant::now();
         let loss = decoder.model.loss(&ids, Some(&mask), &labels, true)?;
-        let grads = loss.backward()?;
-        let mut by_name = BTreeMap::new();
-        for (name, var) in &vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                by_name.insert(name.clone(), g.clone());
-            }
-        }
-        drop(grads);
-        opt.step_with(&by_name, 1e-4, 1.0)?;
+        timing::adamw_step(&loss, &vars, &mut opt)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         eprintln!(
             "step {i}: {ms:.0} ms, loss {:.4}{}",
@@ -153,7 +136,7 @@ fn main() -> candle::Result<()> {
             "batch": args.batch,
             "len": args.len,
             "trainable": decoder.registry.num_trainable(),
-            "step_ms_median": median(&step_ms),
+            "step_ms_median": timing::median(&step_ms),
             "step_ms": step_ms,
             "peak_rss_bytes": lora_mini::alloc::peak_rss_bytes(),
         })

@@ -13,7 +13,6 @@
 //! benches/compare_train_step.sh        # this and the PyTorch peer, and the ratios
 //! ```
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle::{DType, Device, Tensor};
@@ -21,6 +20,8 @@ use lora_mini::models::bert::sequence_classification_loss;
 use lora_mini::rng::SeededRng;
 use lora_mini::train::optim::{AdamWConfig, GroupedAdamW};
 
+#[path = "common/timing.rs"]
+mod timing;
 #[path = "common/workload.rs"]
 mod workload;
 
@@ -64,17 +65,6 @@ fn parse_args() -> Args {
     args
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() -> candle::Result<()> {
     let args = parse_args();
     lora_mini::alloc::keep_freed_buffers();
@@ -105,15 +95,7 @@ fn main() -> candle::Result<()> {
             .model
             .classify(&ids, Some(&types), Some(&mask), true)?;
         let loss = sequence_classification_loss(&logits, &labels)?;
-        let grads = loss.backward()?;
-        let mut by_name = BTreeMap::new();
-        for (name, var) in &vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                by_name.insert(name.clone(), g.clone());
-            }
-        }
-        drop(grads);
-        opt.step_with(&by_name, 1e-4, 1.0)?;
+        timing::adamw_step(&loss, &vars, &mut opt)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         eprintln!(
             "step {i}: {ms:.0} ms{}",
@@ -141,9 +123,9 @@ fn main() -> candle::Result<()> {
             "batch": args.batch,
             "len": args.len,
             "trainable": loaded.registry.num_trainable(),
-            "step_ms_median": (!step_ms.is_empty()).then(|| median(&step_ms)),
+            "step_ms_median": (!step_ms.is_empty()).then(|| timing::median(&step_ms)),
             "step_ms": step_ms,
-            "eval_ms_median": median(eval_ms),
+            "eval_ms_median": timing::median(eval_ms),
             "peak_rss_bytes": lora_mini::alloc::peak_rss_bytes(),
         })
     );

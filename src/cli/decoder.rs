@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::json;
 
+use super::eval::LoadArgs;
 use super::Error;
 use lora_mini::decoder::data::{read_lm_jsonl, LmRow};
 use lora_mini::decoder::{
     load_decoder, remainder, Decoder, DecoderSource, GenerateOptions, Message,
 };
 use lora_mini::models::generate::Sampling;
-use lora_mini::train::config::{DeviceChoice, WeightDtype};
 
 /// The task name that selects a decoder in `eval` and `predict`.
 pub const CAUSAL_LM: &str = "causal-lm";
@@ -31,18 +31,8 @@ pub struct DecoderArgs {
     /// gets the tokenizer its metadata describes).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
-    /// auto, cpu, cuda or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
-    /// The precision the base model is loaded in: f32, bf16 or f16 (a
-    /// quantized base needs --dequantize for bf16 or f16).
-    #[arg(long, default_value = "f32")]
-    pub dtype: WeightDtype,
-    /// Load a GGUF base dequantized (to --dtype) instead of keeping its
-    /// linear weights quantized, the default: more memory, exact weights
-    /// and no 8-bit rounding of the activations in the matmuls.
-    #[arg(long)]
-    pub dequantize: bool,
+    #[command(flatten)]
+    pub load: LoadArgs,
 }
 
 /// How `chat` and `predict` generate: greedy unless a temperature is given.
@@ -92,9 +82,7 @@ impl DecoderArgs {
             model: args.model.clone(),
             adapter: args.adapter.clone(),
             tokenizer: None,
-            device: args.device,
-            dtype: args.dtype,
-            dequantize: args.dequantize,
+            load: args.load.clone(),
         }
     }
 }
@@ -102,13 +90,13 @@ impl DecoderArgs {
 /// Loads the model with the adapter applied.
 pub fn load(args: &DecoderArgs) -> Result<Decoder, Error> {
     let (device, file, factory) =
-        super::eval::device_and_adapter(args.device, args.adapter.as_deref(), args.dequantize)?;
+        super::eval::device_and_adapter(&args.load, args.adapter.as_deref())?;
     let source = DecoderSource {
         model: args.model.clone(),
         tokenizer: args.tokenizer.clone(),
-        dtype: args.dtype.dtype(),
+        dtype: args.load.dtype.dtype(),
         device,
-        dequantize: args.dequantize,
+        dequantize: args.load.dequantize,
     };
     let decoder = load_decoder(&source, factory)?;
     if let Some(file) = file {
@@ -139,7 +127,7 @@ pub struct ChatArgs {
 pub fn run_chat(args: &ChatArgs) -> Result<(), Error> {
     let decoder = load(&args.model)?;
     let gguf = lora_mini::models::loader::gguf_file_of(&args.model.model)?;
-    if gguf.is_some() && !args.model.dequantize {
+    if gguf.is_some() && !args.model.load.dequantize {
         // Said once, because the two bases can answer differently.
         eprintln!(
             "{}: linear weights kept quantized (8-bit activations when decoding); --dequantize loads them as f32",

@@ -66,23 +66,21 @@ fn setting<T: PartialEq + std::fmt::Display + Clone>(
 /// The device `--device` names, the `--adapter` file read onto it, and the
 /// factory that builds the model's layers for it (frozen without one).
 pub(super) fn device_and_adapter(
-    choice: DeviceChoice,
+    load: &LoadArgs,
     adapter: Option<&Path>,
-    dequantize: bool,
 ) -> Result<(Device, Option<AdapterFile>, LinearFactory), Error> {
-    let device = lora_mini::train::trainer::device(choice)
+    let device = lora_mini::train::trainer::device(load.device)
         .map_err(|e| Error::from(e.to_string().replace("run.device = ", "--device ")))?;
     let file = adapter.map(|p| AdapterFile::read(p, &device)).transpose()?;
     let factory = match &file {
         Some(f) => LinearFactory::new(f.config.clone())?,
         None => LinearFactory::frozen(),
     };
-    Ok((device, file, factory.with_dequantized_base(dequantize)))
+    Ok((device, file, factory.with_dequantized_base(load.dequantize)))
 }
 
 fn load(args: &ModelArgs) -> Result<Session, Error> {
-    let (device, file, factory) =
-        device_and_adapter(args.device, args.adapter.as_deref(), args.dequantize)?;
+    let (device, file, factory) = device_and_adapter(&args.load, args.adapter.as_deref())?;
     let recorded = file.as_ref().and_then(|f| f.data_settings());
     let r = recorded.as_ref();
     let task_name = setting(
@@ -99,7 +97,7 @@ fn load(args: &ModelArgs) -> Result<Session, Error> {
         None,
         task.num_labels(),
         factory,
-        args.dtype.dtype(),
+        args.load.dtype.dtype(),
         &device,
         0,
     )?;
@@ -146,12 +144,20 @@ pub struct ModelArgs {
     /// Examples per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// Where and how a model is held: what every command that loads one takes.
+#[derive(Clone, Debug, Args)]
+pub struct LoadArgs {
     /// auto (CUDA, then Metal, when built in and present; else the CPU),
     /// cpu, cuda or metal.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
     /// The precision the base model is loaded in: f32, bf16 or f16 (the
-    /// adapter's tensors are cast to it).
+    /// adapter's tensors are cast to it; a quantized base needs
+    /// --dequantize for bf16 or f16).
     #[arg(long, default_value = "f32")]
     pub dtype: WeightDtype,
     /// Load a GGUF base dequantized (to --dtype) instead of keeping its
