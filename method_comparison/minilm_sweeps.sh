@@ -11,6 +11,7 @@
 #     it could not rank anything);
 #   stage 2 (final): seeds 2 and 3 of the chosen setting (seed 1 is the
 #     prune run, copied over);
+#   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +62,15 @@ shape)
     --set adapter.r=2 --set adapter.a=256 --set adapter.b=256 \
     --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
     --seeds 1 --out "$OUT/$TASK-shape-r2-a256-lora-mini"
+  ;;
+scaled)
+  # aux_init = "svd-scaled" (the singular values folded into B_aux), which the
+  # prune stage left out. MiniLM's top-64 singular values average about 3, so
+  # the same Adam step moves ΔW about 3x further than with "svd": its grid
+  # sits one step lower, at 1e-3 (about svd's 3e-3) and 3e-3.
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --grid adapter.aux_init=svd-scaled --grid "optim.lr=${SCALED_LRS:-1e-3,3e-3}" --seeds 1 \
+    --out "$OUT/$TASK-svd-scaled-lora-mini"
   ;;
 full)
   # The reference row: full fine-tuning at a practitioner's 5e-5, one seed
