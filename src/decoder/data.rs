@@ -102,15 +102,19 @@ pub fn read_lm_jsonl(path: &Path, prompts_only: bool) -> Result<Vec<LmRow>> {
 }
 
 /// A tokenised row: `labels[i]` is `ids[i]` where the loss falls, else
-/// [`IGNORE`] (the model shifts them).
+/// [`IGNORE`] (the model shifts them). `documents[i]` numbers the document
+/// token `i` belongs to, from 1: all 1 for one row, 1, 2, ... for rows
+/// packed together ([`super::packing`]); it becomes the attention mask.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LmExample {
     pub ids: Vec<u32>,
     pub labels: Vec<i64>,
+    pub documents: Vec<u32>,
 }
 
 impl LmExample {
     fn push(&mut self, ids: &[u32], learn: bool) {
+        self.documents.extend(std::iter::repeat_n(1, ids.len()));
         self.ids.extend_from_slice(ids);
         self.labels.extend(
             ids.iter()
@@ -130,6 +134,7 @@ impl ChatTokenizer {
         let mut ex = LmExample {
             ids: Vec::new(),
             labels: Vec::new(),
+            documents: Vec::new(),
         };
         let eos = self.eos_ids.first().copied();
         match row {
@@ -143,6 +148,7 @@ impl ChatTokenizer {
         }
         ex.ids.truncate(max_len);
         ex.labels.truncate(max_len);
+        ex.documents.truncate(max_len);
         Ok(ex)
     }
 
@@ -189,7 +195,9 @@ impl ChatTokenizer {
 }
 
 /// A right-padded batch: `(input_ids, attention_mask, labels)`, each
-/// `(rows, longest)`; padding is masked out and labelled [`IGNORE`].
+/// `(rows, longest)`; padding is masked out (0) and labelled [`IGNORE`].
+/// The mask holds each token's document number, so packed documents do
+/// not see each other (`LlamaForCausalLM::forward_t`).
 pub fn collate(
     examples: &[&LmExample],
     pad: u32,
@@ -205,7 +213,12 @@ pub fn collate(
                 .copied()
                 .chain(std::iter::repeat_n(pad, padding)),
         );
-        mask.extend(std::iter::repeat_n(1u32, e.ids.len()).chain(std::iter::repeat_n(0, padding)));
+        mask.extend(
+            e.documents
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0, padding)),
+        );
         labels.extend(
             e.labels
                 .iter()

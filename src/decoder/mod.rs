@@ -5,6 +5,7 @@
 pub mod data;
 pub mod instructions;
 mod load;
+pub mod packing;
 pub mod template;
 
 use tokenizers::Tokenizer;

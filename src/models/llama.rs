@@ -296,7 +296,27 @@ impl Rotary {
         let angles: Vec<f32> = (offset..offset + seq)
             .flat_map(|p| self.inv_freq.iter().map(move |f| p as f32 * (*f as f32)))
             .collect();
-        let angles = Tensor::from_vec(angles, (seq, half), dev)?;
+        Self::tables(Tensor::from_vec(angles, (seq, half), dev)?, dtype)
+    }
+
+    /// The tables at each row's own `positions` (`rows x seq`), `(rows,
+    /// seq, dim / 2)`: packed rows restart positions at every document.
+    fn cos_sin_at(
+        &self,
+        positions: &[Vec<usize>],
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (rows, seq, half) = (positions.len(), positions[0].len(), self.inv_freq.len());
+        let angles: Vec<f32> = positions
+            .iter()
+            .flatten()
+            .flat_map(|&p| self.inv_freq.iter().map(move |f| p as f32 * (*f as f32)))
+            .collect();
+        Self::tables(Tensor::from_vec(angles, (rows, seq, half), dev)?, dtype)
+    }
+
+    fn tables(angles: Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
         Ok((
             angles.cos()?.to_dtype(dtype)?,
             angles.sin()?.to_dtype(dtype)?,
@@ -494,9 +514,14 @@ impl LlamaForCausalLM {
     }
 
     /// Logits `(B, T, vocab)` for `input_ids (B, T)`. `attention_mask`
-    /// `(B, kv_len)` marks real tokens with 1 (right padding in training;
-    /// it covers the cached positions too); `cache`, when given, holds the
-    /// earlier positions and receives these.
+    /// `(B, kv_len)` marks real tokens with 1 and padding with 0 (right
+    /// padding in training; it covers the cached positions too); `cache`,
+    /// when given, holds the earlier positions and receives these.
+    ///
+    /// Packed rows (`decoder::packing`, no cache) number their documents
+    /// 1, 2, ... in the mask instead: a token then attends only within its
+    /// document, and positions restart at each document, so every document
+    /// gets the logits it would get alone.
     pub fn forward_t(
         &self,
         input_ids: &Tensor,
@@ -521,8 +546,23 @@ impl LlamaForCausalLM {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         self.check_length(offset + t)?;
         let mut xs = self.embed_tokens.forward(input_ids)?;
-        let (cos, sin) = self.rotary.cos_sin(offset, t, xs.dtype(), xs.device())?;
-        let mask = attention_bias(attention_mask, offset, t, xs.dtype(), xs.device())?;
+        let (dtype, dev) = (xs.dtype(), xs.device());
+        let ((cos, sin), mask) = match packed_documents(attention_mask)? {
+            Some(_) if offset > 0 => {
+                candle::bail!(
+                    "packed rows (document numbers in the attention mask) cannot use a cache"
+                )
+            }
+            Some(documents) => (
+                self.rotary
+                    .cos_sin_at(&document_positions(&documents), dtype, dev)?,
+                Some(document_bias(&documents, dtype, dev)?),
+            ),
+            None => (
+                self.rotary.cos_sin(offset, t, dtype, dev)?,
+                attention_bias(attention_mask, offset, t, dtype, dev)?,
+            ),
+        };
         let step = Step {
             cos,
             sin,
@@ -644,6 +684,57 @@ fn attention_bias(
         (Some(c), Some(p)) => Some(c.broadcast_add(&p)?),
         (c, p) => c.or(p),
     })
+}
+
+/// The mask's rows when it numbers packed documents (a value above 1),
+/// else `None`: a plain 0/1 mask takes the usual path.
+fn packed_documents(attention_mask: Option<&Tensor>) -> Result<Option<Vec<Vec<u32>>>> {
+    let Some(mask) = attention_mask else {
+        return Ok(None);
+    };
+    let rows = mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    Ok(rows.iter().flatten().any(|&d| d > 1).then_some(rows))
+}
+
+/// Each token's position within its document (padding keeps counting).
+fn document_positions(documents: &[Vec<u32>]) -> Vec<Vec<usize>> {
+    documents
+        .iter()
+        .map(|row| {
+            let mut start = 0;
+            (0..row.len())
+                .map(|i| {
+                    if i > 0 && row[i] != row[i - 1] && row[i] != 0 {
+                        start = i;
+                    }
+                    i - start
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The additive mask `(B, 1, T, T)` of packed rows: query `i` sees key
+/// `j ≤ i` of its own document; padding queries (document 0) see every
+/// earlier real token, as with a plain mask, so their rows stay finite.
+fn document_bias(documents: &[Vec<u32>], dtype: DType, dev: &Device) -> Result<Tensor> {
+    let (rows, t) = (documents.len(), documents[0].len());
+    let bias: Vec<f32> = documents
+        .iter()
+        .flat_map(|d| {
+            (0..t).flat_map(move |i| {
+                (0..t).map(move |j| {
+                    let visible = j <= i && d[j] != 0 && (d[i] == d[j] || d[i] == 0);
+                    if visible {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+        })
+        .collect();
+    Tensor::from_vec(bias, (rows, 1, t, t), dev)?.to_dtype(dtype)
 }
 
 /// `0` where `mask` is 1 and `-inf` where it is 0, shaped `(B, 1, 1, kv)`.

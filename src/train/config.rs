@@ -129,6 +129,17 @@ pub struct TaskSection {
     /// reported as the dev set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dev_data: Option<String>,
+    /// Decoders only: pack several training rows into each sequence of up
+    /// to `max_len` tokens (best-fit decreasing). Each row keeps its own
+    /// attention and positions, so its loss is unchanged; a batch then
+    /// holds `batch_size` packed sequences, with less padding to compute.
+    /// Validation and dev rows are never packed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub packing: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -69,7 +69,7 @@ impl Data {
         };
         let encode = |rows: &[LmRow], what: &str| encode_lm_rows(text, rows, t.max_len, what);
         Ok(Data::CausalLm {
-            train: encode(&train, "training")?,
+            train: packed(encode(&train, "training")?, config),
             validation: encode(&validation, "validation")?,
             dev: encode(&dev, "dev")?,
         })
@@ -90,7 +90,7 @@ impl Data {
             let direction = config.task.direction;
             let rows = instructions::translation_rows(direction, &train);
             return Ok(Data::Instructions {
-                train: encode_lm_rows(text, &rows, max_len, "training")?,
+                train: packed(encode_lm_rows(text, &rows, max_len, "training")?, config),
                 validation: InstructionSet::translation(text, direction, &validation)?,
                 dev: InstructionSet::translation(text, direction, &dev)?,
             });
@@ -100,7 +100,7 @@ impl Data {
         let dev = dev_examples(read_split(task, config, "dev")?, config);
         let rows = instructions::classification_rows(&prompt, &train)?;
         Ok(Data::Instructions {
-            train: encode_lm_rows(text, &rows, max_len, "training")?,
+            train: packed(encode_lm_rows(text, &rows, max_len, "training")?, config),
             validation: InstructionSet::label_words(text, &prompt, &validation)?,
             dev: InstructionSet::label_words(text, &prompt, &dev)?,
         })
@@ -112,6 +112,9 @@ impl Data {
         config: &TrainConfig,
         tokenizer: &Tokenizer,
     ) -> Result<Data, Error> {
+        if config.task.packing {
+            return Err("task.packing packs decoder rows; this model is not a decoder".into());
+        }
         match task.kind {
             TaskKind::Translation => Self::load_translation(task, config, tokenizer),
             TaskKind::CausalLm => Err(
@@ -268,6 +271,22 @@ fn encode_lm_rows(
         );
     }
     Ok(kept)
+}
+
+/// The training rows, packed into sequences of `task.max_len` tokens when
+/// `task.packing` asks for it (with the count logged).
+fn packed(rows: Vec<LmExample>, config: &TrainConfig) -> Vec<LmExample> {
+    if !config.task.packing {
+        return rows;
+    }
+    let packed = crate::decoder::packing::pack(&rows, config.task.max_len);
+    eprintln!(
+        "packing: {} training rows in {} sequences of up to {} tokens",
+        rows.len(),
+        packed.len(),
+        config.task.max_len
+    );
+    packed
 }
 
 /// The indices `0..n` in a seeded random order (Fisher–Yates on the stream
