@@ -339,6 +339,37 @@ fn tokenizer_rebuilt_from_gguf_encodes_as_the_shared_tokenizer_json() {
     }
 }
 
+/// A SentencePiece (`"llama"`) GGUF tokenizer, rebuilt from the metadata
+/// of tests/fixtures/spm-llama (a small SentencePiece BPE model with
+/// Llama's settings), encodes and decodes as transformers' conversion of
+/// the same model, which in turn matches SentencePiece on every string it
+/// was trained on (make_spm_gguf.py).
+#[cfg(feature = "data")]
+#[test]
+fn sentencepiece_tokenizer_rebuilt_from_gguf_encodes_as_transformers() {
+    use lora_mini::data::gguf_tokenizer::tokenizer_from_gguf;
+    let dir = format!("{}/tests/fixtures/spm-llama", env!("CARGO_MANIFEST_DIR"));
+    let gguf = GgufFile::open(Path::new(&dir).join("tokenizer.gguf")).unwrap();
+    let ours = tokenizer_from_gguf(gguf.metadata()).unwrap();
+    let theirs = tokenizers::Tokenizer::from_file(Path::new(&dir).join("tokenizer.json")).unwrap();
+    let mut strings = varied_strings();
+    strings.push("<s>special</s> tokens <unk> whole".into());
+    for s in &strings {
+        let a = ours.encode(s.as_str(), true).unwrap();
+        let b = theirs.encode(s.as_str(), true).unwrap();
+        assert_eq!(a.get_ids(), b.get_ids(), "{s:?}");
+        assert_eq!(
+            ours.decode(a.get_ids(), false).unwrap(),
+            theirs.decode(b.get_ids(), false).unwrap(),
+            "{s:?}"
+        );
+    }
+    // BOS first, bytes for what the vocabulary lacks.
+    let ids = ours.encode("中", true).unwrap().get_ids().to_vec();
+    assert_eq!(ids[0], 1);
+    assert_eq!(ours.decode(&ids, true).unwrap(), "中");
+}
+
 /// A toy instruction set in the tiny fixture's 64-word vocabulary: chat
 /// rows (the assistant counts on) and prompt/completion rows.
 #[cfg(feature = "train")]
