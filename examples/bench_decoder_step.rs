@@ -7,7 +7,8 @@
 //! with a GGUF), LoRA r=8 or LoRA-Mini r=8 a=b=64 (alpha 16, no dropout) on
 //! q, k, v, o, gate, up and down in every layer (PEFT's all-linear), batch
 //! 8 x 128 random tokens with the loss on every next token, and an AdamW
-//! step. Prints one JSON line: median and every step's milliseconds, and
+//! step; `--checkpointing` recomputes each layer's activations in the
+//! backward pass (`optim.gradient_checkpointing`). Prints one JSON line: median and every step's milliseconds, and
 //! peak RSS.
 //!
 //! ```sh
@@ -35,6 +36,7 @@ struct Args {
     warmup: usize,
     batch: usize,
     len: usize,
+    checkpointing: bool,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +48,7 @@ fn parse_args() -> Args {
         warmup: 1,
         batch: 8,
         len: 128,
+        checkpointing: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -54,13 +57,14 @@ fn parse_args() -> Args {
             "--model" => args.model = value(),
             "--method" => args.method = value(),
             "--dequantize" => args.dequantize = true,
+            "--checkpointing" => args.checkpointing = true,
             "--steps" => args.steps = value().parse().expect("--steps N"),
             "--warmup" => args.warmup = value().parse().expect("--warmup N"),
             "--batch" => args.batch = value().parse().expect("--batch N"),
             "--len" => args.len = value().parse().expect("--len N"),
             "--help" | "-h" => {
                 println!(
-                    "bench_decoder_step [--model GGUF_OR_DIR] [--method lora|lora-mini] [--dequantize] [--steps 3] [--warmup 1] [--batch 8] [--len 128]"
+                    "bench_decoder_step [--model GGUF_OR_DIR] [--method lora|lora-mini] [--dequantize] [--checkpointing] [--steps 3] [--warmup 1] [--batch 8] [--len 128]"
                 );
                 std::process::exit(0);
             }
@@ -115,8 +119,22 @@ fn main() -> candle::Result<()> {
     let mut step_ms = Vec::new();
     for i in 0..args.warmup + args.steps {
         let t = Instant::now();
-        let loss = decoder.model.loss(&ids, Some(&mask), &labels, true)?;
-        timing::adamw_step(&loss, &vars, &mut opt)?;
+        let loss = if args.checkpointing {
+            let params: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+            let (loss, grads) = decoder.model.loss_backward_checkpointed(
+                &ids,
+                Some(&mask),
+                &labels,
+                &params,
+                1.0,
+            )?;
+            timing::adamw_step_with(grads, &vars, &mut opt)?;
+            loss
+        } else {
+            let loss = decoder.model.loss(&ids, Some(&mask), &labels, true)?;
+            timing::adamw_step(&loss, &vars, &mut opt)?;
+            loss
+        };
         let ms = t.elapsed().as_secs_f64() * 1e3;
         eprintln!(
             "step {i}: {ms:.0} ms, loss {:.4}{}",
@@ -127,7 +145,12 @@ fn main() -> candle::Result<()> {
             step_ms.push(ms);
         }
     }
-    let base = if args.dequantize { "f32" } else { "quantized" };
+    let base = match (args.dequantize, args.checkpointing) {
+        (false, false) => "quantized",
+        (true, false) => "f32",
+        (false, true) => "quantized, checkpointed",
+        (true, true) => "f32, checkpointed",
+    };
     println!(
         "{}",
         serde_json::json!({

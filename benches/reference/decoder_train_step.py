@@ -6,6 +6,8 @@ GGUF (which dequantizes it to f32), LoRA r=8 (alpha 16, no dropout) on
 q, k, v, o, gate, up and down in every layer, batch 8 x 128 random tokens
 with the loss on every next token, f32, torch.set_num_threads(2), AdamW on
 the trainable tensors. Prints one JSON line like the Rust side.
+`--checkpointing` turns on transformers' gradient checkpointing
+(non-reentrant), the peer of our `--checkpointing`.
 
     python3 benches/reference/decoder_train_step.py --steps 3
 
@@ -32,6 +34,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpointing", action="store_true")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -39,6 +42,8 @@ def main():
     model = transformers.AutoModelForCausalLM.from_pretrained(
         args.model, gguf_file=args.gguf, torch_dtype=torch.float32
     )
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = peft.LoraConfig(
         r=8,
         lora_alpha=16,
@@ -69,7 +74,8 @@ def main():
             step_ms.append(ms)
     print(json.dumps({
         "impl": f"torch {torch.__version__} + transformers {transformers.__version__} + peft {peft.__version__}",
-        "method": "lora r=8 on q,k,v,o,gate,up,down (f32 base)",
+        "method": "lora r=8 on q,k,v,o,gate,up,down (f32 base"
+        + (", checkpointed)" if args.checkpointing else ")"),
         "batch": args.batch,
         "len": args.len,
         "trainable": sum(p.numel() for p in params),

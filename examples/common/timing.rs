@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use candle::backprop::GradStore;
 use candle::{Result, Tensor, Var};
 use lora_mini::train::optim::GroupedAdamW;
 
@@ -21,7 +22,16 @@ pub fn median(values: &[f64]) -> f64 {
 /// Backward from `loss` and one AdamW step (lr 1e-4, clipping at 1.0) on
 /// the gradients of `vars`, freeing the gradient store before the step.
 pub fn adamw_step(loss: &Tensor, vars: &[(String, Var)], opt: &mut GroupedAdamW) -> Result<()> {
-    let grads = loss.backward()?;
+    adamw_step_with(loss.backward()?, vars, opt)
+}
+
+/// One AdamW step as [`adamw_step`] on gradients already computed.
+#[allow(dead_code)] // not every bench computes its own gradients
+pub fn adamw_step_with(
+    grads: GradStore,
+    vars: &[(String, Var)],
+    opt: &mut GroupedAdamW,
+) -> Result<()> {
     let mut by_name = BTreeMap::new();
     for (name, var) in vars {
         if let Some(g) = grads.get(var.as_tensor()) {

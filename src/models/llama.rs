@@ -4,11 +4,13 @@
 //! `model.layers.N.self_attn.{q,k,v,o}_proj`,
 //! `model.layers.N.mlp.{gate,up,down}_proj` and `lm_head`.
 
+use candle::backprop::GradStore;
 use candle::{DType, Device, IndexOp, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::loss::token_nlls;
 use crate::adapter::AdaptedLinear;
+use crate::nn::checkpoint::{checkpointed_backward, Layers};
 use crate::nn::ops::sdpa;
 use crate::nn::rotary_emb::rope;
 use crate::nn::{embedding, linear_b, rms_norm, Activation, Embedding, RmsNorm, VarBuilder};
@@ -419,6 +421,20 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Every adapted linear of the layer.
+    fn linears(&self) -> [&AdaptedLinear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     fn new(vb: VarBuilder, c: &LlamaConfig) -> Result<Self> {
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         Ok(Self {
@@ -444,6 +460,41 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&xs)?, step.train)?;
         xs + mlp
+    }
+}
+
+/// The decoder layers of one training pass, for [`checkpointed_backward`];
+/// their state is the adapters' dropout counters.
+struct CheckpointedLayers<'a> {
+    layers: &'a [DecoderLayer],
+    step: &'a Step,
+}
+
+impl Layers for CheckpointedLayers<'_> {
+    type State = Vec<Option<u64>>;
+
+    fn count(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn forward(&self, i: usize, xs: &Tensor) -> Result<Tensor> {
+        self.layers[i].forward(xs, self.step, i, None)
+    }
+
+    fn state(&self, i: usize) -> Self::State {
+        self.layers[i]
+            .linears()
+            .iter()
+            .map(|l| l.dropout_calls())
+            .collect()
+    }
+
+    fn rewind(&self, i: usize, state: &Self::State) {
+        for (linear, calls) in self.layers[i].linears().iter().zip(state) {
+            if let Some(calls) = calls {
+                linear.set_dropout_calls(*calls);
+            }
+        }
     }
 }
 
@@ -542,10 +593,25 @@ impl LlamaForCausalLM {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
+        let (mut xs, step) = self.embed(input_ids, attention_mask, offset, train)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, &step, i, cache.as_deref_mut())?;
+        }
+        self.norm.forward(&xs)
+    }
+
+    /// The token embeddings and what every layer of this pass shares.
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        offset: usize,
+        train: bool,
+    ) -> Result<(Tensor, Step)> {
+        let (_, t) = input_ids.dims2()?;
         self.check_length(offset + t)?;
-        let mut xs = self.embed_tokens.forward(input_ids)?;
+        let xs = self.embed_tokens.forward(input_ids)?;
         let (dtype, dev) = (xs.dtype(), xs.device());
         let ((cos, sin), mask) = match packed_documents(attention_mask)? {
             Some(_) if offset > 0 => {
@@ -569,10 +635,7 @@ impl LlamaForCausalLM {
             mask,
             train,
         };
-        for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, &step, i, cache.as_deref_mut())?;
-        }
-        self.norm.forward(&xs)
+        Ok((xs, step))
     }
 
     fn check_length(&self, len: usize) -> Result<()> {
@@ -610,6 +673,16 @@ impl LlamaForCausalLM {
         train: bool,
     ) -> Result<(Tensor, Vec<usize>)> {
         let hidden = self.hidden_states(input_ids, attention_mask, None, train)?;
+        self.nlls_after(&hidden, labels, train)
+    }
+
+    /// [`Self::token_nlls`] from the final hidden states.
+    fn nlls_after(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Vec<usize>)> {
         let (b, t, h) = hidden.dims3()?;
         if t < 2 {
             candle::bail!("a causal LM loss needs at least 2 tokens per row");
@@ -637,6 +710,32 @@ impl LlamaForCausalLM {
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
         let nlls = token_nlls(&self.lm_head.forward_t(&picked, train)?, targets)?;
         Ok((nlls, row_of))
+    }
+
+    /// The training loss of [`Self::loss`] and the gradients of `params`
+    /// (scaled by `scale`) with activation checkpointing
+    /// ([`crate::nn::checkpoint`]): the decoder layers' activations are
+    /// recomputed one layer at a time in the backward pass, so a step holds
+    /// one layer's activations instead of all of them, for one more
+    /// forward pass. Dropout draws the same masks both times.
+    pub fn loss_backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        params: &[&Tensor],
+        scale: f64,
+    ) -> Result<(Tensor, GradStore)> {
+        let (xs, step) = self.embed(input_ids, attention_mask, 0, true)?;
+        let layers = CheckpointedLayers {
+            layers: &self.layers,
+            step: &step,
+        };
+        let head = |top: &Tensor| {
+            let hidden = self.norm.forward(top)?;
+            self.nlls_after(&hidden, labels, true)?.0.mean_all()
+        };
+        checkpointed_backward(&layers, &xs, head, params, scale)
     }
 
     /// The next-token logits `(vocab)` after `tokens` (one sequence), with

@@ -22,6 +22,7 @@
 //! [`AdapterConfig`]: crate::adapter::AdapterConfig
 
 mod activation;
+pub mod checkpoint;
 mod norm;
 pub mod ops;
 pub mod rotary_emb;

@@ -217,6 +217,12 @@ pub struct OptimSection {
     /// Global gradient-norm clipping; 0 disables it.
     #[serde(default = "d_clip")]
     pub max_grad_norm: f64,
+    /// Decoders only: recompute each layer's activations in the backward
+    /// pass instead of keeping them all (`nn::checkpoint`), trading one
+    /// more forward pass for holding one layer's activations at a time.
+    /// Gradients are unchanged.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -115,6 +115,12 @@ impl Data {
         if config.task.packing {
             return Err("task.packing packs decoder rows; this model is not a decoder".into());
         }
+        if config.optim.gradient_checkpointing {
+            return Err(
+                "optim.gradient_checkpointing is implemented for decoders (the Llama family) only"
+                    .into(),
+            );
+        }
         match task.kind {
             TaskKind::Translation => Self::load_translation(task, config, tokenizer),
             TaskKind::CausalLm => Err(

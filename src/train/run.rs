@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use candle::backprop::GradStore;
 use candle::{DType, Device, Tensor, Var};
 use indicatif::ProgressBar;
 use serde_json::json;
@@ -244,14 +245,29 @@ impl<'a> Run<'a> {
         epoch: usize,
         i: usize,
     ) -> Result<Option<String>, Error> {
-        let loss = batch_loss(&self.loaded, &self.data, batch, self.pad_id, &self.device)?;
+        let scale = 1.0 / self.config.optim.grad_accum as f64;
+        let (loss, grads) = if self.config.optim.gradient_checkpointing {
+            let params: Vec<&Tensor> = self.vars.iter().map(|(_, v)| v.as_tensor()).collect();
+            checkpointed_batch_backward(
+                &self.loaded,
+                &self.data,
+                batch,
+                self.pad_id,
+                &self.device,
+                &params,
+                scale,
+            )?
+        } else {
+            let loss = batch_loss(&self.loaded, &self.data, batch, self.pad_id, &self.device)?;
+            let grads = (&loss * scale).and_then(|l| l.backward())?;
+            (loss, grads)
+        };
         let value = loss
             .to_dtype(DType::F32)
             .and_then(|l| l.to_scalar::<f32>())? as f64;
         if !value.is_finite() {
             return Ok(Some(self.divergence(value, epoch, i)));
         }
-        let grads = (loss / self.config.optim.grad_accum as f64).and_then(|l| l.backward())?;
         for (name, var) in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
                 let sum = match self.accumulated.remove(name) {
@@ -825,6 +841,27 @@ fn batch_loss(
             m.loss(&ids, Some(&mask), &labels, true)
         }
         _ => candle::bail!("translation needs a T5 model, causal-lm a decoder"),
+    }
+}
+
+/// A decoder batch's loss and the gradients of `params` with activation
+/// checkpointing (`optim.gradient_checkpointing`).
+fn checkpointed_batch_backward(
+    loaded: &LoadedModel,
+    data: &Data,
+    batch: &[usize],
+    pad_id: u32,
+    dev: &Device,
+    params: &[&Tensor],
+    scale: f64,
+) -> candle::Result<(Tensor, GradStore)> {
+    match (data, &loaded.model) {
+        (Data::CausalLm { train, .. } | Data::Instructions { train, .. }, TaskModel::Llama(m)) => {
+            let items: Vec<&LmExample> = batch.iter().map(|&i| &train[i]).collect();
+            let (ids, mask, labels) = collate_lm(&items, pad_id, dev)?;
+            m.loss_backward_checkpointed(&ids, Some(&mask), &labels, params, scale)
+        }
+        _ => candle::bail!("optim.gradient_checkpointing is implemented for decoders only"),
     }
 }
 

@@ -217,6 +217,75 @@ fn every_trainable_tensor_gets_a_gradient() -> Result<()> {
     Ok(())
 }
 
+/// Activation checkpointing gives the gradients of the plain backward:
+/// LoRA-Mini with dropout (the recomputed layers draw the same masks) and
+/// full fine-tuning (the embeddings before the layers train too), on a
+/// padded batch.
+#[test]
+fn checkpointed_gradients_equal_the_plain_backward() -> Result<()> {
+    use lora_mini::adapter::{AdapterConfig, InnerInit, LoraMiniConfig, Method};
+    let mut mini = LoraMiniConfig::new(2, 4, 4);
+    mini.inner_init = InnerInit::Kaiming;
+    mini.dropout = 0.3;
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let g = golden("llama-gqa");
+    let ids = rows::<u32>(&g["input_ids"])?;
+    let mask = rows::<u32>(&g["attention_mask"])?;
+    let labels = rows::<i64>(&g["labels"])?;
+    for method in [Method::LoraMini(mini), Method::Full] {
+        let build = || {
+            tiny(
+                "llama-gqa",
+                LinearFactory::new(AdapterConfig::new(method.clone(), &targets))?,
+            )
+        };
+        let (plain_model, plain_registry) = build()?;
+        let plain_loss = plain_model.loss(&ids, Some(&mask), &labels, true)?;
+        let plain = (&plain_loss * 0.5)?.backward()?;
+        let (model, registry) = build()?;
+        let vars = registry.trainable();
+        let params: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).collect();
+        let (loss, grads) =
+            model.loss_backward_checkpointed(&ids, Some(&mask), &labels, &params, 0.5)?;
+        let (a, b) = (loss.to_scalar::<f32>()?, plain_loss.to_scalar::<f32>()?);
+        assert!(
+            (a - b).abs() < 1e-6,
+            "{}: loss {a} against {b}",
+            method.name()
+        );
+        let plain_vars = plain_registry.trainable();
+        assert_eq!(vars.len(), plain_vars.len());
+        for ((name, var), (_, plain_var)) in vars.iter().zip(&plain_vars) {
+            let got = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let want = plain.get(plain_var).unwrap();
+            let diff = max_abs_diff(got, want)?;
+            let size = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(size > 0.0, "{name}: zero gradient");
+            assert!(
+                diff <= 1e-5 * f64::from(size.max(1.0)),
+                "{name}: gradients differ by {diff} (largest {size})"
+            );
+        }
+        if method.name() == "full" {
+            assert!(
+                vars.iter().any(|(n, _)| n.contains("embed_tokens")),
+                "the embeddings train"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// QLoRA-style: the tiny model's linear weights quantized to Q8_0 (those
 /// whose input width is a whole number of blocks) stay quantized under
 /// the adapters. The loss stays near the dense model's, and every adapter
@@ -878,4 +947,30 @@ fn a_decoder_trains_on_packed_rows() {
     let first = f64::from_bits(logged[0].1);
     let last = f64::from_bits(logged[logged.len() - 1].1);
     assert!(last < 0.7 * first, "training loss {first} -> {last}");
+}
+
+/// `optim.gradient_checkpointing` trains the tiny decoder (LoRA-Mini with
+/// dropout) along the same loss curve as the plain backward.
+#[cfg(feature = "train")]
+#[test]
+fn gradient_checkpointing_follows_the_plain_training_curve() {
+    use lora_mini::train::trainer::train;
+    let plain = decoder_config("plain-curve", "lora-mini");
+    train(&plain).unwrap();
+    let mut checkpointed = decoder_config("checkpointed-curve", "lora-mini");
+    checkpointed.optim.gradient_checkpointing = true;
+    train(&checkpointed).unwrap();
+    let (a, b) = (
+        losses(&plain.run.output_dir),
+        losses(&checkpointed.run.output_dir),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a.len() >= 24);
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        let (x, y) = (f64::from_bits(*x), f64::from_bits(*y));
+        assert!(
+            (x - y).abs() < 1e-4 * x.abs(),
+            "step {step}: loss {x} plain, {y} checkpointed"
+        );
+    }
 }
