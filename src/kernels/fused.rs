@@ -163,6 +163,105 @@ impl CustomOp1 for Softmax {
     }
 }
 
+/// `ln Σ e^x` of a row, without writing the exponentials.
+#[inline(always)]
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = max_of(x);
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += fast_exp(c[l] - max);
+        }
+    }
+    let sum = acc.iter().sum::<f32>() + tail.iter().map(|&v| fast_exp(v - max)).sum::<f32>();
+    max + sum.ln()
+}
+
+/// The cross-entropy of each row of `logits (n, V)` against its target:
+/// `logsumexp(row) - row[target]`, `(n)`. One pass per row and nothing
+/// kept for the backward, which recomputes the softmax from the logits:
+/// composed, log-softmax writes and keeps several `(n, V)` intermediates,
+/// and with a 49K-word vocabulary those are a decoder step's largest
+/// tensors.
+pub(crate) struct TargetNll {
+    pub(crate) targets: std::sync::Arc<Vec<u32>>,
+}
+
+impl TargetNll {
+    fn check(&self, x: &[f32], v: usize) -> Result<()> {
+        let n = x.len() / v;
+        if n != self.targets.len() {
+            candle::bail!("target nll: {n} rows for {} targets", self.targets.len());
+        }
+        if let Some(t) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle::bail!("target nll: target {t} is outside the {v} classes");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp1 for TargetNll {
+    fn name(&self) -> &'static str {
+        "lora-mini-target-nll"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, v) = f32_rows(storage, layout, self.name())?;
+        self.check(x, v)?;
+        let nll: Vec<f32> = x
+            .par_chunks(v)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| vectorized(|| log_sum_exp(row)) - row[t as usize])
+            .collect();
+        Ok((CpuStorage::F32(nll), Shape::from(self.targets.len())))
+    }
+
+    fn bwd(&self, x: &Tensor, _nll: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = TargetNllGrad {
+            targets: self.targets.clone(),
+        };
+        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+/// `g_i · (softmax(row_i) - onehot(target_i))` from `(logits, g)`.
+struct TargetNllGrad {
+    targets: std::sync::Arc<Vec<u32>>,
+}
+
+impl CustomOp2 for TargetNllGrad {
+    fn name(&self) -> &'static str {
+        "lora-mini-target-nll-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, v) = f32_rows(s1, l1, self.name())?;
+        let (g, _) = f32_rows(s2, l2, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .zip(g.par_iter().zip(self.targets.par_iter()))
+            .for_each(|((y, row), (&g, &t))| {
+                vectorized(|| {
+                    y.copy_from_slice(row);
+                    softmax_in_place(y);
+                    y.iter_mut().for_each(|p| *p *= g);
+                });
+                y[t as usize] -= g;
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
 /// Elements per parallel task in elementwise kernels.
 const CHUNK: usize = 1 << 14;
 

@@ -1,6 +1,6 @@
 //! The token-level cross-entropy every generative model here trains on.
 
-use candle::{DType, Result, Tensor, D};
+use candle::{DType, Result, Tensor};
 
 /// Mean token cross-entropy of `logits (B, T, V)` against `labels (B, T)`,
 /// skipping `-100`.
@@ -29,10 +29,7 @@ pub fn rows_cross_entropy(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> 
 }
 
 /// The negative log-likelihood `(n)` of each row's target in `logits (n,
-/// V)` (computed in f32).
+/// V)` (computed in f32; fused on the CPU, see [`crate::nn::ops::target_nlls`]).
 pub fn token_nlls(logits: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
-    let n = targets.len();
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), logits.device())?;
-    logp.gather(&targets, 1)?.squeeze(1)?.neg()
+    crate::nn::ops::target_nlls(logits, targets)
 }
