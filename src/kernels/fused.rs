@@ -393,6 +393,123 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
+/// `x / sqrt(mean(x²) + eps) * w` over the last dimension (Llama's and
+/// T5's RMS norm), one pass per row; the backward keeps only the input.
+pub(crate) struct RmsNormOp {
+    pub eps: f32,
+}
+
+#[inline(always)]
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "lora-mini-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = f32_rows(s1, l1, self.name())?;
+        let (w, _) = f32_rows(s2, l2, self.name())?;
+        if w.len() != d {
+            candle::bail!("{}: the weight must have {d} entries", self.name());
+        }
+        Ok(map_blocks(x, d, l1.shape(), |_, x, y| {
+            let r = rms_scale(x, self.eps);
+            for i in 0..d {
+                y[i] = x[i] * r * w[i];
+            }
+        }))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        let x2 = x.contiguous()?.reshape((rows, d))?;
+        let g2 = grad.contiguous()?.reshape((rows, d))?;
+        let dx = g2.apply_op3_no_bwd(&x2, w, &RmsNormInputGrad { eps: self.eps })?;
+        let dx = dx.reshape(x.shape())?;
+        // Frozen norms (adapter training) need no weight gradient.
+        let dw = if w.track_op() {
+            let xhat = x2.apply_op1_no_bwd(&RmsNormalise { eps: self.eps })?;
+            Some((&g2 * xhat)?.sum(0)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// `x * rstd` per row, for the RMS norm's weight gradient.
+struct RmsNormalise {
+    eps: f32,
+}
+
+impl CustomOp1 for RmsNormalise {
+    fn name(&self) -> &'static str {
+        "lora-mini-rms-normalise"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, d) = f32_rows(storage, layout, self.name())?;
+        Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
+            let r = rms_scale(x, self.eps);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * r;
+            }
+        }))
+    }
+}
+
+/// The RMS norm's input gradient from `(grad, x, weight)`, per row:
+/// `r * gw - x * r³ * mean(gw * x)` with `gw = grad * w`.
+struct RmsNormInputGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormInputGrad {
+    fn name(&self) -> &'static str {
+        "lora-mini-rms-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, d) = f32_rows(s1, l1, self.name())?;
+        let (x, _) = f32_rows(s2, l2, self.name())?;
+        let (w, _) = f32_rows(s3, l3, self.name())?;
+        Ok(map_blocks(x, d, l1.shape(), |offset, x, dx| {
+            let g = &g[offset..offset + d];
+            let r = rms_scale(x, self.eps);
+            let dot = (0..d).map(|i| g[i] * w[i] * x[i]).sum::<f32>() / d as f32;
+            let r3_dot = r * r * r * dot;
+            for i in 0..d {
+                dx[i] = r * g[i] * w[i] - x[i] * r3_dot;
+            }
+        }))
+    }
+}
+
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;

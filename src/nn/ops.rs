@@ -32,7 +32,7 @@
 use candle::{DType, Result, Tensor, D};
 
 use crate::kernels::composed::{composed_layer_norm, composed_softmax_last_dim};
-use crate::kernels::fused::{GeluErf, LayerNormOp, Softmax, TargetNll};
+use crate::kernels::fused::{GeluErf, LayerNormOp, RmsNormOp, Softmax, TargetNll};
 
 pub(crate) fn fusable(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -56,6 +56,15 @@ pub fn layer_norm(xs: &Tensor, alpha: &Tensor, beta: &Tensor, eps: f32) -> Resul
 /// f32 and cast back before the scale (as transformers' T5 and Llama RMS
 /// norms do); `candle_nn::ops::rms_norm` with a backward.
 pub fn rms_norm(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
+    if fusable(xs) && alpha.dtype() == DType::F32 {
+        return xs
+            .contiguous()?
+            .apply_op2(&alpha.contiguous()?, RmsNormOp { eps });
+    }
+    composed_rms_norm(xs, alpha, eps)
+}
+
+fn composed_rms_norm(xs: &Tensor, alpha: &Tensor, eps: f32) -> Result<Tensor> {
     let dtype = xs.dtype();
     let x = xs.to_dtype(DType::F32)?;
     let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?
@@ -184,6 +193,31 @@ mod tests {
         for v in [&x, &w, &b] {
             let g = grads.get(v).expect("gradient recorded");
             assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+
+    /// The fused RMS norm against the composed one: values and the input
+    /// and weight gradients.
+    #[test]
+    fn fused_rms_norm_matches_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 37), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 37, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 37), &dev)?;
+        let fused = rms_norm(&x, &w, 1e-6)?;
+        let composed = composed_rms_norm(&x, &w, 1e-6)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&fused, &composed)? < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for v in [&x, &w] {
+            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(max_diff(f, c)? <= 1e-5 * scale.max(1.0));
+            assert!(scale > 0.0);
         }
         Ok(())
     }
