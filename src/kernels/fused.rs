@@ -335,6 +335,52 @@ impl CustomOp2 for GeluErfGrad {
     }
 }
 
+/// Which normalisation a norm kernel applies per row: layer norm centres
+/// and scales, RMS norm (Llama, T5) only scales. Both share `xhat = (x -
+/// mean) · rstd` (with `mean = 0` for RMS) and so their kernels.
+#[derive(Clone, Copy)]
+enum Centering {
+    Mean,
+    None,
+}
+
+/// `(mean, 1 / sqrt(var + eps))` of a row; RMS norm's `var` is `mean(x²)`.
+#[inline(always)]
+fn moments(x: &[f32], eps: f32, centering: Centering) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = match centering {
+        Centering::Mean => x.iter().sum::<f32>() / n,
+        Centering::None => 0.0,
+    };
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The input and weight gradients of a norm (and, when it has a bias, the
+/// bias gradient), from its input `x`, weight `w` and output gradient.
+fn norm_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f32,
+    centering: Centering,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let d = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d.max(1);
+    let x2 = x.contiguous()?.reshape((rows, d))?;
+    let g2 = grad.contiguous()?.reshape((rows, d))?;
+    let dx = g2.apply_op3_no_bwd(&x2, w, &NormInputGrad { eps, centering })?;
+    let dx = dx.reshape(x.shape())?;
+    // Frozen norms (adapter training) need no weight or bias gradient.
+    let dw_db = if w.track_op() {
+        let xhat = x2.apply_op1_no_bwd(&Normalise { eps, centering })?;
+        Some(((&g2 * xhat)?.sum(0)?, g2.sum(0)?))
+    } else {
+        None
+    };
+    Ok((dx, dw_db))
+}
+
 /// Layer norm over the last dimension with weight and bias.
 pub(crate) struct LayerNormOp {
     pub eps: f32,
@@ -361,7 +407,7 @@ impl CustomOp3 for LayerNormOp {
             candle::bail!("{}: weight and bias must have {d} entries", self.name());
         }
         Ok(map_blocks(x, d, l1.shape(), |_, x, y| {
-            let (mean, rstd) = moments(x, self.eps);
+            let (mean, rstd) = moments(x, self.eps, Centering::Mean);
             for i in 0..d {
                 y[i] = (x[i] - mean) * rstd * w[i] + b[i];
             }
@@ -376,19 +422,8 @@ impl CustomOp3 for LayerNormOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / d.max(1);
-        let x2 = x.contiguous()?.reshape((rows, d))?;
-        let g2 = grad.contiguous()?.reshape((rows, d))?;
-        let dx = g2.apply_op3_no_bwd(&x2, w, &LayerNormInputGrad { eps: self.eps })?;
-        let dx = dx.reshape(x.shape())?;
-        // Frozen norms (adapter training) need no weight or bias gradient.
-        let (dw, db) = if w.track_op() {
-            let xhat = x2.apply_op1_no_bwd(&Normalise { eps: self.eps })?;
-            (Some((&g2 * xhat)?.sum(0)?), Some(g2.sum(0)?))
-        } else {
-            (None, None)
-        };
+        let (dx, dw_db) = norm_grads(x, w, grad, self.eps, Centering::Mean)?;
+        let (dw, db) = dw_db.unzip();
         Ok((Some(dx), dw, db))
     }
 }
@@ -397,12 +432,6 @@ impl CustomOp3 for LayerNormOp {
 /// T5's RMS norm), one pass per row; the backward keeps only the input.
 pub(crate) struct RmsNormOp {
     pub eps: f32,
-}
-
-#[inline(always)]
-fn rms_scale(x: &[f32], eps: f32) -> f32 {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    1.0 / (ms + eps).sqrt()
 }
 
 impl CustomOp2 for RmsNormOp {
@@ -423,9 +452,9 @@ impl CustomOp2 for RmsNormOp {
             candle::bail!("{}: the weight must have {d} entries", self.name());
         }
         Ok(map_blocks(x, d, l1.shape(), |_, x, y| {
-            let r = rms_scale(x, self.eps);
+            let (_, rstd) = moments(x, self.eps, Centering::None);
             for i in 0..d {
-                y[i] = x[i] * r * w[i];
+                y[i] = x[i] * rstd * w[i];
             }
         }))
     }
@@ -437,90 +466,15 @@ impl CustomOp2 for RmsNormOp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / d.max(1);
-        let x2 = x.contiguous()?.reshape((rows, d))?;
-        let g2 = grad.contiguous()?.reshape((rows, d))?;
-        let dx = g2.apply_op3_no_bwd(&x2, w, &RmsNormInputGrad { eps: self.eps })?;
-        let dx = dx.reshape(x.shape())?;
-        // Frozen norms (adapter training) need no weight gradient.
-        let dw = if w.track_op() {
-            let xhat = x2.apply_op1_no_bwd(&RmsNormalise { eps: self.eps })?;
-            Some((&g2 * xhat)?.sum(0)?)
-        } else {
-            None
-        };
-        Ok((Some(dx), dw))
+        let (dx, dw_db) = norm_grads(x, w, grad, self.eps, Centering::None)?;
+        Ok((Some(dx), dw_db.map(|(dw, _)| dw)))
     }
 }
 
-/// `x * rstd` per row, for the RMS norm's weight gradient.
-struct RmsNormalise {
-    eps: f32,
-}
-
-impl CustomOp1 for RmsNormalise {
-    fn name(&self) -> &'static str {
-        "lora-mini-rms-normalise"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, d) = f32_rows(storage, layout, self.name())?;
-        Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
-            let r = rms_scale(x, self.eps);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x * r;
-            }
-        }))
-    }
-}
-
-/// The RMS norm's input gradient from `(grad, x, weight)`, per row:
-/// `r * gw - x * r³ * mean(gw * x)` with `gw = grad * w`.
-struct RmsNormInputGrad {
-    eps: f32,
-}
-
-impl CustomOp3 for RmsNormInputGrad {
-    fn name(&self) -> &'static str {
-        "lora-mini-rms-norm-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (g, d) = f32_rows(s1, l1, self.name())?;
-        let (x, _) = f32_rows(s2, l2, self.name())?;
-        let (w, _) = f32_rows(s3, l3, self.name())?;
-        Ok(map_blocks(x, d, l1.shape(), |offset, x, dx| {
-            let g = &g[offset..offset + d];
-            let r = rms_scale(x, self.eps);
-            let dot = (0..d).map(|i| g[i] * w[i] * x[i]).sum::<f32>() / d as f32;
-            let r3_dot = r * r * r * dot;
-            for i in 0..d {
-                dx[i] = r * g[i] * w[i] - x[i] * r3_dot;
-            }
-        }))
-    }
-}
-
-#[inline(always)]
-fn moments(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-/// `(x - mean) * rstd` per row, for the weight gradient.
+/// `xhat = (x - mean) * rstd` per row, for the weight gradient.
 struct Normalise {
     eps: f32,
+    centering: Centering,
 }
 
 impl CustomOp1 for Normalise {
@@ -531,7 +485,7 @@ impl CustomOp1 for Normalise {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = f32_rows(storage, layout, self.name())?;
         Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
-            let (mean, rstd) = moments(x, self.eps);
+            let (mean, rstd) = moments(x, self.eps, self.centering);
             for (y, &x) in y.iter_mut().zip(x) {
                 *y = (x - mean) * rstd;
             }
@@ -539,15 +493,17 @@ impl CustomOp1 for Normalise {
     }
 }
 
-/// The input gradient of layer norm from `(grad, x, weight)`, per row:
-/// `rstd * (gw - mean(gw) - xhat * mean(gw * xhat))` with `gw = grad * w`.
-struct LayerNormInputGrad {
+/// The input gradient of a norm from `(grad, x, weight)`, per row:
+/// `rstd * (gw - mean(gw) - xhat * mean(gw * xhat))` with `gw = grad * w`
+/// (without the `mean(gw)` term for RMS norm, which does not centre).
+struct NormInputGrad {
     eps: f32,
+    centering: Centering,
 }
 
-impl CustomOp3 for LayerNormInputGrad {
+impl CustomOp3 for NormInputGrad {
     fn name(&self) -> &'static str {
-        "lora-mini-layer-norm-input-grad"
+        "lora-mini-norm-input-grad"
     }
 
     fn cpu_fwd(
@@ -564,7 +520,7 @@ impl CustomOp3 for LayerNormInputGrad {
         let (w, _) = f32_rows(s3, l3, self.name())?;
         Ok(map_blocks(x, d, l1.shape(), |offset, x, dx| {
             let g = &g[offset..offset + d];
-            let (mean, rstd) = moments(x, self.eps);
+            let (mean, rstd) = moments(x, self.eps, self.centering);
             let n = d as f32;
             let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
             for i in 0..d {
@@ -572,7 +528,11 @@ impl CustomOp3 for LayerNormInputGrad {
                 sum_gw += gw;
                 sum_gw_xhat += gw * (x[i] - mean) * rstd;
             }
-            let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
+            let mean_gw = match self.centering {
+                Centering::Mean => sum_gw / n,
+                Centering::None => 0.0,
+            };
+            let mean_gw_xhat = sum_gw_xhat / n;
             for i in 0..d {
                 let xhat = (x[i] - mean) * rstd;
                 dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);

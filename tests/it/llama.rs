@@ -15,6 +15,17 @@ use crate::common::max_abs_diff;
 
 const SMOLLM: &str = "../shared/models/SmolLM2-135M-Instruct-GGUF";
 
+/// Every linear of a decoder layer (PEFT's all-linear, less `lm_head`).
+const ALL_LINEAR: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 fn smollm_gguf() -> GgufFile {
     GgufFile::open(Path::new(SMOLLM).join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap()
 }
@@ -184,15 +195,7 @@ fn every_trainable_tensor_gets_a_gradient() -> Result<()> {
     mini.inner_init = InnerInit::Kaiming;
     let mut lora = LoraConfig::new(2);
     lora.inner_init = InnerInit::Kaiming;
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = ALL_LINEAR;
     for method in [Method::LoraMini(mini), Method::Lora(lora)] {
         let config = AdapterConfig::new(method, &targets);
         let (model, registry) = tiny("llama-gqa", LinearFactory::new(config)?)?;
@@ -227,15 +230,7 @@ fn checkpointed_gradients_equal_the_plain_backward() -> Result<()> {
     let mut mini = LoraMiniConfig::new(2, 4, 4);
     mini.inner_init = InnerInit::Kaiming;
     mini.dropout = 0.3;
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = ALL_LINEAR;
     let g = golden("llama-gqa");
     let ids = rows::<u32>(&g["input_ids"])?;
     let mask = rows::<u32>(&g["attention_mask"])?;
