@@ -2,7 +2,6 @@
 //! adapter, on a task's data.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle::{DType, Device, Tensor, D};
@@ -17,8 +16,8 @@ use lora_mini::data::batch::{
 };
 use lora_mini::data::error::{lines, read_text};
 use lora_mini::data::{
-    read_examples, read_parallel, read_translation_jsonl, task, Direction, Example, Task, TaskKind,
-    TranslationPair,
+    read_examples, read_parallel, read_translation_jsonl, task, Direction, Example, Label, Task,
+    TaskKind, TranslationPair,
 };
 use lora_mini::decoder::instructions::{self, InstructionSet};
 use lora_mini::models::task::{load_task_model, LoadedModel, TaskModel};
@@ -358,10 +357,88 @@ fn run_decoder_eval(args: &EvalArgs) -> Result<(), Error> {
     print_scores(&scores, args.json)
 }
 
+/// `predict` for a built-in task on a decoder: the label word it finds
+/// likeliest per GLUE row (with each class's summed answer NLL), or its
+/// greedy translation per source.
+fn run_decoder_task_predict(args: &PredictArgs) -> Result<(), Error> {
+    let recorded = match &args.common.adapter {
+        Some(path) => AdapterFile::read(path, &Device::Cpu)?.data_settings(),
+        None => None,
+    };
+    let name = setting(
+        ("--task", args.common.task.clone()),
+        recorded.map(|d| d.task),
+        None,
+    )
+    .ok_or("--task is required (the adapter does not record its task)")?;
+    let task = task(&name)?;
+    let decoder = super::decoder::load(&DecoderArgs::from_model_args(&args.common))?;
+    let pad = decoder.text.eos_ids.first().copied().unwrap_or(0);
+    let rows: Vec<serde_json::Value> = if task.kind == TaskKind::Translation {
+        let sources = read_sources(&args.input)?;
+        let set = InstructionSet::translation(&decoder.text, Direction::EnRo, &sources)?;
+        let InstructionSet::Translation {
+            prompts, eos_ids, ..
+        } = set
+        else {
+            unreachable!("a translation set")
+        };
+        let bar = super::decoder::progress_bar(prompts.len(), "translating");
+        let answers = instructions::greedy_answers(
+            &decoder.model,
+            &prompts,
+            &eos_ids,
+            args.max_new_tokens,
+            |n| bar.inc(n as u64),
+        )?;
+        bar.finish_and_clear();
+        answers
+            .iter()
+            .map(|ids| Ok(json!({"translation": decoder.text.decode(ids)?})))
+            .collect::<Result<_, Error>>()?
+    } else {
+        let TaskKind::Classification { labels } = task.kind else {
+            return Err(format!("task {name} is not a classification or translation task; a decoder answers those by label words or text").into());
+        };
+        let prompt = instructions::prompt(task)?;
+        let examples = read_examples(task, &args.input)?;
+        let choices = instructions::label_word_choices(&decoder.text, &prompt, &examples)?;
+        let bar =
+            super::decoder::progress_bar(choices.iter().map(Vec::len).sum(), "scoring label words");
+        let nlls = instructions::choice_nlls(
+            &decoder.model,
+            &choices,
+            args.common.batch_size,
+            pad,
+            |n| bar.inc(n as u64),
+        )?;
+        bar.finish_and_clear();
+        nlls.iter()
+            .map(|n| {
+                let Label::Class(c) = instructions::likeliest(n) else {
+                    unreachable!("label words give a class")
+                };
+                json!({"prediction": labels[c], "answer_nll": n})
+            })
+            .collect()
+    };
+    write_rows(&args.output, &rows)
+}
+
+/// Writes `rows` as JSON Lines, atomically, and says how many.
+fn write_rows(output: &Path, rows: &[serde_json::Value]) -> Result<(), Error> {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    lora_mini::io::write_atomic(output, text.as_bytes())?;
+    eprintln!("wrote {} predictions to {}", rows.len(), output.display());
+    Ok(())
+}
+
 /// Options of `lora-mini predict`.
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  \
-    lora-mini predict --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --input ../shared/data/glue/SST-2/test.tsv --output preds.jsonl")]
+    lora-mini predict --model ../shared/models/all-MiniLM-L6-v2 --adapter runs/quickstart/adapter-best.safetensors --task sst2 --input ../shared/data/glue/SST-2/test.tsv --output preds.jsonl\n  \
+    lora-mini predict --model ../shared/models/SmolLM2-135M-Instruct-GGUF --task sst2 --input ../shared/data/glue/SST-2/test.tsv --output preds.jsonl\n\n\
+On a decoder, a GLUE task is answered by the likelier label word ({\"prediction\", \"answer_nll\"} per row) and wmt16-en-ro by a greedy translation; --task causal-lm completes prompts.")]
 pub struct PredictArgs {
     #[command(flatten)]
     pub common: ModelArgs,
@@ -382,11 +459,30 @@ pub struct PredictArgs {
     pub max_new_tokens: usize,
 }
 
+/// Translation sources for `predict`: JSONL `{"translation": {"en": ...}}`
+/// or plain text, one source per line.
+pub(super) fn read_sources(input: &Path) -> Result<Vec<TranslationPair>, Error> {
+    if input.extension().is_some_and(|e| e == "jsonl") {
+        return read_translation_jsonl(input).map_err(Error::from);
+    }
+    let text = read_text(input)?;
+    Ok(lines(&text)
+        .iter()
+        .map(|l| TranslationPair {
+            en: l.to_string(),
+            ro: String::new(),
+        })
+        .collect())
+}
+
 pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
     if args.common.task.as_deref() == Some(CAUSAL_LM) {
         let decoder = DecoderArgs::from_model_args(&args.common);
         let options = args.sampling.options(args.max_new_tokens);
         return super::decoder::run_predict(&decoder, &options, &args.input, &args.output);
+    }
+    if lora_mini::decoder::is_decoder(&args.common.model)? {
+        return run_decoder_task_predict(args);
     }
     let Session {
         loaded,
@@ -401,19 +497,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
     let mut rows: Vec<serde_json::Value> = Vec::new();
     match (&loaded.model, task.kind) {
         (TaskModel::T5(m), TaskKind::Translation) => {
-            let sources: Vec<TranslationPair> =
-                if args.input.extension().is_some_and(|e| e == "jsonl") {
-                    read_translation_jsonl(&args.input).map_err(|e| e.to_string())?
-                } else {
-                    let text = read_text(&args.input).map_err(|e| e.to_string())?;
-                    lines(&text)
-                        .iter()
-                        .map(|l| TranslationPair {
-                            en: l.to_string(),
-                            ro: String::new(),
-                        })
-                        .collect()
-                };
+            let sources = read_sources(&args.input)?;
             let enc = encode_translation(
                 &tokenizer,
                 &sources,
@@ -461,14 +545,5 @@ pub fn run_predict(args: &PredictArgs) -> Result<(), Error> {
         }
         _ => return Err(format!("task {} does not fit this model", task.name).into()),
     }
-    let mut out = std::fs::File::create(&args.output).map_err(Error::io(&args.output))?;
-    for row in &rows {
-        writeln!(out, "{row}").map_err(Error::io(&args.output))?;
-    }
-    eprintln!(
-        "wrote {} predictions to {}",
-        rows.len(),
-        args.output.display()
-    );
-    Ok(())
+    write_rows(&args.output, &rows)
 }

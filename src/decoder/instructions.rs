@@ -176,18 +176,14 @@ impl InstructionSet {
         prompt: &Prompt,
         examples: &[Example],
     ) -> Result<Self> {
-        let mut choices = Vec::with_capacity(examples.len());
-        let mut gold = Vec::with_capacity(examples.len());
-        for e in examples {
-            let label = e
-                .label
-                .ok_or_else(|| Error::Message("evaluation needs labelled rows".into()))?;
-            let rows = (0..prompt.words.len())
-                .map(|c| text.encode_row(&LmRow::Messages(prompt.answered(e, c)), usize::MAX))
-                .collect::<Result<Vec<_>>>()?;
-            choices.push(rows);
-            gold.push(label);
-        }
+        let gold = examples
+            .iter()
+            .map(|e| {
+                e.label
+                    .ok_or_else(|| Error::Message("evaluation needs labelled rows".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let choices = label_word_choices(text, prompt, examples)?;
         Ok(Self::LabelWords { choices, gold })
     }
 
@@ -234,34 +230,71 @@ impl InstructionSet {
     }
 }
 
-/// The class whose answer turn `model` finds likeliest, per example;
-/// all choice rows run `batch_size` at a time, and `on_rows` hears how
-/// many rows each batch scored.
-pub fn predict_labels(
+/// Per example (labelled or not), one tokenised conversation per class,
+/// answered with that class's word. Not truncated: cutting a prompt would
+/// cut the answer being scored.
+pub fn label_word_choices(
+    text: &ChatTokenizer,
+    prompt: &Prompt,
+    examples: &[Example],
+) -> Result<Vec<Vec<LmExample>>> {
+    examples
+        .iter()
+        .map(|e| {
+            (0..prompt.words.len())
+                .map(|c| text.encode_row(&LmRow::Messages(prompt.answered(e, c)), usize::MAX))
+                .collect()
+        })
+        .collect()
+}
+
+/// The summed negative log-likelihood of each class's answer turn, per
+/// example; all choice rows run `batch_size` at a time, and `on_rows`
+/// hears how many rows each batch scored.
+pub fn choice_nlls(
     model: &LlamaForCausalLM,
     choices: &[Vec<LmExample>],
     batch_size: usize,
     pad: u32,
     mut on_rows: impl FnMut(usize),
-) -> candle::Result<Vec<Label>> {
+) -> candle::Result<Vec<Vec<f64>>> {
     let rows: Vec<&LmExample> = choices.iter().flatten().collect();
     let mut nlls = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
         nlls.extend(super::row_nlls(model, chunk, batch_size, pad)?);
         on_rows(chunk.len());
     }
-    let mut at = 0;
-    let mut predicted = Vec::with_capacity(choices.len());
-    for c in choices {
-        let scores = &nlls[at..at + c.len()];
-        at += c.len();
-        // The first of equal likelihoods, as argmax takes the first maximum.
-        let best = (0..scores.len())
-            .reduce(|b, i| if scores[i] < scores[b] { i } else { b })
-            .unwrap_or(0);
-        predicted.push(Label::Class(best));
-    }
-    Ok(predicted)
+    let mut rest = nlls.as_slice();
+    Ok(choices
+        .iter()
+        .map(|c| {
+            let (mine, after) = rest.split_at(c.len());
+            rest = after;
+            mine.to_vec()
+        })
+        .collect())
+}
+
+/// The likeliest class of each example's [`choice_nlls`]: the first of
+/// equal likelihoods, as argmax takes the first maximum.
+pub fn likeliest(nlls: &[f64]) -> Label {
+    let best = (0..nlls.len())
+        .reduce(|b, i| if nlls[i] < nlls[b] { i } else { b })
+        .unwrap_or(0);
+    Label::Class(best)
+}
+
+/// The class whose answer turn `model` finds likeliest, per example (see
+/// [`choice_nlls`]).
+pub fn predict_labels(
+    model: &LlamaForCausalLM,
+    choices: &[Vec<LmExample>],
+    batch_size: usize,
+    pad: u32,
+    on_rows: impl FnMut(usize),
+) -> candle::Result<Vec<Label>> {
+    let nlls = choice_nlls(model, choices, batch_size, pad, on_rows)?;
+    Ok(nlls.iter().map(|n| likeliest(n)).collect())
 }
 
 /// Greedy answers to `prompts` (token ids), up to `max_new_tokens` each,

@@ -284,6 +284,48 @@ fn eval_scores_a_glue_task_on_a_decoder_as_training_did() {
     assert_eq!(scores["f1"], results["best"]["f1"], "{results}");
     assert!(scores["accuracy"].as_f64().unwrap() >= 0.9, "{scores}");
 
+    // predict on the same rows: the label words eval scored, one per row,
+    // as accurate as eval said.
+    let preds = config.with_file_name("preds.jsonl");
+    let dev = data.join("dev.tsv");
+    let args = [
+        "predict",
+        "--model",
+        fixture,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--input",
+        dev.to_str().unwrap(),
+        "--output",
+        preds.to_str().unwrap(),
+    ];
+    let (ok, _, stderr) = run(&args, "");
+    assert!(ok, "{stderr}");
+    // MRPC's labels are named "0" and "1", the TSV's first column.
+    let gold: Vec<String> = std::fs::read_to_string(&dev)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l[..1].to_string())
+        .collect();
+    let predicted: Vec<serde_json::Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(predicted.len(), gold.len());
+    let right = predicted
+        .iter()
+        .zip(&gold)
+        .filter(|(p, g)| p["prediction"] == g.as_str())
+        .count();
+    assert_eq!(predicted[0]["answer_nll"].as_array().unwrap().len(), 2);
+    let accuracy = right as f64 / gold.len() as f64;
+    assert!(
+        (accuracy - scores["accuracy"].as_f64().unwrap()).abs() < 1e-9,
+        "{accuracy}"
+    );
+
     let args = [
         "eval",
         "--model",
@@ -300,4 +342,39 @@ fn eval_scores_a_glue_task_on_a_decoder_as_training_did() {
         stderr.contains("stsb") && stderr.contains("label words"),
         "{stderr}"
     );
+}
+
+/// `predict --task wmt16-en-ro` on a decoder: one greedy translation per
+/// source line, the same text `eval` would score for it.
+#[test]
+fn predict_translates_sources_on_a_decoder() {
+    let input = temp("sources.txt", "one two three\nthe cat is red\n");
+    let output = input.with_file_name("translations.jsonl");
+    let args = [
+        "predict",
+        "--model",
+        "tests/fixtures/llama-gqa",
+        "--task",
+        "wmt16-en-ro",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--max-new-tokens",
+        "6",
+    ];
+    let (ok, _, stderr) = run(&args, "");
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let text = row["translation"].as_str().expect("a translation string");
+        // At most 6 new tokens of the fixture's one-word vocabulary.
+        assert!(text.split_whitespace().count() <= 6, "{text:?}");
+    }
+    assert!(stderr.contains("wrote 2 predictions"), "{stderr}");
 }
