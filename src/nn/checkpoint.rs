@@ -71,10 +71,13 @@ pub fn checkpointed_backward<L: Layers>(
     Ok((loss, out))
 }
 
-/// The gradient of `tensor`, or zeros when nothing reached it.
+/// The gradient of `tensor`, or zeros when nothing reached it, detached:
+/// a gradient computed through a trainable tensor (`dx = g·Wᵀ`) records
+/// that op, and the next layer's backward would otherwise differentiate
+/// through it and count `W`'s gradient a second time.
 fn take(grads: &mut GradStore, tensor: &Tensor) -> Result<Tensor> {
     match grads.remove(tensor) {
-        Some(g) => Ok(g),
+        Some(g) => Ok(g.detach()),
         None => tensor.zeros_like(),
     }
 }
