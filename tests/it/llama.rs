@@ -561,8 +561,9 @@ fn lora_mini_and_lora_train_a_tiny_decoder_and_resume_bitwise() {
 /// ggml's kernels). Both our bases agree with its mean token loss on a
 /// text within 1% (measured 2026-12-04: quantized 1.7893, dequantized
 /// 1.7945, theirs 1.7927). Our quantized base runs the same kernels and
-/// starts the chat answer as theirs does ("L'Étoile, la Mar..."; the two
-/// part at the tenth token, with first-token logits up to 0.81 apart);
+/// starts the chat answer as theirs does ("L'Étoile, la ..."; the two
+/// part at the eighth token since our fused RMS norm, the tenth before,
+/// with first-token logits up to 0.75 apart);
 /// our dequantized base computes in f32, as transformers does, and answers
 /// "The capital of France is Paris." instead.
 #[cfg(feature = "data")]
