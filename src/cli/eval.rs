@@ -314,21 +314,27 @@ fn print_scores(scores: &BTreeMap<String, Option<f64>>, as_json: bool) -> Result
     Ok(())
 }
 
-/// `eval` of a decoder on a built-in task, asked as instructions: GLUE
-/// classification by label words, WMT16 by greedy translations (up to
-/// `--max-len` new tokens, 256 by default).
-fn run_decoder_eval(args: &EvalArgs) -> Result<(), Error> {
-    let recorded = match &args.common.adapter {
+/// The built-in task a decoder command runs: `--task`, else the one the
+/// adapter recorded.
+fn decoder_task(common: &ModelArgs) -> Result<&'static Task, Error> {
+    let recorded = match &common.adapter {
         Some(path) => AdapterFile::read(path, &Device::Cpu)?.data_settings(),
         None => None,
     };
     let name = setting(
-        ("--task", args.common.task.clone()),
+        ("--task", common.task.clone()),
         recorded.map(|d| d.task),
         None,
     )
     .ok_or("--task is required (the adapter does not record its task)")?;
-    let task = task(&name)?;
+    task(&name)
+}
+
+/// `eval` of a decoder on a built-in task, asked as instructions: GLUE
+/// classification by label words, WMT16 by greedy translations (up to
+/// `--max-len` new tokens, 256 by default).
+fn run_decoder_eval(args: &EvalArgs) -> Result<(), Error> {
+    let task = decoder_task(&args.common)?;
     let decoder = super::decoder::load(&DecoderArgs::from_model_args(&args.common))?;
     let set = if task.kind == TaskKind::Translation {
         let pairs = eval_pairs(task, args.data.as_deref())?;
@@ -361,17 +367,7 @@ fn run_decoder_eval(args: &EvalArgs) -> Result<(), Error> {
 /// likeliest per GLUE row (with each class's summed answer NLL), or its
 /// greedy translation per source.
 fn run_decoder_task_predict(args: &PredictArgs) -> Result<(), Error> {
-    let recorded = match &args.common.adapter {
-        Some(path) => AdapterFile::read(path, &Device::Cpu)?.data_settings(),
-        None => None,
-    };
-    let name = setting(
-        ("--task", args.common.task.clone()),
-        recorded.map(|d| d.task),
-        None,
-    )
-    .ok_or("--task is required (the adapter does not record its task)")?;
-    let task = task(&name)?;
+    let task = decoder_task(&args.common)?;
     let decoder = super::decoder::load(&DecoderArgs::from_model_args(&args.common))?;
     let pad = decoder.text.eos_ids.first().copied().unwrap_or(0);
     let rows: Vec<serde_json::Value> = if task.kind == TaskKind::Translation {
@@ -398,7 +394,7 @@ fn run_decoder_task_predict(args: &PredictArgs) -> Result<(), Error> {
             .collect::<Result<_, Error>>()?
     } else {
         let TaskKind::Classification { labels } = task.kind else {
-            return Err(format!("task {name} is not a classification or translation task; a decoder answers those by label words or text").into());
+            return Err(format!("task {} is not a classification or translation task; a decoder answers those by label words or text", task.name).into());
         };
         let prompt = instructions::prompt(task)?;
         let examples = read_examples(task, &args.input)?;
