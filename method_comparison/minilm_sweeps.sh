@@ -11,6 +11,9 @@
 #     it could not rank anything);
 #   stage 2 (final): seeds 2 and 3 of the chosen setting (seed 1 is the
 #     prune run, copied over);
+#   rows: seeds 1-3 of every projection at its own stage-1 rate (the issue's
+#     table has one row per projection), into the final folder, so its
+#     table chooses among 3-seed means;
 #   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
@@ -24,6 +27,11 @@ common=(--set task.validation_split=0.1 --set run.time_budget_minutes=60 --set r
 mini=configs/minilm/bert-$TASK-lora-mini-dense+attention-r8.toml
 lora=configs/minilm/bert-$TASK-lora-dense-r8.toml
 
+copy_seed1() { # from-dir to-dir run-name
+  mkdir -p "$2"
+  [ -e "$2/$3" ] || cp -r "$1/$3" "$2/$3"
+}
+
 case "$STAGE" in
 prune)
   "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
@@ -35,10 +43,6 @@ prune)
 final)
   # The settings the prune stage's validation metric chose; pass them in.
   # Seed 1 of each ran in the prune stage with the same config.
-  copy_seed1() { # from-dir to-dir run-name
-    mkdir -p "$2"
-    [ -e "$2/$3" ] || cp -r "$1/$3" "$2/$3"
-  }
   copy_seed1 "$OUT/$TASK-lora-mini" "$OUT/$TASK-final-lora-mini" \
     "adapter.aux_init=${MINI_INIT:?}_optim.lr=${MINI_LR:?}_seed=1"
   "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
@@ -47,6 +51,17 @@ final)
   copy_seed1 "$OUT/$TASK-lora" "$OUT/$TASK-final-lora" "optim.lr=${LORA_LR:?}_seed=1"
   "$BIN" sweep --config "$lora" "${common[@]}" --grid "optim.lr=$LORA_LR" \
     --seeds 1,2,3 --out "$OUT/$TASK-final-lora"
+  ;;
+rows)
+  # Every projection at its best stage-1 rate, 3 seeds: the chosen one is
+  # already there and is skipped; the others' seed 1 comes from stage 1.
+  for init in kaiming orthogonal svd; do
+    copy_seed1 "$OUT/$TASK-lora-mini" "$OUT/$TASK-final-lora-mini" \
+      "adapter.aux_init=${init}_optim.lr=${MINI_LR:-3e-3}_seed=1"
+  done
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --grid adapter.aux_init=kaiming,orthogonal,svd --grid "optim.lr=${MINI_LR:-3e-3}" \
+    --seeds 1,2,3 --out "$OUT/$TASK-final-lora-mini"
   ;;
 rate)
   # One more rate for the chosen projection, between the grid's 3e-3 and the
