@@ -7,7 +7,9 @@ pub(crate) mod attention;
 pub(crate) mod composed;
 pub(crate) mod frozen_matmul;
 pub(crate) mod fused;
+pub(crate) mod gated;
 pub(crate) mod quantized_matmul;
+pub(crate) mod rope;
 
 use candle::{CpuStorage, Layout, Result, Tensor};
 

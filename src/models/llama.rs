@@ -406,8 +406,8 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward_t(xs, train)?)?;
-        let hidden = (gate * self.up_proj.forward_t(xs, train)?)?;
+        let gate = self.gate_proj.forward_t(xs, train)?;
+        let hidden = self.act.gated(&gate, &self.up_proj.forward_t(xs, train)?)?;
         self.down_proj.forward_t(&hidden, train)
     }
 }

@@ -43,4 +43,13 @@ impl Activation {
             Self::Silu => xs.silu(),
         }
     }
+
+    /// `act(gate) · up`, a gated MLP's product (Llama's `act_fn(gate_proj(x))
+    /// * up_proj(x)`); fused for SiLU.
+    pub fn gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => ops::silu_mul(gate, up),
+            _ => self.forward(gate)? * up,
+        }
+    }
 }

@@ -33,6 +33,7 @@ use candle::{DType, Result, Tensor, D};
 
 use crate::kernels::composed::{composed_layer_norm, composed_softmax_last_dim};
 use crate::kernels::fused::{GeluErf, LayerNormOp, RmsNormOp, Softmax, TargetNll};
+use crate::kernels::gated::SiluMul;
 
 pub(crate) fn fusable(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
@@ -81,6 +82,16 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
         return xs.contiguous()?.apply_op1(GeluErf);
     }
     xs.gelu_erf()
+}
+
+/// `silu(gate) · up`, the product of a SiLU-gated MLP (Llama's), fused on
+/// the CPU in f32: one pass forward and one backward, where composed it is
+/// a dozen elementwise passes.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fusable(gate) && fusable(up) && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul);
+    }
+    gate.silu()? * up
 }
 
 /// The cross-entropy `(n)` of each row of `logits (n, V)` against its
@@ -218,6 +229,32 @@ mod tests {
             let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(max_diff(f, c)? <= 1e-5 * scale.max(1.0));
             assert!(scale > 0.0);
+        }
+        Ok(())
+    }
+
+    /// The fused SiLU-gated product against `silu(gate) * up`: values and
+    /// both input gradients, with inputs wide enough to reach the sigmoid's
+    /// tails and a size that is not a multiple of the parallel chunk.
+    #[test]
+    fn fused_silu_mul_matches_the_composed_one() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = (3, 7001);
+        let gate = Var::from_tensor(&Tensor::randn(0f32, 6.0, shape, &dev)?)?;
+        let up = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let fused = silu_mul(&gate, &up)?;
+        let composed = (gate.silu()? * up.as_tensor())?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&fused, &composed)? < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for v in [&gate, &up] {
+            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(max_diff(f, c)? < 1e-5);
+            assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         }
         Ok(())
     }

@@ -1,0 +1,83 @@
+//! Rotary position embeddings in the halves layout (Llama, Mistral, Qwen2),
+//! fused with their backward.
+//!
+//! Composed (`rope_slow`), RoPE is seven Candle nodes (narrows, a negation,
+//! a concatenation, two broadcast products and a sum), and their backward
+//! pads every narrowed gradient with zeros and adds it up. Fused, the
+//! forward is one pass over the queries or keys, and the backward is the
+//! same rotation by the opposite angle, one more pass.
+
+use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::fused::vectorized;
+use super::{f32_rows, with_cpu_f32};
+
+/// Rotates each `(batch, heads, seq, dim)` row's pairs `(x[i], x[i + dim /
+/// 2])` by the angle whose cosine and sine the tables hold: `(seq, dim /
+/// 2)`, shared by the batch, or `(batch, seq, dim / 2)`, one per row.
+/// `inverse` rotates by the opposite angle, which is the backward.
+pub(crate) struct Rope {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) inverse: bool,
+}
+
+impl Rope {
+    /// The table row for flat row `row` of a `(batch, heads, seq, dim)`
+    /// input.
+    fn table_row(&self, row: usize, heads: usize, seq: usize) -> usize {
+        let position = row % seq;
+        if self.cos.rank() == 3 {
+            (row / (heads * seq)) * seq + position
+        } else {
+            position
+        }
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "lora-mini-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, dim) = f32_rows(storage, layout, self.name())?;
+        let (_, heads, seq, _) = layout.shape().dims4()?;
+        let half = dim / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut out = vec![0f32; x.len()];
+        with_cpu_f32(&self.cos, "rope cos table", |cos| {
+            with_cpu_f32(&self.sin, "rope sin table", |sin| {
+                out.par_chunks_mut(dim)
+                    .zip(x.par_chunks(dim))
+                    .enumerate()
+                    .with_min_len(64)
+                    .for_each(|(row, (y, x))| {
+                        let at = self.table_row(row, heads, seq) * half;
+                        let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+                        let (x1, x2) = x.split_at(half);
+                        let (y1, y2) = y.split_at_mut(half);
+                        vectorized(|| {
+                            for i in 0..half {
+                                let s = sign * s[i];
+                                y1[i] = x1[i] * c[i] - x2[i] * s;
+                                y2[i] = x2[i] * c[i] + x1[i] * s;
+                            }
+                        })
+                    });
+                Ok(())
+            })
+        })?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
