@@ -102,7 +102,7 @@ impl AdapterHost {
             return linear_fwd(xs, &merged_weight(weight, &delta)?, self.base.bias());
         }
         let h = linear_fwd(&self.adapter_input(xs, train)?, &a_eff, None)?;
-        self.base_forward(xs)? + linear_fwd(&h, &b_eff, None)?
+        self.base.forward_with_update(xs, &h, &b_eff)
     }
 
     /// The base layer as a plain candle-nn layer (dequantized if it was

@@ -45,3 +45,54 @@ pub(crate) fn with_cpu_f32<R>(
     };
     f(&v[a..b])
 }
+
+/// `y (m x n) += h (m x r) · Bᵀ` for a row-major `B (n x r)`: a low-rank
+/// update's last factor accumulated onto a base layer's output inside the
+/// gemm, for the fused base-plus-update ops.
+pub(crate) fn add_low_rank(
+    y: &mut [f32],
+    h: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    r: usize,
+) -> Result<()> {
+    if y.len() != m * n || h.len() != m * r || b.len() != n * r {
+        candle::bail!(
+            "low-rank update: {} outputs, {} hidden and {} factor values do not fit {m}x{n} with rank {r}",
+            y.len(),
+            h.len(),
+            b.len()
+        );
+    }
+    let parallelism = match candle::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    };
+    // Bᵀ's element (i, j) is B[j][i]: row stride 1, column stride r.
+    // SAFETY: y holds m·n values, h m·r and B n·r (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            r,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            h.as_ptr(),
+            1,
+            r as isize,
+            b.as_ptr(),
+            r as isize,
+            1,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+    Ok(())
+}
