@@ -1,5 +1,7 @@
 //! The attention core of BERT and RoBERTa, `softmax(q·kᵀ/√d + mask)·v`
-//! with dropout on the probabilities, as one fused CPU op with a backward.
+//! with dropout on the probabilities, as one fused CPU op with a backward;
+//! and of Llama-family decoders in training, with grouped-query heads and a
+//! causal (or packed-document) mask per query.
 //!
 //! Built from Candle ops, the core transposes q, k and v into heads, keeps
 //! the scores, the masked scores, the probabilities, the dropped
@@ -64,23 +66,65 @@ pub(crate) fn attention(
     let (b, t, hidden) = q.dims3()?;
     let fusable = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
     if fusable(q) && fusable(k) && fusable(v) && fusable(mask) {
-        let op = AttentionCore {
-            heads,
-            mask: mask.flatten_all()?.to_vec1::<f32>()?,
-            dropout,
-        };
-        if op.mask.len() != b * t {
+        let keys = mask.flatten_all()?.to_vec1::<f32>()?;
+        if keys.len() != b * t {
             candle::bail!(
                 "attention: the mask has {} entries, not {}",
-                op.mask.len(),
+                keys.len(),
                 b * t
             );
         }
+        let op = AttentionCore {
+            heads,
+            kv_heads: heads,
+            mask: AttentionMask::Keys(keys),
+            dropout,
+        };
         return q
             .contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
     }
     composed(q, k, v, mask, heads, dropout.as_ref(), (b, t, hidden))
+}
+
+/// The decoder's attention core for `q: (batch, t, heads · d)` and `k`, `v`:
+/// `(batch, t, kv_heads · d)` (grouped-query: each key-value head serves
+/// `heads / kv_heads` query heads in a row, as transformers' `repeat_kv`),
+/// with an additive `mask` broadcastable to `(batch, 1, t, t)` (causal,
+/// padding, packed documents) and no dropout. Returns `(batch, t, heads ·
+/// d)`, or `None` off the CPU or f32, for the caller to compose.
+pub(crate) fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Option<Tensor>> {
+    let (b, t, _) = q.dims3()?;
+    let fusable = |x: &Tensor| x.device().is_cpu() && x.dtype() == DType::F32;
+    if !(fusable(q) && fusable(k) && fusable(v) && fusable(mask)) {
+        return Ok(None);
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        candle::bail!(
+            "attention: {heads} query heads are not a multiple of {kv_heads} key-value heads"
+        );
+    }
+    let pairs = mask
+        .broadcast_as((b, 1, t, t))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let op = AttentionCore {
+        heads,
+        kv_heads,
+        mask: AttentionMask::Pairs(pairs),
+        dropout: None,
+    };
+    let out = q
+        .contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+    Ok(Some(out))
 }
 
 /// [`attention`] from Candle ops (any device and dtype).
@@ -112,11 +156,32 @@ fn composed(
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))
 }
 
-/// The op: arguments q, k, v; state the head count, the `(batch, t)`
-/// additive key mask and the probabilities' dropout mask.
+/// The additive mask on the scores.
+enum AttentionMask {
+    /// `(batch, t)`: one value per key, the same for every query (BERT's
+    /// padding).
+    Keys(Vec<f32>),
+    /// `(batch, t, t)`: one value per (query, key) (a decoder's causal and
+    /// padding or document mask).
+    Pairs(Vec<f32>),
+}
+
+impl AttentionMask {
+    /// The mask of query `i` of sequence `s`, over the `t` keys.
+    fn row(&self, s: usize, i: usize, t: usize) -> &[f32] {
+        match self {
+            Self::Keys(m) => &m[s * t..(s + 1) * t],
+            Self::Pairs(m) => &m[(s * t + i) * t..(s * t + i + 1) * t],
+        }
+    }
+}
+
+/// The op: arguments q, k, v; state the head counts, the additive mask and
+/// the probabilities' dropout mask.
 struct AttentionCore {
     heads: usize,
-    mask: Vec<f32>,
+    kv_heads: usize,
+    mask: AttentionMask,
     dropout: Option<ProbsDropout>,
 }
 
@@ -135,16 +200,28 @@ struct Geometry {
     batch: usize,
     t: usize,
     heads: usize,
+    kv_heads: usize,
     d: usize,
 }
 
 impl Geometry {
+    /// The row width of q and the output.
     fn hidden(&self) -> usize {
         self.heads * self.d
     }
-    /// Offset of head `h` of sequence `s` in a `(batch, t, hidden)` buffer.
+    /// The row width of k and v.
+    fn kv_hidden(&self) -> usize {
+        self.kv_heads * self.d
+    }
+    /// Offset of query head `h` of sequence `s` in a `(batch, t, hidden)`
+    /// buffer (q, the output and their gradients).
     fn base(&self, s: usize, h: usize) -> usize {
         s * self.t * self.hidden() + h * self.d
+    }
+    /// Offset of the key-value head serving query head `h` of sequence `s`
+    /// in a `(batch, t, kv_hidden)` buffer (k, v and their gradients).
+    fn kv_base(&self, s: usize, h: usize) -> usize {
+        s * self.t * self.kv_hidden() + (h / (self.heads / self.kv_heads)) * self.d
     }
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
@@ -201,6 +278,7 @@ impl AttentionCore {
             batch,
             t,
             heads: self.heads,
+            kv_heads: self.kv_heads,
             d: hidden / self.heads,
         })
     }
@@ -216,24 +294,24 @@ impl AttentionCore {
         k: &[f32],
         probs: &mut [f32],
     ) {
-        let (t, row) = (g.t, g.hidden() as isize);
-        let base = g.base(s, h);
-        // SAFETY: q and k hold batch·t·hidden values; head h of sequence s
-        // spans t rows of stride `hidden` and d columns from `base`. kᵀ's
-        // element (i, j) is k[j][i]: row stride 1, column stride `hidden`.
+        let t = g.t;
+        let (row, kv_row) = (g.hidden() as isize, g.kv_hidden() as isize);
+        // SAFETY: q holds batch·t·hidden values and k batch·t·kv_hidden;
+        // head h of sequence s spans t rows of stride `hidden` (q) or
+        // `kv_hidden` (k) and d columns from its base. kᵀ's element (i, j)
+        // is k[j][i]: row stride 1, column stride `kv_hidden`.
         unsafe {
             gemm_strided(
                 (t, t, g.d),
                 (probs.as_mut_ptr(), 1, t as isize),
-                (q.as_ptr().add(base), 1, row),
-                (k.as_ptr().add(base), row, 1),
+                (q.as_ptr().add(g.base(s, h)), 1, row),
+                (k.as_ptr().add(g.kv_base(s, h)), kv_row, 1),
                 0.0,
                 g.scale(),
             );
         }
-        let mask = &self.mask[s * t..(s + 1) * t];
-        for r in probs.chunks_exact_mut(t) {
-            for (x, &m) in r.iter_mut().zip(mask) {
+        for (i, r) in probs.chunks_exact_mut(t).enumerate() {
+            for (x, &m) in r.iter_mut().zip(self.mask.row(s, i, t)) {
                 *x += m;
             }
             softmax_in_place(r);
@@ -267,33 +345,38 @@ impl CustomOp3 for AttentionCore {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(l1)?;
-        let shape = l1.shape();
-        if l2.shape() != shape || l3.shape() != shape {
-            candle::bail!("attention: q, k and v shapes differ");
+        let kv_shape = Shape::from((g.batch, g.t, g.kv_hidden()));
+        if l2.shape() != &kv_shape || l3.shape() != &kv_shape {
+            candle::bail!(
+                "attention: k {:?} and v {:?} do not fit q {:?} with {} key-value heads",
+                l2.dims(),
+                l3.dims(),
+                l1.dims(),
+                g.kv_heads
+            );
         }
         let (q, _) = f32_rows(s1, l1, self.name())?;
         let (k, _) = f32_rows(s2, l2, self.name())?;
         let (v, _) = f32_rows(s3, l3, self.name())?;
         let mut out = vec![0f32; q.len()];
         let out_ptr = SharedOut(out.as_mut_ptr());
-        let row = g.hidden() as isize;
+        let (row, kv_row) = (g.hidden() as isize, g.kv_hidden() as isize);
         (0..g.batch * g.heads).into_par_iter().for_each(|task| {
             vectorized(|| {
                 let (s, h) = (task / g.heads, task % g.heads);
                 let mut probs = vec![0f32; g.t * g.t];
                 self.probabilities(g, s, h, q, k, &mut probs);
                 self.apply_dropout(g, s, h, &mut probs);
-                let base = g.base(s, h);
                 let out = out_ptr;
                 // SAFETY: this task writes only head h's d columns of sequence
                 // s's t rows; probs is t × t, v's head spans t rows of stride
-                // `hidden`.
+                // `kv_hidden`.
                 unsafe {
                     gemm_strided(
                         (g.t, g.d, g.t),
-                        (out.0.add(base), 1, row),
+                        (out.0.add(g.base(s, h)), 1, row),
                         (probs.as_ptr(), 1, g.t as isize),
-                        (v.as_ptr().add(base), 1, row),
+                        (v.as_ptr().add(g.kv_base(s, h)), 1, kv_row),
                         0.0,
                         1.0,
                     );
@@ -311,115 +394,136 @@ impl CustomOp3 for AttentionCore {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (batch, t, hidden) = q.dims3()?;
-        let g = Geometry {
-            batch,
-            t,
-            heads: self.heads,
-            d: hidden / self.heads,
-        };
+        let g = self.geometry(q.layout())?;
         let grad = grad.contiguous()?;
-        let n = q.elem_count();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let (dq_ptr, dk_ptr, dv_ptr) = (
-            SharedOut(dq.as_mut_ptr()),
-            SharedOut(dk.as_mut_ptr()),
-            SharedOut(dv.as_mut_ptr()),
-        );
-        let row = hidden as isize;
-        let tt = t as isize;
+        let (n, n_kv) = (q.elem_count(), k.elem_count());
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n_kv], vec![0f32; n_kv]);
+        let out = Grads {
+            dq: SharedOut(dq.as_mut_ptr()),
+            dk: SharedOut(dk.as_mut_ptr()),
+            dv: SharedOut(dv.as_mut_ptr()),
+        };
         with_cpu_f32(q, "q", |q| {
             with_cpu_f32(k, "k", |k| {
                 with_cpu_f32(v, "v", |v| {
                     with_cpu_f32(&grad, "gradient", |go| {
-                        (0..batch * self.heads).into_par_iter().for_each(|task| {
-                            vectorized(|| {
-                                let (s, h) = (task / g.heads, task % g.heads);
-                                let base = g.base(s, h);
-                                let (dq, dk, dv) = (dq_ptr, dk_ptr, dv_ptr);
-                                let mut probs = vec![0f32; t * t];
-                                self.probabilities(g, s, h, q, k, &mut probs);
-                                // The dropped probabilities need a copy only
-                                // when dropout is on.
-                                let dropped = match self.dropout {
-                                    Some(_) => {
-                                        let mut d = probs.clone();
-                                        self.apply_dropout(g, s, h, &mut d);
-                                        std::borrow::Cow::Owned(d)
-                                    }
-                                    None => std::borrow::Cow::Borrowed(&probs[..]),
-                                };
-                                let mut dprobs = vec![0f32; t * t];
-                                // SAFETY (all four gemms): every head operand
-                                // spans t rows of stride `hidden` and d columns
-                                // from `base`; t × t buffers are row-major; the
-                                // task writes only its own head's columns of
-                                // dq, dk and dv.
-                                unsafe {
-                                    // dv = dropped_probsᵀ · dout
-                                    gemm_strided(
-                                        (t, g.d, t),
-                                        (dv.0.add(base), 1, row),
-                                        (dropped.as_ptr(), tt, 1),
-                                        (go.as_ptr().add(base), 1, row),
-                                        0.0,
-                                        1.0,
-                                    );
-                                    // d(dropped_probs) = dout · vᵀ
-                                    gemm_strided(
-                                        (t, t, g.d),
-                                        (dprobs.as_mut_ptr(), 1, tt),
-                                        (go.as_ptr().add(base), 1, row),
-                                        (v.as_ptr().add(base), row, 1),
-                                        0.0,
-                                        1.0,
-                                    );
-                                }
-                                // Through dropout, then the softmax:
-                                // dscores = p ∘ (dp − Σ dp ∘ p), times the scale.
-                                self.apply_dropout(g, s, h, &mut dprobs);
-                                let scale = g.scale();
-                                for (dp, p) in dprobs.chunks_exact_mut(t).zip(probs.chunks_exact(t))
-                                {
-                                    let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-                                    for (x, &p) in dp.iter_mut().zip(p) {
-                                        *x = p * (*x - dot) * scale;
-                                    }
-                                }
-                                unsafe {
-                                    // dq = dscores · k
-                                    gemm_strided(
-                                        (t, g.d, t),
-                                        (dq.0.add(base), 1, row),
-                                        (dprobs.as_ptr(), 1, tt),
-                                        (k.as_ptr().add(base), 1, row),
-                                        0.0,
-                                        1.0,
-                                    );
-                                    // dk = dscoresᵀ · q
-                                    gemm_strided(
-                                        (t, g.d, t),
-                                        (dk.0.add(base), 1, row),
-                                        (dprobs.as_ptr(), tt, 1),
-                                        (q.as_ptr().add(base), 1, row),
-                                        0.0,
-                                        1.0,
-                                    );
-                                }
-                            })
+                        // One task per (sequence, key-value head): the query
+                        // heads it serves add into the same dk and dv, so
+                        // they run in turn.
+                        (0..g.batch * g.kv_heads).into_par_iter().for_each(|task| {
+                            let (s, kv_head) = (task / g.kv_heads, task % g.kv_heads);
+                            let group = g.heads / g.kv_heads;
+                            for (j, h) in (kv_head * group..(kv_head + 1) * group).enumerate() {
+                                let inputs = (q, k, v, go);
+                                vectorized(|| self.head_grads(g, s, h, j > 0, inputs, out));
+                            }
                         });
                         Ok(())
                     })
                 })
             })
         })?;
-        let shape = q.shape();
         let dev = q.device();
         Ok((
-            Some(Tensor::from_vec(dq, shape, dev)?),
-            Some(Tensor::from_vec(dk, shape, dev)?),
-            Some(Tensor::from_vec(dv, shape, dev)?),
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
+    }
+}
+
+/// Where the backward writes q's, k's and v's gradients.
+#[derive(Clone, Copy)]
+struct Grads {
+    dq: SharedOut,
+    dk: SharedOut,
+    dv: SharedOut,
+}
+
+impl AttentionCore {
+    /// The gradients from query head `h` of sequence `s`: its own dq, and
+    /// its share of its key-value head's dk and dv, added to what the
+    /// group's earlier heads wrote when `accumulate`.
+    fn head_grads(
+        &self,
+        g: Geometry,
+        s: usize,
+        h: usize,
+        accumulate: bool,
+        (q, k, v, go): (&[f32], &[f32], &[f32], &[f32]),
+        out: Grads,
+    ) {
+        let t = g.t;
+        let (row, kv_row, tt) = (g.hidden() as isize, g.kv_hidden() as isize, t as isize);
+        let (base, kv_base) = (g.base(s, h), g.kv_base(s, h));
+        let kv_alpha = if accumulate { 1.0 } else { 0.0 };
+        let mut probs = vec![0f32; t * t];
+        self.probabilities(g, s, h, q, k, &mut probs);
+        // The dropped probabilities need a copy only when dropout is on.
+        let dropped = match self.dropout {
+            Some(_) => {
+                let mut d = probs.clone();
+                self.apply_dropout(g, s, h, &mut d);
+                std::borrow::Cow::Owned(d)
+            }
+            None => std::borrow::Cow::Borrowed(&probs[..]),
+        };
+        let mut dprobs = vec![0f32; t * t];
+        // SAFETY (all four gemms): q, dq and dout heads span t rows of
+        // stride `hidden`, k, v, dk and dv heads t rows of stride
+        // `kv_hidden`, each d columns from their base; t × t buffers are
+        // row-major. The caller runs the heads sharing a key-value head in
+        // turn, and only this head writes its dq columns.
+        unsafe {
+            // dv (+)= dropped_probsᵀ · dout
+            gemm_strided(
+                (t, g.d, t),
+                (out.dv.0.add(kv_base), 1, kv_row),
+                (dropped.as_ptr(), tt, 1),
+                (go.as_ptr().add(base), 1, row),
+                kv_alpha,
+                1.0,
+            );
+            // d(dropped_probs) = dout · vᵀ
+            gemm_strided(
+                (t, t, g.d),
+                (dprobs.as_mut_ptr(), 1, tt),
+                (go.as_ptr().add(base), 1, row),
+                (v.as_ptr().add(kv_base), kv_row, 1),
+                0.0,
+                1.0,
+            );
+        }
+        // Through dropout, then the softmax: dscores = p ∘ (dp − Σ dp ∘ p),
+        // times the scale.
+        self.apply_dropout(g, s, h, &mut dprobs);
+        let scale = g.scale();
+        for (dp, p) in dprobs.chunks_exact_mut(t).zip(probs.chunks_exact(t)) {
+            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+            for (x, &p) in dp.iter_mut().zip(p) {
+                *x = p * (*x - dot) * scale;
+            }
+        }
+        unsafe {
+            // dq = dscores · k
+            gemm_strided(
+                (t, g.d, t),
+                (out.dq.0.add(base), 1, row),
+                (dprobs.as_ptr(), 1, tt),
+                (k.as_ptr().add(kv_base), 1, kv_row),
+                0.0,
+                1.0,
+            );
+            // dk (+)= dscoresᵀ · q
+            gemm_strided(
+                (t, g.d, t),
+                (out.dk.0.add(kv_base), 1, kv_row),
+                (dprobs.as_ptr(), tt, 1),
+                (q.as_ptr().add(base), 1, row),
+                kv_alpha,
+                1.0,
+            );
+        }
     }
 }
 
@@ -491,6 +595,61 @@ mod tests {
                 assert!(a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
             }
         }
+        Ok(())
+    }
+
+    /// The decoder's grouped-query core against `nn::ops::sdpa` on the
+    /// heads-first layout: 6 query heads over 2 key-value heads, a causal
+    /// mask plus padding on the last keys of one sequence; values and the
+    /// gradients of q, k and v.
+    #[test]
+    fn grouped_core_matches_sdpa_with_a_causal_padded_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, t, heads, kv_heads, d) = (2, 6, 6, 2, 4);
+        let var = |width: usize| Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, width), &dev)?);
+        let (q, k, v) = (var(heads * d)?, var(kv_heads * d)?, var(kv_heads * d)?);
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), &dev)?;
+        let keep = Tensor::new(
+            &[[1f32, 1., 1., 1., 1., 1.], [1., 1., 1., 1., 0., 0.]],
+            &dev,
+        )?;
+        let padding = ((keep - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let mask = causal.broadcast_add(&padding)?;
+        let fused = grouped_attention(&q, &k, &v, &mask, heads, kv_heads)?.expect("CPU f32");
+        let split = |x: &Tensor, h: usize| -> Result<Tensor> {
+            x.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let reference = crate::nn::ops::sdpa(
+            &split(&q, heads)?,
+            &split(&k, kv_heads)?,
+            &split(&v, kv_heads)?,
+            Some(&mask),
+            false,
+            scale,
+            1.0,
+        )?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * d))?;
+        assert!(max_diff(&fused, &reference)? < 1e-5);
+        let probe = Tensor::randn(0f32, 1.0, (b, t, heads * d), &dev)?;
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gr = (reference * &probe)?.sum_all()?.backward()?;
+        for x in [&q, &k, &v] {
+            let (a, r) = (gf.get(x).unwrap(), gr.get(x).unwrap());
+            assert!(
+                max_diff(a, r)? < 1e-5,
+                "{:?}: {}",
+                x.dims(),
+                max_diff(a, r)?
+            );
+            assert!(r.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        // A head count the key-value heads do not divide is refused.
+        assert!(grouped_attention(&q, &k, &v, &mask, 5, kv_heads).is_err());
         Ok(())
     }
 

@@ -13,23 +13,30 @@ use rayon::prelude::*;
 use super::fused::vectorized;
 use super::{f32_rows, with_cpu_f32};
 
-/// Rotates each `(batch, heads, seq, dim)` row's pairs `(x[i], x[i + dim /
-/// 2])` by the angle whose cosine and sine the tables hold: `(seq, dim /
-/// 2)`, shared by the batch, or `(batch, seq, dim / 2)`, one per row.
-/// `inverse` rotates by the opposite angle, which is the backward.
+/// Rotates each row's pairs `(x[i], x[i + dim / 2])` by the angle whose
+/// cosine and sine the tables hold: `(seq, dim / 2)`, shared by the batch,
+/// or `(batch, seq, dim / 2)`, one per row. The input is `(batch, heads,
+/// seq, dim)`, or `(batch, seq, heads, dim)` when `seq_first` (a
+/// projection's own layout, before any transpose). `inverse` rotates by the
+/// opposite angle, which is the backward.
 pub(crate) struct Rope {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) inverse: bool,
+    pub(crate) seq_first: bool,
 }
 
 impl Rope {
-    /// The table row for flat row `row` of a `(batch, heads, seq, dim)`
-    /// input.
-    fn table_row(&self, row: usize, heads: usize, seq: usize) -> usize {
-        let position = row % seq;
+    /// The table row for flat row `row` of the input, whose dimensions 1
+    /// and 2 are `(d1, d2)`.
+    fn table_row(&self, row: usize, (d1, d2): (usize, usize)) -> usize {
+        let (seq, position) = if self.seq_first {
+            (d1, (row / d2) % d1)
+        } else {
+            (d2, row % d2)
+        };
         if self.cos.rank() == 3 {
-            (row / (heads * seq)) * seq + position
+            (row / (d1 * d2)) * seq + position
         } else {
             position
         }
@@ -43,7 +50,7 @@ impl CustomOp1 for Rope {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, dim) = f32_rows(storage, layout, self.name())?;
-        let (_, heads, seq, _) = layout.shape().dims4()?;
+        let (_, d1, d2, _) = layout.shape().dims4()?;
         let half = dim / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut out = vec![0f32; x.len()];
@@ -54,7 +61,7 @@ impl CustomOp1 for Rope {
                     .enumerate()
                     .with_min_len(64)
                     .for_each(|(row, (y, x))| {
-                        let at = self.table_row(row, heads, seq) * half;
+                        let at = self.table_row(row, (d1, d2)) * half;
                         let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
                         let (x1, x2) = x.split_at(half);
                         let (y1, y2) = y.split_at_mut(half);
@@ -77,6 +84,7 @@ impl CustomOp1 for Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
             inverse: !self.inverse,
+            seq_first: self.seq_first,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
     }

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::loss::token_nlls;
 use crate::adapter::AdaptedLinear;
+use crate::kernels::attention::grouped_attention;
 use crate::nn::checkpoint::{checkpointed_backward, Layers};
+use crate::nn::ops::fusable;
 use crate::nn::ops::sdpa;
-use crate::nn::rotary_emb::rope;
+use crate::nn::rotary_emb::{rope, rope_seq_first};
 use crate::nn::{embedding, linear_b, rms_norm, Activation, Embedding, RmsNorm, VarBuilder};
 
 fn default_rope_theta() -> f64 {
@@ -360,6 +362,31 @@ impl Attention {
             .contiguous()
     }
 
+    /// The attention context without a cache (training, scoring), on the
+    /// CPU in f32: RoPE and the fused attention core work on the
+    /// projections' own `(B, T, heads · d)` layout, so no head is copied
+    /// into `(B, heads, T, d)`, no key-value head is repeated for its query
+    /// group, and no `T x T` score tensor outlives its head. `None`
+    /// elsewhere, for the composed path.
+    fn fused_core(&self, xs: &Tensor, step: &Step) -> Result<Option<Tensor>> {
+        let Some(mask) = step.mask.as_ref() else {
+            return Ok(None);
+        };
+        if !(fusable(xs) && mask.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        let (b, t, _) = xs.dims3()?;
+        let d = self.head_dim;
+        let rotated = |ys: Tensor, heads: usize| -> Result<Tensor> {
+            let ys = ys.reshape((b, t, heads, d))?;
+            rope_seq_first(&ys, &step.cos, &step.sin)?.reshape((b, t, heads * d))
+        };
+        let q = rotated(self.q_proj.forward_t(xs, step.train)?, self.heads)?;
+        let k = rotated(self.k_proj.forward_t(xs, step.train)?, self.kv_heads)?;
+        let v = self.v_proj.forward_t(xs, step.train)?;
+        grouped_attention(&q, &k, &v, mask, self.heads, self.kv_heads)
+    }
+
     fn forward(
         &self,
         xs: &Tensor,
@@ -367,6 +394,11 @@ impl Attention {
         layer: usize,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        if cache.is_none() {
+            if let Some(ys) = self.fused_core(xs, step)? {
+                return self.o_proj.forward_t(&ys, step.train);
+            }
+        }
         let (b, t, _) = xs.dims3()?;
         let q = self.split(self.q_proj.forward_t(xs, step.train)?, self.heads)?;
         let k = self.split(self.k_proj.forward_t(xs, step.train)?, self.kv_heads)?;

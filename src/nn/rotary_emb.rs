@@ -23,6 +23,7 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             cos: cos.contiguous()?.detach(),
             sin: sin.contiguous()?.detach(),
             inverse: false,
+            seq_first: false,
         };
         return xs.contiguous()?.apply_op1(op);
     }
@@ -30,6 +31,23 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         return rope_per_row(xs, cos, sin);
     }
     candle_nn::rotary_emb::rope_slow(xs, cos, sin)
+}
+
+/// [`rope`] for `xs: (batch, seq, heads, dim)`, a projection's own layout
+/// reshaped, so the queries and keys need no transposed copy.
+pub fn rope_seq_first(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let tables_f32 = cos.dtype() == DType::F32 && sin.dtype() == DType::F32;
+    if fusable(xs) && tables_f32 && xs.dim(D::Minus1)? % 2 == 0 {
+        check(&xs.transpose(1, 2)?, cos, sin)?;
+        let op = Rope {
+            cos: cos.contiguous()?.detach(),
+            sin: sin.contiguous()?.detach(),
+            inverse: false,
+            seq_first: true,
+        };
+        return xs.contiguous()?.apply_op1(op);
+    }
+    rope(&xs.transpose(1, 2)?.contiguous()?, cos, sin)?.transpose(1, 2)
 }
 
 /// The per-row tables' composed rope (`rope_slow` takes one shared table).
@@ -143,6 +161,36 @@ mod tests {
         // A table of the wrong shape is refused, fused or not.
         let short = Tensor::zeros((4, 4), candle::DType::F32, &dev)?;
         assert!(rope(&x, &short, &short).is_err());
+        Ok(())
+    }
+
+    /// The sequence-first layout gives the heads-first result, transposed,
+    /// and its gradient, for shared and per-row tables.
+    #[test]
+    fn sequence_first_layout_matches_heads_first() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 5, 3, 8), &dev)?;
+        for table in [vec![5, 4], vec![2, 5, 4]] {
+            let cos = Tensor::randn(0f32, 1.0, table.as_slice(), &dev)?;
+            let sin = Tensor::randn(0f32, 1.0, table.as_slice(), &dev)?;
+            let seq_first = rope_seq_first(&x, &cos, &sin)?;
+            let heads_first =
+                rope(&x.transpose(1, 2)?.contiguous()?, &cos, &sin)?.transpose(1, 2)?;
+            let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            assert!(max_diff(&seq_first, &heads_first)? < 1e-6, "{table:?}");
+            let grad = |y: Tensor| -> Result<Tensor> {
+                Ok((y * &probe)?
+                    .sum_all()?
+                    .backward()?
+                    .get(&x)
+                    .unwrap()
+                    .clone())
+            };
+            assert!(max_diff(&grad(seq_first)?, &grad(heads_first)?)? < 1e-6);
+        }
         Ok(())
     }
 
