@@ -11,7 +11,7 @@
 
 use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use super::{add_low_rank, f32_rows, with_cpu_f32};
+use super::{add_low_rank, f32_rows, gemm_parallelism, low_rank_grads, with_cpu_f32};
 
 /// The op's arguments are the `(rows, d_in)` input and the `(d_out, d_in)`
 /// weight; it holds the frozen `(d_out)` bias.
@@ -92,12 +92,6 @@ fn frozen_linear(
         })?,
         None => vec![0f32; m * n],
     };
-    let threads = candle::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     {
         // y (m x n, row-major) += x (m x k, row-major) · Wᵀ, where Wᵀ's
         // element (i, j) is W[j][i]: row stride 1, column stride k.
@@ -123,7 +117,7 @@ fn frozen_linear(
                 false,
                 false,
                 false,
-                parallelism,
+                gemm_parallelism(),
             )
         }
     }
@@ -177,13 +171,11 @@ impl CustomOp3 for FrozenLowRank {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, r) = b.dims2()?;
+        let n = self.weight.dim(0)?;
         let rows = grad.elem_count() / n.max(1);
-        let grad = grad.detach().reshape((rows, n))?;
-        let dx = grad.matmul(&self.weight)?.reshape(x.dims())?;
-        let dh = grad.matmul(&b.detach())?.reshape(h.dims())?;
-        let db = grad.t()?.matmul(&h.detach().reshape((rows, r))?)?;
-        Ok((Some(dx), Some(dh), Some(db)))
+        let dx = grad.detach().reshape((rows, n))?.matmul(&self.weight)?;
+        let (dh, db) = low_rank_grads(grad, h, b)?;
+        Ok((Some(dx.reshape(x.dims())?), Some(dh), Some(db)))
     }
 }
 

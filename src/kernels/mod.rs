@@ -65,10 +65,6 @@ pub(crate) fn add_low_rank(
             b.len()
         );
     }
-    let parallelism = match candle::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        threads => gemm::Parallelism::Rayon(threads),
-    };
     // Bᵀ's element (i, j) is B[j][i]: row stride 1, column stride r.
     // SAFETY: y holds m·n values, h m·r and B n·r (checked above).
     unsafe {
@@ -91,8 +87,29 @@ pub(crate) fn add_low_rank(
             false,
             false,
             false,
-            parallelism,
+            gemm_parallelism(),
         )
     }
     Ok(())
+}
+
+/// The gradients of `h` and `B` through `y += h·Bᵀ` from `y`'s gradient:
+/// `(grad·B, gradᵀ·h)`, from detached operands so that neither carries the
+/// step's graph (a leaf's gradient is stored as given).
+pub(crate) fn low_rank_grads(grad: &Tensor, h: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, r) = b.dims2()?;
+    let rows = grad.elem_count() / n.max(1);
+    let grad = grad.detach().reshape((rows, n))?;
+    let dh = grad.matmul(&b.detach())?.reshape(h.dims())?;
+    let db = grad.t()?.matmul(&h.detach().reshape((rows, r))?)?;
+    Ok((dh, db))
+}
+
+/// The `gemm` crate's threading for a layer-sized product: Candle's thread
+/// count, on rayon.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    match candle::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle::quantized::{GgmlDType, QStorage, QTensor};
 use candle::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{add_low_rank, f32_rows, with_cpu_f32};
+use super::{add_low_rank, f32_rows, gemm_parallelism, low_rank_grads, with_cpu_f32};
 
 /// About this many f32 values are dequantized at once.
 const BAND_VALUES: usize = 1 << 20;
@@ -112,13 +112,6 @@ impl QuantizedMatmul {
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match candle::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        threads => gemm::Parallelism::Rayon(threads),
-    }
-}
-
 /// `dX = dY·W` (`m x k`) with `W` dequantized `BAND_VALUES` at a time:
 /// each band's gemm reads its columns of `dY` in place and accumulates
 /// into one `dX`, so nothing but the band is allocated per band.
@@ -154,7 +147,7 @@ fn banded_grad(q: &QTensor, g: &[f32], m: usize, n: usize, k: usize) -> Result<V
                     false,
                     false,
                     false,
-                    parallelism(),
+                    gemm_parallelism(),
                 )
             }
         }
@@ -196,7 +189,7 @@ fn banded_gemm(q: &QTensor, x: &[f32], m: usize, n: usize, k: usize) -> Result<V
                     false,
                     false,
                     false,
-                    parallelism(),
+                    gemm_parallelism(),
                 )
             }
         }
@@ -353,12 +346,7 @@ impl CustomOp3 for QuantizedLowRank {
             weight: Arc::clone(&self.weight),
         };
         let dx = base.bwd(x, y, grad)?;
-        let (n, r) = b.dims2()?;
-        let rows = grad.elem_count() / n.max(1);
-        let grad = grad.detach().reshape((rows, n))?;
-        let h2 = h.detach().reshape((rows, r))?;
-        let dh = grad.matmul(&b.detach())?.reshape(h.dims())?;
-        let db = grad.t()?.matmul(&h2)?;
+        let (dh, db) = low_rank_grads(grad, h, b)?;
         Ok((dx, Some(dh), Some(db)))
     }
 }
