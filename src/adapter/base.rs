@@ -9,8 +9,8 @@ use candle::{DType, Device, Result, Tensor};
 use candle_nn::Linear;
 
 use super::matmul::linear_fwd;
-use crate::kernels::frozen_matmul::frozen_low_rank;
-use crate::kernels::quantized_matmul::{quantized_low_rank, quantized_matmul};
+use crate::kernels::low_rank::{low_rank_output, FrozenWeight};
+use crate::kernels::quantized_matmul::quantized_matmul;
 
 /// A frozen `(d_out, d_in)` weight.
 #[derive(Clone, Debug)]
@@ -105,13 +105,17 @@ impl BaseLinear {
     /// `forward(x) + h·b_effᵀ`: the adapted layer's output from the update's
     /// hidden `h` (`.., r`) and its last factor `b_eff` (`d_out x r`). A
     /// frozen base on the CPU in f32 (dense, or quantized without a bias)
-    /// adds the update inside its own gemm (see `QuantizedLowRank`), which
+    /// adds the update inside its own gemm (see `kernels::low_rank`), which
     /// saves the sum and its backward's copies.
     pub fn forward_with_update(&self, xs: &Tensor, h: &Tensor, b_eff: &Tensor) -> Result<Tensor> {
         let fused = match (&self.weight, &self.bias) {
-            (BaseWeight::Quantized(q), None) => quantized_low_rank(xs, q, h, b_eff)?,
+            (BaseWeight::Quantized(q), None) => {
+                low_rank_output(xs, FrozenWeight::Quantized(q), h, b_eff)?
+            }
             (BaseWeight::Quantized(_), Some(_)) => None,
-            (BaseWeight::Dense(w), bias) => frozen_low_rank(xs, w, bias.as_ref(), h, b_eff)?,
+            (BaseWeight::Dense(w), bias) => {
+                low_rank_output(xs, FrozenWeight::Dense(w, bias.as_ref()), h, b_eff)?
+            }
         };
         match fused {
             Some(y) => Ok(y),

@@ -9,9 +9,9 @@
 //! backward, `grad·W`, plus `gradᵀ·x` only for a weight that has a graph
 //! (an adapter's weight merged on the fly, see `AdapterHost::forward_t`).
 
-use candle::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::{add_low_rank, f32_rows, gemm_parallelism, low_rank_grads, with_cpu_f32};
+use super::{f32_rows, gemm_parallelism, with_cpu_f32};
 
 /// The op's arguments are the `(rows, d_in)` input and the `(d_out, d_in)`
 /// weight; it holds the frozen `(d_out)` bias.
@@ -66,7 +66,7 @@ impl CustomOp2 for FrozenMatmul {
 }
 
 /// `x·Wᵀ + b` (`m x n`, row-major) for row-major `x (m x k)` and `W (n x k)`.
-fn frozen_linear(
+pub(crate) fn frozen_linear(
     x: &[f32],
     w: &[f32],
     bias: Option<&Tensor>,
@@ -124,86 +124,6 @@ fn frozen_linear(
     Ok(y)
 }
 
-/// `x·Wᵀ + b + h·Bᵀ` for a frozen dense `W` and bias: the base plus a
-/// low-rank update's last factor, from `(x, h, B)` (the dense twin of
-/// `QuantizedLowRank`, which says why).
-pub(crate) struct FrozenLowRank {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Option<Tensor>,
-}
-
-impl CustomOp3 for FrozenLowRank {
-    fn name(&self) -> &'static str {
-        "lora-mini-frozen-low-rank"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, k) = f32_rows(s1, l1, self.name())?;
-        let (h, r) = f32_rows(s2, l2, self.name())?;
-        let (b, _) = f32_rows(s3, l3, self.name())?;
-        let (n, k_w) = self.weight.dims2()?;
-        if k != k_w {
-            candle::bail!("{}: input has {k} features, the weight {k_w}", self.name());
-        }
-        let m = x.len() / k.max(1);
-        let mut y = with_cpu_f32(&self.weight, "frozen weight", |w| {
-            frozen_linear(x, w, self.bias.as_ref(), (m, n, k))
-        })?;
-        add_low_rank(&mut y, h, b, m, n, r)?;
-        let mut dims = l1.shape().dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        h: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = self.weight.dim(0)?;
-        let rows = grad.elem_count() / n.max(1);
-        let dx = grad.detach().reshape((rows, n))?.matmul(&self.weight)?;
-        let (dh, db) = low_rank_grads(grad, h, b)?;
-        Ok((Some(dx.reshape(x.dims())?), Some(dh), Some(db)))
-    }
-}
-
-/// `x·Wᵀ + b + h·Bᵀ` for a frozen `W` and `b` (see [`FrozenLowRank`]);
-/// `None` where the fused op does not apply (a weight with a graph, a
-/// trainable bias, other devices or dtypes), for the caller to compose.
-pub(crate) fn frozen_low_rank(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    h: &Tensor,
-    b: &Tensor,
-) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    let frozen = |t: &Tensor| f32_cpu(t) && t.is_contiguous() && !t.track_op();
-    if !(frozen(weight) && bias.is_none_or(frozen) && f32_cpu(x) && f32_cpu(h) && f32_cpu(b)) {
-        return Ok(None);
-    }
-    let op = FrozenLowRank {
-        weight: weight.clone(),
-        bias: bias.cloned(),
-    };
-    let y = x
-        .contiguous()?
-        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)?;
-    Ok(Some(y))
-}
-
 /// `x·Wᵀ + b` for a 2-D `x`: the op above when `W` and a frozen `b` are
 /// f32 CPU tensors, Candle's matmul and add otherwise (a trainable bias,
 /// CUDA, Metal, other dtypes).
@@ -230,39 +150,6 @@ pub(crate) fn linear_2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 mod tests {
     use super::*;
     use candle::{Device, Var};
-
-    /// The fused base-plus-update op against its composition, with a bias:
-    /// values and the gradients of the input, the hidden and the factor; a
-    /// weight with a graph is left to the composed path.
-    #[test]
-    fn fused_low_rank_matches_base_plus_update() -> Result<()> {
-        let dev = Device::Cpu;
-        let (n, k, r) = (35, 48, 4);
-        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
-        let (x, h, b) = (var(&[2, 9, k])?, var(&[2, 9, r])?, var(&[n, r])?);
-        let w = Tensor::randn(0f32, 0.2, (n, k), &dev)?;
-        let bias = Tensor::randn(0f32, 0.2, n, &dev)?;
-        let probe = Tensor::randn(0f32, 1.0, (2, 9, n), &dev)?;
-        let fused = frozen_low_rank(&x, &w, Some(&bias), &h, &b)?.expect("a frozen f32 base");
-        let base = x.reshape((18, k))?.matmul(&w.t()?)?.broadcast_add(&bias)?;
-        let update = h.reshape((18, r))?.matmul(&b.t()?)?;
-        let composed = (base + update)?.reshape((2, 9, n))?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-        };
-        assert!(max_diff(&fused, &composed)? < 1e-5);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gc = (composed * &probe)?.sum_all()?.backward()?;
-        for v in [&x, &h, &b] {
-            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
-            assert!(max_diff(f, c)? < 1e-4, "{:?}", v.dims());
-            assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
-            assert!(!f.track_op(), "a leaf's gradient holds no graph");
-        }
-        let w_var = Var::from_tensor(&w)?;
-        assert!(frozen_low_rank(&x, &(w_var.as_tensor() * 1.0)?, None, &h, &b)?.is_none());
-        Ok(())
-    }
 
     #[test]
     fn matches_candle_matmul_in_value_and_input_gradient() -> Result<()> {

@@ -19,16 +19,16 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use candle::quantized::{GgmlDType, QStorage, QTensor};
-use candle::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{add_low_rank, f32_rows, gemm_parallelism, low_rank_grads, with_cpu_f32};
+use super::{f32_rows, gemm_parallelism, with_cpu_f32};
 
 /// About this many f32 values are dequantized at once.
 const BAND_VALUES: usize = 1 << 20;
 
 /// From this many input rows on, the forward dequantizes band by band and
 /// runs an f32 gemm instead of Candle's quantized kernel.
-const GEMM_MIN_ROWS: usize = 64;
+pub(crate) const GEMM_MIN_ROWS: usize = 64;
 
 pub(crate) struct QuantizedMatmul {
     pub(crate) weight: Arc<QTensor>,
@@ -115,7 +115,13 @@ impl QuantizedMatmul {
 /// `dX = dY·W` (`m x k`) with `W` dequantized `BAND_VALUES` at a time:
 /// each band's gemm reads its columns of `dY` in place and accumulates
 /// into one `dX`, so nothing but the band is allocated per band.
-fn banded_grad(q: &QTensor, g: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>> {
+pub(crate) fn banded_grad(
+    q: &QTensor,
+    g: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Vec<f32>> {
     let mut dx = vec![0f32; m * k];
     let band = (BAND_VALUES / k.max(1)).clamp(1, n.max(1));
     let mut w = vec![0f32; band * k];
@@ -157,7 +163,13 @@ fn banded_grad(q: &QTensor, g: &[f32], m: usize, n: usize, k: usize) -> Result<V
 
 /// `y = x·Wᵀ` (`m x n`, row-major) with `W` dequantized `BAND_VALUES` at a
 /// time; each band's gemm writes its columns of `y` in place.
-fn banded_gemm(q: &QTensor, x: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>> {
+pub(crate) fn banded_gemm(
+    q: &QTensor,
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<Vec<f32>> {
     let mut y = vec![0f32; m * n];
     let band = (BAND_VALUES / k.max(1)).clamp(1, n.max(1));
     let mut w = vec![0f32; band * k];
@@ -286,94 +298,6 @@ pub(crate) fn reorder_rows(q: &QTensor, order: &[usize]) -> Result<QTensor> {
     QTensor::new(storage, (n, k))
 }
 
-/// `x·Wᵀ + h·Bᵀ`: the quantized frozen base plus a low-rank update's last
-/// factor (`h = dropout(x)·A_effᵀ`, `B = B_eff`), from `(x, h, B)`.
-///
-/// Composed, the update's output and the base's are two tensors and a sum,
-/// and the sum's backward copies the output gradient into a fresh zero
-/// tensor for each of its inputs: three passes over `rows x d_out` values
-/// per adapted layer, forward and backward, for nothing. Here the update's
-/// gemm accumulates into the base's output, and the backward hands the one
-/// output gradient to all three inputs.
-pub(crate) struct QuantizedLowRank {
-    pub(crate) weight: Arc<QTensor>,
-}
-
-impl CustomOp3 for QuantizedLowRank {
-    fn name(&self) -> &'static str {
-        "lora-mini-quantized-low-rank"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = self.weight.shape().dims2()?;
-        let (x, width) = f32_rows(s1, l1, self.name())?;
-        let (h, r) = f32_rows(s2, l2, self.name())?;
-        let (b, b_width) = f32_rows(s3, l3, self.name())?;
-        let m = x.len() / k.max(1);
-        if width != k || h.len() != m * r || b_width != r || b.len() != n * r {
-            candle::bail!(
-                "{}: shapes x {:?}, h {:?}, B {:?} do not fit a {n}x{k} weight",
-                self.name(),
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        let mut y = banded_gemm(&self.weight, x, m, n, k)?;
-        add_low_rank(&mut y, h, b, m, n, r)?;
-        let mut dims = l1.shape().dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        h: &Tensor,
-        b: &Tensor,
-        y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let base = QuantizedMatmul {
-            weight: Arc::clone(&self.weight),
-        };
-        let dx = base.bwd(x, y, grad)?;
-        let (dh, db) = low_rank_grads(grad, h, b)?;
-        Ok((dx, Some(dh), Some(db)))
-    }
-}
-
-/// `x·Wᵀ + h·Bᵀ` (see [`QuantizedLowRank`]); `None` where the fused op does
-/// not apply (few rows, other devices or dtypes), for the caller to compose.
-pub(crate) fn quantized_low_rank(
-    xs: &Tensor,
-    weight: &Arc<QTensor>,
-    h: &Tensor,
-    b: &Tensor,
-) -> Result<Option<Tensor>> {
-    let (_, k) = weight.shape().dims2()?;
-    let rows = xs.elem_count() / k.max(1);
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle::DType::F32;
-    if rows < GEMM_MIN_ROWS || !(cpu_f32(xs) && cpu_f32(h) && cpu_f32(b)) {
-        return Ok(None);
-    }
-    let op = QuantizedLowRank {
-        weight: Arc::clone(weight),
-    };
-    let y = xs
-        .contiguous()?
-        .apply_op3(&h.contiguous()?, &b.contiguous()?, op)?;
-    Ok(Some(y))
-}
-
 /// `x·Wᵀ` over the last dimension of `x`, for any leading dimensions.
 pub(crate) fn quantized_matmul(xs: &Tensor, weight: &Arc<QTensor>) -> Result<Tensor> {
     xs.contiguous()?.apply_op1(QuantizedMatmul {
@@ -390,35 +314,6 @@ mod tests {
     fn weight(n: usize, k: usize) -> Result<Arc<QTensor>> {
         let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
         Ok(Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?))
-    }
-
-    /// The fused base-plus-update op against its composition: values and
-    /// the gradients of all three inputs.
-    #[test]
-    fn fused_low_rank_matches_base_plus_update() -> Result<()> {
-        let dev = Device::Cpu;
-        let (n, k, r) = (96, 64, 4);
-        let q = weight(n, k)?;
-        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
-        let (x, h, b) = (var(&[2, 40, k])?, var(&[2, 40, r])?, var(&[n, r])?);
-        let probe = Tensor::randn(0f32, 1.0, (2, 40, n), &dev)?;
-        let fused = quantized_low_rank(&x, &q, &h, &b)?.expect("80 rows take the fused op");
-        let update = h.reshape((80, r))?.matmul(&b.t()?)?.reshape((2, 40, n))?;
-        let composed = (quantized_matmul(&x, &q)? + update)?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-        };
-        assert!(max_diff(&fused, &composed)? < 1e-4);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gc = (composed * &probe)?.sum_all()?.backward()?;
-        for v in [&x, &h, &b] {
-            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
-            assert!(max_diff(f, c)? < 1e-3, "{:?}", v.dims());
-            assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
-        }
-        // Few rows (decoding) are left to the composed path.
-        assert!(quantized_low_rank(&x.narrow(1, 0, 1)?, &q, &h.narrow(1, 0, 1)?, &b)?.is_none());
-        Ok(())
     }
 
     #[test]

@@ -1,0 +1,309 @@
+//! A frozen base layer plus a low-rank update's last factor, `x·Wᵀ + b +
+//! h·Bᵀ` with `h = dropout(x)·A_effᵀ`, as one op: how every adapted layer
+//! computes its output in training on the CPU.
+//!
+//! Composed, the update's output and the base's are two tensors and a sum,
+//! and the sum's backward copies the output gradient into a fresh zero
+//! tensor for each of its inputs (Candle's `GradStore::or_insert`): three
+//! passes over `rows x d_out` values per adapted layer, forward and
+//! backward, for nothing. Here the update's gemm accumulates into the
+//! base's output, and the backward hands the one output gradient to all
+//! three inputs. The base is dense (with its bias) or quantized (GGUF
+//! blocks, dequantized a band at a time as in `quantized_matmul`).
+
+use std::sync::Arc;
+
+use candle::quantized::QTensor;
+use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::frozen_matmul::frozen_linear;
+use super::quantized_matmul::{banded_gemm, QuantizedMatmul, GEMM_MIN_ROWS};
+use super::{f32_rows, gemm_parallelism, with_cpu_f32};
+
+/// The frozen weight of a base layer, as the caller holds it.
+pub(crate) enum FrozenWeight<'a> {
+    /// `(d_out, d_in)` and the optional `(d_out)` bias.
+    Dense(&'a Tensor, Option<&'a Tensor>),
+    /// Quantized blocks, without a bias.
+    Quantized(&'a Arc<QTensor>),
+}
+
+/// The op's own copy of the base.
+enum Base {
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    Quantized(Arc<QTensor>),
+}
+
+impl Base {
+    /// `(d_out, d_in)`.
+    fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense { weight, .. } => weight.dims2(),
+            Self::Quantized(q) => q.shape().dims2(),
+        }
+    }
+
+    /// `x·Wᵀ + b` for `m` rows of `x`.
+    fn forward(&self, x: &[f32], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+        match self {
+            Self::Dense { weight, bias } => with_cpu_f32(weight, "frozen weight", |w| {
+                frozen_linear(x, w, bias.as_ref(), (m, n, k))
+            }),
+            Self::Quantized(q) => banded_gemm(q, x, m, n, k),
+        }
+    }
+
+    /// `dX = dY·W`, shaped like `x`.
+    fn input_grad(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense { weight, .. } => {
+                let n = weight.dim(0)?;
+                let rows = grad.elem_count() / n.max(1);
+                grad.detach()
+                    .reshape((rows, n))?
+                    .matmul(weight)?
+                    .reshape(x.dims())
+            }
+            Self::Quantized(q) => {
+                let base = QuantizedMatmul {
+                    weight: Arc::clone(q),
+                };
+                candle::CustomOp1::bwd(&base, x, y, grad)?
+                    .ok_or_else(|| candle::Error::msg("quantized matmul: no input gradient"))
+            }
+        }
+    }
+}
+
+/// The op: arguments `(x, h, B)`, state the frozen base.
+struct LowRankOutput {
+    base: Base,
+}
+
+impl CustomOp3 for LowRankOutput {
+    fn name(&self) -> &'static str {
+        "lora-mini-low-rank-output"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.base.dims2()?;
+        let (x, width) = f32_rows(s1, l1, self.name())?;
+        let (h, r) = f32_rows(s2, l2, self.name())?;
+        let (b, _) = f32_rows(s3, l3, self.name())?;
+        if width != k {
+            candle::bail!(
+                "{}: input has {width} features, the weight {k}",
+                self.name()
+            );
+        }
+        let m = x.len() / k.max(1);
+        let mut y = self.base.forward(x, (m, n, k))?;
+        add_low_rank(&mut y, h, b, m, n, r)?;
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = self.base.input_grad(x, y, grad)?;
+        let (dh, db) = low_rank_grads(grad, h, b)?;
+        Ok((Some(dx), Some(dh), Some(db)))
+    }
+}
+
+/// `x·Wᵀ + b + h·Bᵀ` for a frozen base (see the module docs); `None`
+/// where the fused op does not apply (a weight with a graph, a trainable
+/// bias, few rows on a quantized base, other devices or dtypes), for the
+/// caller to compose.
+pub(crate) fn low_rank_output(
+    x: &Tensor,
+    frozen: FrozenWeight,
+    h: &Tensor,
+    b: &Tensor,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(x) && f32_cpu(h) && f32_cpu(b)) {
+        return Ok(None);
+    }
+    let base = match frozen {
+        FrozenWeight::Dense(weight, bias) => {
+            let frozen = |t: &Tensor| f32_cpu(t) && t.is_contiguous() && !t.track_op();
+            if !(frozen(weight) && bias.is_none_or(frozen)) {
+                return Ok(None);
+            }
+            Base::Dense {
+                weight: weight.clone(),
+                bias: bias.cloned(),
+            }
+        }
+        FrozenWeight::Quantized(q) => {
+            // Few rows (decoding) take Candle's quantized kernel instead.
+            let k = q.shape().dims2()?.1;
+            if x.elem_count() / k.max(1) < GEMM_MIN_ROWS {
+                return Ok(None);
+            }
+            Base::Quantized(Arc::clone(q))
+        }
+    };
+    let y =
+        x.contiguous()?
+            .apply_op3(&h.contiguous()?, &b.contiguous()?, LowRankOutput { base })?;
+    Ok(Some(y))
+}
+
+/// `y (m x n) += h (m x r) · Bᵀ` for a row-major `B (n x r)`: a low-rank
+/// update's last factor accumulated onto a base layer's output inside the
+/// gemm.
+fn add_low_rank(y: &mut [f32], h: &[f32], b: &[f32], m: usize, n: usize, r: usize) -> Result<()> {
+    if y.len() != m * n || h.len() != m * r || b.len() != n * r {
+        candle::bail!(
+            "low-rank update: {} outputs, {} hidden and {} factor values do not fit {m}x{n} with rank {r}",
+            y.len(),
+            h.len(),
+            b.len()
+        );
+    }
+    // Bᵀ's element (i, j) is B[j][i]: row stride 1, column stride r.
+    // SAFETY: y holds m·n values, h m·r and B n·r (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            r,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            h.as_ptr(),
+            1,
+            r as isize,
+            b.as_ptr(),
+            r as isize,
+            1,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            gemm_parallelism(),
+        )
+    }
+    Ok(())
+}
+
+/// The gradients of `h` and `B` through `y += h·Bᵀ` from `y`'s gradient:
+/// `(grad·B, gradᵀ·h)`, from detached operands so that neither carries the
+/// step's graph (a leaf's gradient is stored as given).
+fn low_rank_grads(grad: &Tensor, h: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, r) = b.dims2()?;
+    let rows = grad.elem_count() / n.max(1);
+    let grad = grad.detach().reshape((rows, n))?;
+    let dh = grad.matmul(&b.detach())?.reshape(h.dims())?;
+    let db = grad.t()?.matmul(&h.detach().reshape((rows, r))?)?;
+    Ok((dh, db))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quantized_matmul::quantized_matmul;
+    use candle::quantized::GgmlDType;
+    use candle::{Device, Var};
+
+    /// The fused base-plus-update op against its composition: values and
+    /// the gradients of all three inputs.
+    #[test]
+    fn quantized_base_plus_update_matches_its_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, r) = (96, 64, 4);
+        let q = Arc::new(QTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (n, k), &dev)?,
+            GgmlDType::Q4_1,
+        )?);
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
+        let (x, h, b) = (var(&[2, 40, k])?, var(&[2, 40, r])?, var(&[n, r])?);
+        let probe = Tensor::randn(0f32, 1.0, (2, 40, n), &dev)?;
+        let fused = low_rank_output(&x, FrozenWeight::Quantized(&q), &h, &b)?
+            .expect("80 rows take the fused op");
+        let update = h.reshape((80, r))?.matmul(&b.t()?)?.reshape((2, 40, n))?;
+        let composed = (quantized_matmul(&x, &q)? + update)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&fused, &composed)? < 1e-4);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for v in [&x, &h, &b] {
+            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(max_diff(f, c)? < 1e-3, "{:?}", v.dims());
+            assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        // Few rows (decoding) are left to the composed path.
+        assert!(low_rank_output(
+            &x.narrow(1, 0, 1)?,
+            FrozenWeight::Quantized(&q),
+            &h.narrow(1, 0, 1)?,
+            &b
+        )?
+        .is_none());
+        Ok(())
+    }
+
+    /// The fused base-plus-update op against its composition, with a bias:
+    /// values and the gradients of the input, the hidden and the factor; a
+    /// weight with a graph is left to the composed path.
+    #[test]
+    fn dense_base_plus_update_matches_its_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, r) = (35, 48, 4);
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
+        let (x, h, b) = (var(&[2, 9, k])?, var(&[2, 9, r])?, var(&[n, r])?);
+        let w = Tensor::randn(0f32, 0.2, (n, k), &dev)?;
+        let bias = Tensor::randn(0f32, 0.2, n, &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 9, n), &dev)?;
+        let fused = low_rank_output(&x, FrozenWeight::Dense(&w, Some(&bias)), &h, &b)?
+            .expect("a frozen f32 base");
+        let base = x.reshape((18, k))?.matmul(&w.t()?)?.broadcast_add(&bias)?;
+        let update = h.reshape((18, r))?.matmul(&b.t()?)?;
+        let composed = (base + update)?.reshape((2, 9, n))?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&fused, &composed)? < 1e-5);
+        let gf = (fused * &probe)?.sum_all()?.backward()?;
+        let gc = (composed * &probe)?.sum_all()?.backward()?;
+        for v in [&x, &h, &b] {
+            let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(max_diff(f, c)? < 1e-4, "{:?}", v.dims());
+            assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+            assert!(!f.track_op(), "a leaf's gradient holds no graph");
+        }
+        let w_var = Var::from_tensor(&w)?;
+        assert!(low_rank_output(
+            &x,
+            FrozenWeight::Dense(&(w_var.as_tensor() * 1.0)?, None),
+            &h,
+            &b
+        )?
+        .is_none());
+        Ok(())
+    }
+}
