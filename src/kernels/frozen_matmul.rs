@@ -11,7 +11,7 @@
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::{f32_rows, gemm_parallelism, with_cpu_f32};
+use super::{add_x_wt, f32_rows, with_cpu_f32};
 
 /// The op's arguments are the `(rows, d_in)` input and the `(d_out, d_in)`
 /// weight; it holds the frozen `(d_out)` bias.
@@ -72,13 +72,6 @@ pub(crate) fn frozen_linear(
     bias: Option<&Tensor>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
-    if x.len() != m * k || w.len() != n * k {
-        candle::bail!(
-            "frozen linear: {} input and {} weight values do not fit {m}x{k} and {n}x{k}",
-            x.len(),
-            w.len()
-        );
-    }
     // Start from the bias (or zeros) and let the gemm add x·Wᵀ onto it.
     let mut y = match bias {
         Some(b) => with_cpu_f32(b, "bias", |b| {
@@ -92,35 +85,7 @@ pub(crate) fn frozen_linear(
         })?,
         None => vec![0f32; m * n],
     };
-    {
-        // y (m x n, row-major) += x (m x k, row-major) · Wᵀ, where Wᵀ's
-        // element (i, j) is W[j][i]: row stride 1, column stride k.
-        // SAFETY: the pointers cover m·n, m·k and n·k elements with the
-        // strides given, as checked above.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1f32,
-                1f32,
-                false,
-                false,
-                false,
-                gemm_parallelism(),
-            )
-        }
-    }
+    add_x_wt(&mut y, x, w, (m, n, k))?;
     Ok(y)
 }
 

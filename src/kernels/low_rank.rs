@@ -18,7 +18,7 @@ use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::frozen_matmul::frozen_linear;
 use super::quantized_matmul::{banded_gemm, QuantizedMatmul, GEMM_MIN_ROWS};
-use super::{f32_rows, gemm_parallelism, with_cpu_f32};
+use super::{add_x_wt, f32_rows, with_cpu_f32};
 
 /// The frozen weight of a base layer, as the caller holds it.
 pub(crate) enum FrozenWeight<'a> {
@@ -109,7 +109,7 @@ impl CustomOp3 for LowRankOutput {
         }
         let m = x.len() / k.max(1);
         let mut y = self.base.forward(x, (m, n, k))?;
-        add_low_rank(&mut y, h, b, m, n, r)?;
+        add_x_wt(&mut y, h, b, (m, n, r))?;
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -167,46 +167,6 @@ pub(crate) fn low_rank_output(
         x.contiguous()?
             .apply_op3(&h.contiguous()?, &b.contiguous()?, LowRankOutput { base })?;
     Ok(Some(y))
-}
-
-/// `y (m x n) += h (m x r) · Bᵀ` for a row-major `B (n x r)`: a low-rank
-/// update's last factor accumulated onto a base layer's output inside the
-/// gemm.
-fn add_low_rank(y: &mut [f32], h: &[f32], b: &[f32], m: usize, n: usize, r: usize) -> Result<()> {
-    if y.len() != m * n || h.len() != m * r || b.len() != n * r {
-        candle::bail!(
-            "low-rank update: {} outputs, {} hidden and {} factor values do not fit {m}x{n} with rank {r}",
-            y.len(),
-            h.len(),
-            b.len()
-        );
-    }
-    // Bᵀ's element (i, j) is B[j][i]: row stride 1, column stride r.
-    // SAFETY: y holds m·n values, h m·r and B n·r (checked above).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            r,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            h.as_ptr(),
-            1,
-            r as isize,
-            b.as_ptr(),
-            r as isize,
-            1,
-            1f32,
-            1f32,
-            false,
-            false,
-            false,
-            gemm_parallelism(),
-        )
-    }
-    Ok(())
 }
 
 /// The gradients of `h` and `B` through `y += h·Bᵀ` from `y`'s gradient:

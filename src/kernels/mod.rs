@@ -47,6 +47,51 @@ pub(crate) fn with_cpu_f32<R>(
     f(&v[a..b])
 }
 
+/// `y (m x n) += x (m x k) · Wᵀ` for row-major `x` and `W (n x k)`: a frozen
+/// linear layer onto its bias, or a low-rank update's last factor onto the
+/// base's output.
+pub(crate) fn add_x_wt(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    if y.len() != m * n || x.len() != m * k || w.len() != n * k {
+        candle::bail!(
+            "y += x·Wᵀ: {} outputs, {} input and {} weight values do not fit {m}x{n} over {k}",
+            y.len(),
+            x.len(),
+            w.len()
+        );
+    }
+    // Wᵀ's element (i, j) is W[j][i]: row stride 1, column stride k.
+    // SAFETY: y holds m·n values, x m·k and W n·k (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            gemm_parallelism(),
+        )
+    }
+    Ok(())
+}
+
 /// The `gemm` crate's threading for a layer-sized product: Candle's thread
 /// count, on rayon.
 pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
