@@ -14,6 +14,7 @@
 #   rows: seeds 1-3 of every projection at its own stage-1 rate (the issue's
 #     table has one row per projection), into the final folder, so its
 #     table chooses among 3-seed means;
+#   shapes: other shapes at the same trainable budget, seed 1;
 #   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
@@ -77,6 +78,20 @@ shape)
     --set adapter.r=2 --set adapter.a=256 --set adapter.b=256 \
     --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
     --seeds 1 --out "$OUT/$TASK-shape-r2-a256-lora-mini"
+  ;;
+shapes)
+  # The shape search at an equal trainable budget, r·(a+b) = 1024 per module
+  # (38,658 in all, as r=8, a=b=64), each shape at its own rates: a wider
+  # frozen subspace moves ΔW further per Adam step (the b updated entries of a
+  # B_in column add up coherently through B_aux), so the wide shapes get the
+  # lower rates. Projection: ${MINI_INIT}, the task's stage-`rows` choice.
+  for shape in "4 128 ${MID_LRS:-1e-3,3e-3}" "2 256 ${WIDE_LRS:-1e-3}" "16 32 ${NARROW_LRS:-3e-3}"; do
+    read -r r width lrs <<<"$shape"
+    "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+      --set adapter.r="$r" --set adapter.a="$width" --set adapter.b="$width" \
+      --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=$lrs" \
+      --seeds 1 --out "$OUT/$TASK-shape-r$r-a$width-lora-mini"
+  done
   ;;
 scaled)
   # aux_init = "svd-scaled" (the singular values folded into B_aux), which the
