@@ -9,6 +9,7 @@ use candle::{DType, Device, Result, Tensor};
 use candle_nn::Linear;
 
 use super::matmul::linear_fwd;
+use crate::kernels::linear_cross_entropy::linear_target_nlls;
 use crate::kernels::low_rank::{low_rank_output, FrozenWeight};
 use crate::kernels::quantized_matmul::quantized_matmul;
 
@@ -121,6 +122,26 @@ impl BaseLinear {
             Some(y) => Ok(y),
             None => self.forward(xs)? + linear_fwd(h, b_eff, None)?,
         }
+    }
+
+    /// The negative log-likelihood `(rows)` of each row's target class
+    /// through this layer, for `xs (rows, d_in)`: what
+    /// `nn::ops::target_nlls(&self.forward(xs)?, targets)` computes. On the
+    /// CPU in f32 it never holds the `(rows, d_out)` logits (see
+    /// `kernels::linear_cross_entropy`); `with_grad` (training) computes
+    /// the input gradient in the same pass.
+    pub fn target_nlls(&self, xs: &Tensor, targets: Vec<u32>, with_grad: bool) -> Result<Tensor> {
+        let frozen = match &self.weight {
+            BaseWeight::Quantized(q) if self.bias.is_none() => Some(FrozenWeight::Quantized(q)),
+            BaseWeight::Quantized(_) => None,
+            BaseWeight::Dense(w) => Some(FrozenWeight::Dense(w, self.bias.as_ref())),
+        };
+        if let Some(frozen) = frozen {
+            if let Some(nlls) = linear_target_nlls(xs, frozen, targets.clone(), with_grad)? {
+                return Ok(nlls);
+            }
+        }
+        crate::nn::ops::target_nlls(&self.forward(xs)?, targets)
     }
 
     /// A plain candle-nn layer with the weight dense (dequantized if it

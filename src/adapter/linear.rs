@@ -305,6 +305,18 @@ impl AdaptedLinear {
         }
     }
 
+    /// The negative log-likelihood `(rows)` of each row's target class
+    /// through this layer, for `xs (rows, d_in)`, as
+    /// `nn::ops::target_nlls(&self.forward_t(xs, train)?, targets)`. A
+    /// frozen layer (a decoder's `lm_head` unless it is adapted) computes
+    /// it without the `(rows, d_out)` logits ([`BaseLinear::target_nlls`]).
+    pub fn target_nlls(&self, xs: &Tensor, targets: Vec<u32>, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Frozen(l) => l.target_nlls(xs, targets, train),
+            _ => crate::nn::ops::target_nlls(&self.forward_t(xs, train)?, targets),
+        }
+    }
+
     /// Whether [`Module::forward`] trains: `true` until switched off, as a
     /// PyTorch module starts in `train()` mode. Frozen and fully trained
     /// layers compute the same either way.

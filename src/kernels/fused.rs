@@ -165,7 +165,7 @@ impl CustomOp1 for Softmax {
 
 /// `ln Σ e^x` of a row, without writing the exponentials.
 #[inline(always)]
-fn log_sum_exp(x: &[f32]) -> f32 {
+pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
     let max = max_of(x);
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);

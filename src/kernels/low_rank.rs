@@ -21,6 +21,7 @@ use super::quantized_matmul::{banded_gemm, QuantizedMatmul, GEMM_MIN_ROWS};
 use super::{add_x_wt, f32_rows, with_cpu_f32};
 
 /// The frozen weight of a base layer, as the caller holds it.
+#[derive(Clone, Copy)]
 pub(crate) enum FrozenWeight<'a> {
     /// `(d_out, d_in)` and the optional `(d_out)` bias.
     Dense(&'a Tensor, Option<&'a Tensor>),

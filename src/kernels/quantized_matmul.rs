@@ -212,7 +212,12 @@ pub(crate) fn banded_gemm(
 /// Dequantizes rows `start..start + len` of a 2-D quantized CPU tensor into
 /// `out` (`len·k` values), straight from its blocks: no copy of the bytes,
 /// no allocation.
-fn dequantize_rows(q: &QTensor, start: usize, len: usize, out: &mut [f32]) -> Result<()> {
+pub(crate) fn dequantize_rows(
+    q: &QTensor,
+    start: usize,
+    len: usize,
+    out: &mut [f32],
+) -> Result<()> {
     use candle::quantized::k_quants::*;
     fn blocks<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
         let size = std::mem::size_of::<T>();

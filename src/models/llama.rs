@@ -8,7 +8,6 @@ use candle::backprop::GradStore;
 use candle::{DType, Device, IndexOp, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::loss::token_nlls;
 use crate::adapter::AdaptedLinear;
 use crate::kernels::attention::grouped_attention;
 use crate::nn::checkpoint::{checkpointed_backward, Layers};
@@ -740,7 +739,7 @@ impl LlamaForCausalLM {
         let row_of = rows.iter().map(|&r| r as usize / t).collect();
         let rows = Tensor::from_vec(rows, n, dev)?;
         let picked = hidden.reshape((b * t, h))?.index_select(&rows, 0)?;
-        let nlls = token_nlls(&self.lm_head.forward_t(&picked, train)?, targets)?;
+        let nlls = self.lm_head.target_nlls(&picked, targets, train)?;
         Ok((nlls, row_of))
     }
 
