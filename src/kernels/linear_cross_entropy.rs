@@ -24,7 +24,7 @@ use candle::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{fast_exp, log_sum_exp, vectorized};
-use super::low_rank::FrozenWeight;
+use super::low_rank::{Base, FrozenWeight};
 use super::quantized_matmul::dequantize_rows;
 use super::{add_x_wt, f32_rows, gemm_parallelism, with_cpu_f32};
 
@@ -34,18 +34,9 @@ use super::{add_x_wt, f32_rows, gemm_parallelism, with_cpu_f32};
 /// chunks (85 rows) 3-5% more (measured 2026-12-05).
 const CHUNK_VALUES: usize = 1 << 24;
 
-/// The op's own copy of the frozen layer.
-enum Head {
-    Dense {
-        weight: Tensor,
-        bias: Option<Tensor>,
-    },
-    Quantized(Arc<QTensor>),
-}
-
 /// The op: argument `x (rows, d_in)`, one target per row.
 struct LinearTargetNll {
-    head: Head,
+    head: Base,
     targets: Arc<Vec<u32>>,
     /// Whether the forward pass also computes the input gradient.
     with_grad: bool,
@@ -57,14 +48,14 @@ impl LinearTargetNll {
     /// The nlls, and the input gradient when `with_grad`.
     fn run(&self, x: &[f32], with_grad: bool) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         match &self.head {
-            Head::Dense { weight, bias } => with_cpu_f32(weight, "output weight", |w| {
+            Base::Dense { weight, bias } => with_cpu_f32(weight, "output weight", |w| {
                 let bias = match bias {
                     Some(b) => Some(with_cpu_f32(b, "output bias", |b| Ok(b.to_vec()))?),
                     None => None,
                 };
                 self.run_dense(x, w, bias.as_deref(), with_grad)
             }),
-            Head::Quantized(q) => {
+            Base::Quantized(q) => {
                 let w = dequantize_all(q)?;
                 self.run_dense(x, &w, None, with_grad)
             }
@@ -234,22 +225,11 @@ pub(crate) fn linear_target_nlls(
     targets: Vec<u32>,
     with_grad: bool,
 ) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !f32_cpu(x) || x.rank() != 2 {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 2) {
         return Ok(None);
     }
-    let head = match frozen {
-        FrozenWeight::Dense(weight, bias) => {
-            let frozen = |t: &Tensor| f32_cpu(t) && t.is_contiguous() && !t.track_op();
-            if !(frozen(weight) && bias.is_none_or(frozen)) {
-                return Ok(None);
-            }
-            Head::Dense {
-                weight: weight.clone(),
-                bias: bias.cloned(),
-            }
-        }
-        FrozenWeight::Quantized(q) => Head::Quantized(Arc::clone(q)),
+    let Some(head) = Base::frozen(frozen) else {
+        return Ok(None);
     };
     let op = LinearTargetNll {
         head,

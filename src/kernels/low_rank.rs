@@ -29,8 +29,8 @@ pub(crate) enum FrozenWeight<'a> {
     Quantized(&'a Arc<QTensor>),
 }
 
-/// The op's own copy of the base.
-enum Base {
+/// A fused op's own copy of the frozen base.
+pub(crate) enum Base {
     Dense {
         weight: Tensor,
         bias: Option<Tensor>,
@@ -39,6 +39,26 @@ enum Base {
 }
 
 impl Base {
+    /// The op's copy of `frozen`; `None` for a dense weight or bias that is
+    /// not a frozen, contiguous f32 CPU tensor.
+    pub(crate) fn frozen(frozen: FrozenWeight) -> Option<Self> {
+        match frozen {
+            FrozenWeight::Dense(weight, bias) => {
+                let frozen = |t: &Tensor| {
+                    t.device().is_cpu()
+                        && t.dtype() == DType::F32
+                        && t.is_contiguous()
+                        && !t.track_op()
+                };
+                (frozen(weight) && bias.is_none_or(frozen)).then(|| Self::Dense {
+                    weight: weight.clone(),
+                    bias: bias.cloned(),
+                })
+            }
+            FrozenWeight::Quantized(q) => Some(Self::Quantized(Arc::clone(q))),
+        }
+    }
+
     /// `(d_out, d_in)`.
     fn dims2(&self) -> Result<(usize, usize)> {
         match self {
@@ -144,25 +164,15 @@ pub(crate) fn low_rank_output(
     if !(f32_cpu(x) && f32_cpu(h) && f32_cpu(b)) {
         return Ok(None);
     }
-    let base = match frozen {
-        FrozenWeight::Dense(weight, bias) => {
-            let frozen = |t: &Tensor| f32_cpu(t) && t.is_contiguous() && !t.track_op();
-            if !(frozen(weight) && bias.is_none_or(frozen)) {
-                return Ok(None);
-            }
-            Base::Dense {
-                weight: weight.clone(),
-                bias: bias.cloned(),
-            }
+    if let FrozenWeight::Quantized(q) = frozen {
+        // Few rows (decoding) take Candle's quantized kernel instead.
+        let k = q.shape().dims2()?.1;
+        if x.elem_count() / k.max(1) < GEMM_MIN_ROWS {
+            return Ok(None);
         }
-        FrozenWeight::Quantized(q) => {
-            // Few rows (decoding) take Candle's quantized kernel instead.
-            let k = q.shape().dims2()?.1;
-            if x.elem_count() / k.max(1) < GEMM_MIN_ROWS {
-                return Ok(None);
-            }
-            Base::Quantized(Arc::clone(q))
-        }
+    }
+    let Some(base) = Base::frozen(frozen) else {
+        return Ok(None);
     };
     let y =
         x.contiguous()?
