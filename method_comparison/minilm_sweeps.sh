@@ -15,6 +15,7 @@
 #     table has one row per projection), into the final folder, so its
 #     table chooses among 3-seed means;
 #   shapes: other shapes at the same trainable budget, seed 1;
+#   shape-seeds: seeds 1-3 of one of them (SHAPE="2 256");
 #   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
@@ -92,6 +93,15 @@ shapes)
       --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=$lrs" \
       --seeds 1 --out "$OUT/$TASK-shape-r$r-a$width-lora-mini"
   done
+  ;;
+shape-seeds)
+  # Seeds 1-3 of one shape at its chosen rate (seed 1 ran in stage shapes),
+  # for a 3-seed comparison with the r=8, a=b=64 rows.
+  read -r r width <<<"${SHAPE:?give SHAPE=\"r width\"}"
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --set adapter.r="$r" --set adapter.a="$width" --set adapter.b="$width" \
+    --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
+    --seeds 1,2,3 --out "$OUT/$TASK-shape-r$r-a$width-lora-mini"
   ;;
 scaled)
   # aux_init = "svd-scaled" (the singular values folded into B_aux), which the

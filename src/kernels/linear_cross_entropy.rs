@@ -30,8 +30,8 @@ use super::{add_x_wt, f32_rows, gemm_parallelism, with_cpu_f32};
 
 /// About this many logits are alive at once (64 MB). Each chunk's two
 /// gemms pack all of `W` again, so chunks must be large: on SmolLM2 (341
-/// rows a chunk) a step took 2-4% less time than unfused, with 4M-value
-/// chunks (85 rows) 3-5% more (measured 2026-12-05).
+/// rows a chunk) a step took 1-4% less time than unfused, with 4M-value
+/// chunks (85 rows) 3-5% more (measured 2026-12-04).
 const CHUNK_VALUES: usize = 1 << 24;
 
 /// The op: argument `x (rows, d_in)`, one target per row.
