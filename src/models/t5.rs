@@ -13,7 +13,7 @@ use candle::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Linear;
 use serde::Deserialize;
 
-use super::loss::token_cross_entropy;
+use super::loss::labelled_rows;
 use crate::adapter::AdaptedLinear;
 use crate::dropout::SeededDropout;
 use crate::nn::ops::softmax_last_dim;
@@ -557,12 +557,17 @@ impl T5ForConditionalGeneration {
     }
 
     fn lm_logits(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
-        let hidden = if self.config.tie_word_embeddings {
-            (hidden * (self.config.d_model as f64).powf(-0.5))?
+        self.lm_head.forward_t(&self.lm_input(hidden)?, train)
+    }
+
+    /// What `lm_head` reads: the decoder output, scaled by `d_model^-0.5`
+    /// when the head is tied to the embeddings.
+    fn lm_input(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.config.tie_word_embeddings {
+            hidden * (self.config.d_model as f64).powf(-0.5)
         } else {
-            hidden.clone()
-        };
-        self.lm_head.forward_t(&hidden, train)
+            Ok(hidden.clone())
+        }
     }
 
     /// Logits `(B, T_dec, vocab)` for teacher-forced decoder inputs.
@@ -610,9 +615,18 @@ impl T5ForConditionalGeneration {
         labels: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let logits =
-            self.forward_t(input_ids, attention_mask, &self.shift_right(labels)?, train)?;
-        token_cross_entropy(&logits, labels)
+        let encoded = self.encode(input_ids, attention_mask, train)?;
+        let decoder_input_ids = self.shift_right(labels)?;
+        let hidden =
+            self.decode_hidden(&decoder_input_ids, &encoded, attention_mask, None, train)?;
+        // Only the labelled positions go through lm_head, which a frozen
+        // head does without making their logits (`AdaptedLinear::target_nlls`).
+        let (b, t, h) = hidden.dims3()?;
+        let (rows, targets) = labelled_rows(labels)?;
+        let picked = self.lm_input(&hidden.reshape((b * t, h))?.index_select(&rows, 0)?)?;
+        self.lm_head
+            .target_nlls(&picked, targets, train)?
+            .mean_all()
     }
 
     fn new_cache(&self, encoder_hidden: &Tensor) -> Result<DecoderCache> {
