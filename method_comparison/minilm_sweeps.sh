@@ -16,7 +16,8 @@
 #     table chooses among 3-seed means;
 #   shapes: other shapes at the same trainable budget, seed 1;
 #   shape-seeds: seeds 1-3 of one of them (SHAPE="2 256");
-#   head: the LoRA-Mini head's rate (3e-3 and 3e-2 around 1e-2), seed 1;
+#   head: the LoRA-Mini head's rate (3e-3 and 3e-2 around 1e-2), seed 1
+#     (SEEDS=1,2,3 HEAD_LRS=3e-3 for the 3-seed row);
 #   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
@@ -109,7 +110,7 @@ head)
   # used, at the task's chosen projection and core rate, seed 1.
   "$BIN" sweep --config "$mini" "${common[@]}" \
     --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
-    --grid "optim.head_lr=${HEAD_LRS:-3e-3,3e-2}" --seeds 1 \
+    --grid "optim.head_lr=${HEAD_LRS:-3e-3,3e-2}" --seeds "${SEEDS:-1}" \
     --out "$OUT/$TASK-head-lr-lora-mini"
   ;;
 scaled)
