@@ -69,8 +69,7 @@ impl LinearTargetNll {
         bias: Option<&[f32]>,
         with_grad: bool,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let k = x.len() / self.targets.len().max(1);
-        let v = w.len() / k.max(1);
+        let (v, k) = self.head.dims2()?;
         self.check(x, w, bias, (k, v))?;
         let rows = self.targets.len();
         let chunk = (CHUNK_VALUES / v.max(1)).clamp(1, rows.max(1));
@@ -103,10 +102,9 @@ impl LinearTargetNll {
     ) -> Result<()> {
         if x.len() != self.targets.len() * k || w.len() != v * k {
             candle::bail!(
-                "linear target nll: {} input values for {} targets do not fit a {}-value weight",
+                "linear target nll: {} input values for {} targets do not fit a {v}x{k} weight",
                 x.len(),
                 self.targets.len(),
-                w.len()
             );
         }
         if bias.is_some_and(|b| b.len() != v) {
@@ -187,7 +185,14 @@ impl CustomOp1 for LinearTargetNll {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, _) = f32_rows(storage, layout, self.name())?;
+        let (x, width) = f32_rows(storage, layout, self.name())?;
+        let k = self.head.dims2()?.1;
+        if width != k {
+            candle::bail!(
+                "{}: input has {width} features, the weight {k}",
+                self.name()
+            );
+        }
         let (nlls, grad) = self.run(x, self.with_grad)?;
         *self.saved_grad.lock().expect("no panic holds the lock") = grad;
         Ok((CpuStorage::F32(nlls), Shape::from(self.targets.len())))

@@ -60,7 +60,7 @@ impl Base {
     }
 
     /// `(d_out, d_in)`.
-    fn dims2(&self) -> Result<(usize, usize)> {
+    pub(crate) fn dims2(&self) -> Result<(usize, usize)> {
         match self {
             Self::Dense { weight, .. } => weight.dims2(),
             Self::Quantized(q) => q.shape().dims2(),
