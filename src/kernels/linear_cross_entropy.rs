@@ -288,6 +288,12 @@ mod tests {
             outside.is_err(),
             "a target outside the vocabulary is an error"
         );
+        let narrow = Tensor::zeros((7, 63), DType::F32, &dev)?;
+        let narrow = linear_target_nlls(&narrow, frozen, vec![0; 7], true);
+        assert!(
+            narrow.is_err(),
+            "an input narrower than the weight is an error"
+        );
         Ok(())
     }
 
