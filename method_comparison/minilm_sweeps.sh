@@ -18,6 +18,7 @@
 #   shape-seeds: seeds 1-3 of one of them (SHAPE="2 256");
 #   head: the LoRA-Mini head's rate (3e-3 and 3e-2 around 1e-2), seed 1
 #     (SEEDS=1,2,3 HEAD_LRS=3e-3 for the 3-seed row);
+#   budget: both methods' choices over a longer equal budget (EPOCHS=6);
 #   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
@@ -112,6 +113,18 @@ head)
     --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
     --grid "optim.head_lr=${HEAD_LRS:-3e-3,3e-2}" --seeds "${SEEDS:-1}" \
     --out "$OUT/$TASK-head-lr-lora-mini"
+  ;;
+budget)
+  # A longer budget, the same for both methods (EPOCHS, default 6): each
+  # method's 3-epoch choice (LoRA-Mini: MINI_INIT at MINI_LR, head 1e-2;
+  # LoRA: LORA_LR), seeds 1-3, not searched again at this budget.
+  epochs=${EPOCHS:-6}
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --set optim.epochs="$epochs" \
+    --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
+    --seeds 1,2,3 --out "$OUT/$TASK-${epochs}ep-lora-mini"
+  "$BIN" sweep --config "$lora" "${common[@]}" --set optim.epochs="$epochs" \
+    --grid "optim.lr=${LORA_LR:?}" --seeds 1,2,3 --out "$OUT/$TASK-${epochs}ep-lora"
   ;;
 scaled)
   # aux_init = "svd-scaled" (the singular values folded into B_aux), which the
