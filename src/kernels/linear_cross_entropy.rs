@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use super::fused::{fast_exp, log_sum_exp, vectorized};
 use super::low_rank::{Base, FrozenWeight};
 use super::quantized_matmul::dequantize_rows;
-use super::{add_x_wt, f32_rows, gemm_parallelism, with_cpu_f32};
+use super::{add_g_w, add_x_wt, f32_rows, with_cpu_f32};
 
 /// About this many logits are alive at once (64 MB). Each chunk's two
 /// gemms pack all of `W` again, so chunks must be large: on SmolLM2 (341
@@ -87,7 +87,14 @@ impl LinearTargetNll {
             let targets = &self.targets[start..start + m];
             nll_and_softmax_grad(z, v, targets, &mut nlls[start..start + m], with_grad);
             if let Some(grad) = grad.as_mut() {
-                x_grad(&mut grad[start * k..(start + m) * k], z, w, (m, k, v));
+                add_g_w(
+                    &mut grad[start * k..(start + m) * k],
+                    z,
+                    v,
+                    w,
+                    (m, k, v),
+                    false,
+                )?;
             }
         }
         Ok((nlls, grad))
@@ -137,35 +144,6 @@ fn nll_and_softmax_grad(
                 row[t as usize] -= 1.0;
             }
         });
-}
-
-/// `dx (m x k) = g (m x v) · W (v x k)`, all row-major.
-fn x_grad(dx: &mut [f32], g: &[f32], w: &[f32], (m, k, v): (usize, usize, usize)) {
-    debug_assert!(dx.len() == m * k && g.len() == m * v && w.len() == v * k);
-    // SAFETY: dx holds m·k values, g m·v and w v·k (the callers' slices).
-    unsafe {
-        gemm::gemm(
-            m,
-            k,
-            v,
-            dx.as_mut_ptr(),
-            1,
-            k as isize,
-            false,
-            g.as_ptr(),
-            1,
-            v as isize,
-            w.as_ptr(),
-            1,
-            k as isize,
-            0f32,
-            1f32,
-            false,
-            false,
-            false,
-            gemm_parallelism(),
-        )
-    }
 }
 
 /// All of a quantized `(n, k)` weight as f32, dequantized in parallel bands.

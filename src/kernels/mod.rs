@@ -93,6 +93,55 @@ pub(crate) fn add_x_wt(
     Ok(())
 }
 
+/// `dx (m x k) (+)= g · W`: the input gradient of `y = x·Wᵀ` through
+/// `len` output columns, for `g` holding `m` rows of `g_stride` values (its
+/// first `len` columns are read) and row-major `W (len x k)`; `accumulate`
+/// adds onto `dx` instead of overwriting it.
+pub(crate) fn add_g_w(
+    dx: &mut [f32],
+    g: &[f32],
+    g_stride: usize,
+    w: &[f32],
+    (m, k, len): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    let g_needed = if m == 0 { 0 } else { (m - 1) * g_stride + len };
+    if dx.len() != m * k || g.len() < g_needed || w.len() < len * k || len > g_stride {
+        candle::bail!(
+            "dx += g·W: {} outputs, {} gradient and {} weight values do not fit {m}x{k} over {len}",
+            dx.len(),
+            g.len(),
+            w.len()
+        );
+    }
+    // SAFETY: dx holds m·k values, g m rows of stride g_stride covering len
+    // columns, and W len·k values (checked above).
+    unsafe {
+        gemm::gemm(
+            m,
+            k,
+            len,
+            dx.as_mut_ptr(),
+            1,
+            k as isize,
+            accumulate,
+            g.as_ptr(),
+            1,
+            g_stride as isize,
+            w.as_ptr(),
+            1,
+            k as isize,
+            1f32,
+            1f32,
+            false,
+            false,
+            false,
+            gemm_parallelism(),
+        )
+    }
+    Ok(())
+}
+
 /// The `gemm` crate's threading for a layer-sized product: Candle's thread
 /// count, on rayon.
 pub(crate) fn gemm_parallelism() -> gemm::Parallelism {

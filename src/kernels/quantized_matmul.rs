@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle::quantized::{GgmlDType, QStorage, QTensor};
 use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{f32_rows, gemm_parallelism, with_cpu_f32};
+use super::{add_g_w, f32_rows, gemm_parallelism, with_cpu_f32};
 
 /// About this many f32 values are dequantized at once.
 const BAND_VALUES: usize = 1 << 20;
@@ -128,35 +128,8 @@ pub(crate) fn banded_grad(
     for (i, start) in (0..n).step_by(band).enumerate() {
         let len = band.min(n - start);
         dequantize_rows(q, start, len, &mut w)?;
-        {
-            // dx (m x k) += g[:, start..start+len] (row stride n) · w
-            // (len x k, row-major).
-            // SAFETY: g holds m rows of stride n and start + len <= n; w
-            // holds len·k values and dx m·k.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    k,
-                    len,
-                    dx.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    i > 0,
-                    g.as_ptr().add(start),
-                    1,
-                    n as isize,
-                    w.as_ptr(),
-                    1,
-                    k as isize,
-                    1f32,
-                    1f32,
-                    false,
-                    false,
-                    false,
-                    gemm_parallelism(),
-                )
-            }
-        }
+        // dx (m x k) += g[:, start..start+len] (row stride n) · w.
+        add_g_w(&mut dx, &g[start..], n, &w[..len * k], (m, k, len), i > 0)?;
     }
     Ok(dx)
 }
