@@ -19,6 +19,8 @@
 #   head: the LoRA-Mini head's rate (3e-3 and 3e-2 around 1e-2), seed 1
 #     (SEEDS=1,2,3 HEAD_LRS=3e-3 for the 3-seed row);
 #   budget: both methods' choices over a longer equal budget (EPOCHS=6);
+#   loraplus: LoRA+ (optim.b_lr_ratio) for LoRA-Mini at the task's chosen
+#     projection, a grid of core rate x ratio, seed 1;
 #   scaled: aux_init = "svd-scaled" at its own rates, seed 1;
 #   full: full fine-tuning, the reference row, one seed.
 set -euo pipefail
@@ -125,6 +127,15 @@ budget)
     --seeds 1,2,3 --out "$OUT/$TASK-${epochs}ep-lora-mini"
   "$BIN" sweep --config "$lora" "${common[@]}" --set optim.epochs="$epochs" \
     --grid "optim.lr=${LORA_LR:?}" --seeds 1,2,3 --out "$OUT/$TASK-${epochs}ep-lora"
+  ;;
+loraplus)
+  # LoRA+ (Hayou et al., 2024): B_in starts at zero, and a faster B side
+  # moves ΔW sooner without the 1e-2 collapse of both factors together.
+  # At the task's chosen projection MINI_INIT, head 1e-2, seed 1.
+  "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
+    --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${PLUS_LRS:-1e-3,3e-3}" \
+    --grid "optim.b_lr_ratio=${RATIOS:-4,16}" --seeds "${SEEDS:-1}" \
+    --out "$OUT/$TASK-loraplus-lora-mini"
   ;;
 scaled)
   # aux_init = "svd-scaled" (the singular values folded into B_aux), which the

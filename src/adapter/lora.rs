@@ -134,9 +134,12 @@ impl LowRankLayer for LoraLinear {
     }
 
     fn trainable_vars(&self) -> Vec<(&'static str, &Var)> {
-        vec![("lora_A", &self.a), ("lora_B", &self.b)]
+        vec![("lora_A", &self.a), (LORA_B_ROLE, &self.b)]
     }
 }
+
+/// The role name of LoRA's zero-initialised factor `B`.
+pub(crate) const LORA_B_ROLE: &str = "lora_B";
 
 /// Training mode by default, so a model that calls `layer.forward(x)` trains
 /// the adapter as it should; switch to inference with `set_training(false)`

@@ -183,10 +183,7 @@ impl LowRankLayer for LoraMiniLinear {
     }
 
     fn trainable_vars(&self) -> Vec<(&'static str, &Var)> {
-        vec![
-            ("lora_mini_A_in", &self.a_in),
-            ("lora_mini_B_in", &self.b_in),
-        ]
+        vec![("lora_mini_A_in", &self.a_in), (B_IN_ROLE, &self.b_in)]
     }
 
     fn frozen_aux(&self) -> Vec<(&'static str, &Tensor)> {
@@ -196,6 +193,10 @@ impl LowRankLayer for LoraMiniLinear {
         ]
     }
 }
+
+/// The role name of LoRA-Mini's trained factor `B_in`, zero at init under
+/// `inner_init = "zero-b"`.
+pub(crate) const B_IN_ROLE: &str = "lora_mini_B_in";
 
 /// Training mode by default, so a model that calls `layer.forward(x)` trains
 /// the adapter as it should; switch to inference with `set_training(false)`

@@ -130,3 +130,31 @@ pub trait LowRankLayer {
         self.host().as_plain()
     }
 }
+
+/// Whether a trainable tensor, named `<module path>.<role>`, is the factor
+/// on the output side that starts at zero (LoRA's `lora_B`, LoRA-Mini's
+/// `B_in`): the one LoRA+ (`optim.b_lr_ratio`) trains at a higher rate.
+pub fn is_b_factor(name: &str) -> bool {
+    let role = name.rsplit('.').next().unwrap_or(name);
+    role == super::lora::LORA_B_ROLE || role == super::lora_mini::B_IN_ROLE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_b_factor;
+
+    #[test]
+    fn only_the_output_side_factors_are_b_factors() {
+        assert!(is_b_factor("model.layers.0.self_attn.q_proj.lora_B"));
+        assert!(is_b_factor(
+            "bert.encoder.layer.0.attention.self.query.lora_mini_B_in"
+        ));
+        assert!(!is_b_factor("model.layers.0.self_attn.q_proj.lora_A"));
+        assert!(!is_b_factor(
+            "bert.encoder.layer.0.attention.self.query.lora_mini_A_in"
+        ));
+        assert!(!is_b_factor("classifier.weight"));
+        // A module that merely contains the role in its path is not one.
+        assert!(!is_b_factor("lora_B.weight"));
+    }
+}

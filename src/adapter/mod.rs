@@ -30,8 +30,8 @@ pub use host::AdapterHost;
 pub use linear::{AdaptedLinear, FullLinear};
 pub use lora::LoraLinear;
 pub use lora_mini::LoraMiniLinear;
-pub use low_rank::LowRankLayer;
 pub use low_rank::LowRankUpdate;
+pub use low_rank::{is_b_factor, LowRankLayer};
 /// The linear map adapted layers run, for tests and benchmarks.
 #[doc(hidden)]
 pub use matmul::linear_fwd;

@@ -204,6 +204,12 @@ pub struct OptimSection {
     /// The head's weight decay; `weight_decay` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_weight_decay: Option<f64>,
+    /// LoRA+ (Hayou et al., 2024; PEFT's `loraplus_lr_ratio`): the factor
+    /// that starts at zero (LoRA's `lora_B`, LoRA-Mini's `B_in`) trains at
+    /// `lr · b_lr_ratio`, its partner at `lr`. Unset: both at `lr`, and
+    /// no group of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b_lr_ratio: Option<f64>,
     #[serde(default = "d_b1")]
     pub beta1: f64,
     #[serde(default = "d_b2")]
@@ -441,7 +447,15 @@ impl TrainConfig {
         let within = |section| move |(key, message)| (section, key, message);
         self.task.validate().map_err(within("task"))?;
         self.adapter.validate().map_err(within("adapter"))?;
-        self.optim.validate().map_err(within("optim"))
+        self.optim.validate().map_err(within("optim"))?;
+        if self.optim.b_lr_ratio.is_some() && self.adapter.method == MethodName::Full {
+            return Err((
+                "optim",
+                "b_lr_ratio",
+                "applies to a low-rank adapter (lora, lora-mini), not full".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -527,6 +541,12 @@ impl OptimSection {
             return Err((
                 "head_lr",
                 format!("{} must be positive", o.head_lr.unwrap_or_default()),
+            ));
+        }
+        if o.b_lr_ratio.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+            return Err((
+                "b_lr_ratio",
+                format!("{} must be positive", o.b_lr_ratio.unwrap_or_default()),
             ));
         }
         if o.head_weight_decay.is_some_and(|wd| wd < 0.0) {
