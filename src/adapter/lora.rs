@@ -7,7 +7,7 @@ use super::base::BaseLinear;
 use super::config::{InnerInit, LoraConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use super::low_rank::{LowRankLayer, LowRankUpdate};
+use super::low_rank::{LowRankLayer, LowRankUpdate, LORA_B_ROLE};
 
 /// A frozen linear layer plus `scaling · B · A · dropout(x)`, with
 /// `A: r x d_in` Kaiming-uniform and `B: d_out x r` zero (PEFT's defaults).
@@ -137,9 +137,6 @@ impl LowRankLayer for LoraLinear {
         vec![("lora_A", &self.a), (LORA_B_ROLE, &self.b)]
     }
 }
-
-/// The role name of LoRA's zero-initialised factor `B`.
-pub(crate) const LORA_B_ROLE: &str = "lora_B";
 
 /// Training mode by default, so a model that calls `layer.forward(x)` trains
 /// the adapter as it should; switch to inference with `set_training(false)`

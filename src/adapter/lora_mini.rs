@@ -7,7 +7,7 @@ use super::base::BaseLinear;
 use super::config::{AuxInit, InnerInit, LoraMiniConfig};
 use super::host::AdapterHost;
 use super::init::kaiming_uniform;
-use super::low_rank::{LowRankLayer, LowRankUpdate};
+use super::low_rank::{LowRankLayer, LowRankUpdate, B_IN_ROLE};
 use super::matmul::linear_fwd;
 use super::projections::{aux_values, values_hash, weight_hash};
 
@@ -193,10 +193,6 @@ impl LowRankLayer for LoraMiniLinear {
         ]
     }
 }
-
-/// The role name of LoRA-Mini's trained factor `B_in`, zero at init under
-/// `inner_init = "zero-b"`.
-pub(crate) const B_IN_ROLE: &str = "lora_mini_B_in";
 
 /// Training mode by default, so a model that calls `layer.forward(x)` trains
 /// the adapter as it should; switch to inference with `set_training(false)`

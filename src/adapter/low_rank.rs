@@ -136,8 +136,15 @@ pub trait LowRankLayer {
 /// `B_in`): the one LoRA+ (`optim.b_lr_ratio`) trains at a higher rate.
 pub fn is_b_factor(name: &str) -> bool {
     let role = name.rsplit('.').next().unwrap_or(name);
-    role == super::lora::LORA_B_ROLE || role == super::lora_mini::B_IN_ROLE
+    role == LORA_B_ROLE || role == B_IN_ROLE
 }
+
+/// The role name of LoRA's zero-initialised factor `B`.
+pub(crate) const LORA_B_ROLE: &str = "lora_B";
+
+/// The role name of LoRA-Mini's trained factor `B_in`, zero at init under
+/// `inner_init = "zero-b"`.
+pub(crate) const B_IN_ROLE: &str = "lora_mini_B_in";
 
 #[cfg(test)]
 mod tests {
