@@ -228,41 +228,19 @@ impl Geometry {
     }
 }
 
-/// `dst (m × n) = alpha·dst + beta·lhs·rhs`, each operand given by its
-/// pointer, column stride and row stride, on the calling thread.
+/// [`super::gemm_strided`] on the calling thread: each head's products are
+/// small, and the heads themselves run in parallel.
 ///
-/// SAFETY: the caller guarantees each pointer covers the elements its
-/// strides reach and that `dst` does not alias the operands.
-#[allow(clippy::too_many_arguments)]
+/// SAFETY: as for [`super::gemm_strided`].
 unsafe fn gemm_strided(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: (*mut f32, isize, isize),
     lhs: (*const f32, isize, isize),
     rhs: (*const f32, isize, isize),
     alpha: f32,
     beta: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.1,
-        dst.2,
-        alpha != 0.0,
-        lhs.0,
-        lhs.1,
-        lhs.2,
-        rhs.0,
-        rhs.1,
-        rhs.2,
-        alpha,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    super::gemm_strided(dims, dst, lhs, rhs, alpha, beta, gemm::Parallelism::None)
 }
 
 impl AttentionCore {

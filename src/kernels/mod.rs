@@ -68,25 +68,13 @@ pub(crate) fn add_x_wt(
     // Wᵀ's element (i, j) is W[j][i]: row stride 1, column stride k.
     // SAFETY: y holds m·n values, x m·k and W n·k (checked above).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1f32,
-            1f32,
-            false,
-            false,
-            false,
+        gemm_strided(
+            (m, n, k),
+            (y.as_mut_ptr(), 1, n as isize),
+            (x.as_ptr(), 1, k as isize),
+            (w.as_ptr(), k as isize, 1),
+            1.0,
+            1.0,
             gemm_parallelism(),
         )
     }
@@ -117,29 +105,55 @@ pub(crate) fn add_g_w(
     // SAFETY: dx holds m·k values, g m rows of stride g_stride covering len
     // columns, and W len·k values (checked above).
     unsafe {
-        gemm::gemm(
-            m,
-            k,
-            len,
-            dx.as_mut_ptr(),
-            1,
-            k as isize,
-            accumulate,
-            g.as_ptr(),
-            1,
-            g_stride as isize,
-            w.as_ptr(),
-            1,
-            k as isize,
-            1f32,
-            1f32,
-            false,
-            false,
-            false,
+        gemm_strided(
+            (m, k, len),
+            (dx.as_mut_ptr(), 1, k as isize),
+            (g.as_ptr(), 1, g_stride as isize),
+            (w.as_ptr(), 1, k as isize),
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
             gemm_parallelism(),
         )
     }
     Ok(())
+}
+
+/// `dst (m × n) = alpha·dst + beta·lhs·rhs`, each operand given by its
+/// pointer, column stride and row stride; `alpha = 0` never reads `dst`.
+/// The one place the `gemm` crate is called.
+///
+/// SAFETY: the caller guarantees each pointer covers the elements its
+/// strides reach and that `dst` does not alias the operands.
+pub(crate) unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+    alpha: f32,
+    beta: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1,
+        dst.2,
+        alpha != 0.0,
+        lhs.0,
+        lhs.1,
+        lhs.2,
+        rhs.0,
+        rhs.1,
+        rhs.2,
+        alpha,
+        beta,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// The `gemm` crate's threading for a layer-sized product: Candle's thread

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle::quantized::{GgmlDType, QStorage, QTensor};
 use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{add_g_w, f32_rows, gemm_parallelism, with_cpu_f32};
+use super::{add_g_w, f32_rows, gemm_parallelism, gemm_strided, with_cpu_f32};
 
 /// About this many f32 values are dequantized at once.
 const BAND_VALUES: usize = 1 << 20;
@@ -155,25 +155,13 @@ pub(crate) fn banded_gemm(
             // SAFETY: y covers m rows of stride n from column `start`, with
             // start + len <= n; x holds m·k values and w len·k.
             unsafe {
-                gemm::gemm(
-                    m,
-                    len,
-                    k,
-                    y.as_mut_ptr().add(start),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    0f32,
-                    1f32,
-                    false,
-                    false,
-                    false,
+                gemm_strided(
+                    (m, len, k),
+                    (y.as_mut_ptr().add(start), 1, n as isize),
+                    (x.as_ptr(), 1, k as isize),
+                    (w.as_ptr(), k as isize, 1),
+                    0.0,
+                    1.0,
                     gemm_parallelism(),
                 )
             }
