@@ -119,14 +119,16 @@ head)
 budget)
   # A longer budget, the same for both methods (EPOCHS, default 6): each
   # method's 3-epoch choice (LoRA-Mini: MINI_INIT at MINI_LR, head 1e-2;
-  # LoRA: LORA_LR), seeds 1-3, not searched again at this budget.
+  # LoRA: LORA_LR), seeds 1-3 (SEEDS=1, then 1,2, then 1,2,3 alternates the
+  # methods seed by seed), not searched again at this budget.
   epochs=${EPOCHS:-6}
   "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
     --set optim.epochs="$epochs" \
     --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
-    --seeds 1,2,3 --out "$OUT/$TASK-${epochs}ep-lora-mini"
+    --seeds "${SEEDS:-1,2,3}" --out "$OUT/$TASK-${epochs}ep-lora-mini"
   "$BIN" sweep --config "$lora" "${common[@]}" --set optim.epochs="$epochs" \
-    --grid "optim.lr=${LORA_LR:?}" --seeds 1,2,3 --out "$OUT/$TASK-${epochs}ep-lora"
+    --grid "optim.lr=${LORA_LR:?}" --seeds "${SEEDS:-1,2,3}" \
+    --out "$OUT/$TASK-${epochs}ep-lora"
   ;;
 loraplus)
   # LoRA+ (Hayou et al., 2024): B_in starts at zero, and a faster B side
