@@ -120,7 +120,8 @@ budget)
   # A longer budget, the same for both methods (EPOCHS, default 6): each
   # method's 3-epoch choice (LoRA-Mini: MINI_INIT at MINI_LR, head 1e-2;
   # LoRA: LORA_LR), seeds 1-3 (SEEDS=1, then 1,2, then 1,2,3 alternates the
-  # methods seed by seed), not searched again at this budget.
+  # methods seed by seed), not searched again at this budget. MINI_INIT may
+  # list projections (orthogonal,svd): the table then chooses among them.
   epochs=${EPOCHS:-6}
   "$BIN" sweep --config "$mini" "${common[@]}" --set optim.head_lr=1e-2 \
     --set optim.epochs="$epochs" \
