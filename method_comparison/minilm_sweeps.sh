@@ -18,6 +18,7 @@
 #   shape-seeds: seeds 1-3 of one of them (SHAPE="2 256");
 #   head: the LoRA-Mini head's rate (3e-3 and 3e-2 around 1e-2), seed 1
 #     (SEEDS=1,2,3 HEAD_LRS=3e-3 for the 3-seed row);
+#   lora-head: LoRA's head at its own rate (3e-3 and 1e-2), seed 1;
 #   budget: both methods' choices over a longer equal budget (EPOCHS=6);
 #   loraplus: LoRA+ (optim.b_lr_ratio) for LoRA-Mini at the task's chosen
 #     projection, a grid of core rate x ratio, seed 1;
@@ -115,6 +116,13 @@ head)
     --grid "adapter.aux_init=${MINI_INIT:?}" --grid "optim.lr=${MINI_LR:?}" \
     --grid "optim.head_lr=${HEAD_LRS:-3e-3,3e-2}" --seeds "${SEEDS:-1}" \
     --out "$OUT/$TASK-head-lr-lora-mini"
+  ;;
+lora-head)
+  # LoRA's own head rate, the knob LoRA-Mini got (stage head): LoRA at its
+  # chosen LORA_LR with the head at HEAD_LRS, seed 1, the 3-epoch budget.
+  "$BIN" sweep --config "$lora" "${common[@]}" --grid "optim.lr=${LORA_LR:?}" \
+    --grid "optim.head_lr=${HEAD_LRS:-3e-3,1e-2}" --seeds "${SEEDS:-1}" \
+    --out "$OUT/$TASK-head-lr-lora"
   ;;
 budget)
   # A longer budget, the same for both methods (EPOCHS, default 6): each
