@@ -21,9 +21,8 @@ use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dropout::SeededDropout;
-use crate::kernels::f32_rows;
 use crate::kernels::fused::{softmax_in_place, vectorized};
-use crate::kernels::with_cpu_f32;
+use crate::kernels::{f32_rows, gemm_strided, with_cpu_f32};
 
 /// The dropout mask of one call on the attention probabilities: one byte
 /// per `(sequence, head, query, key)`, 1 where the probability is kept, and
@@ -228,20 +227,9 @@ impl Geometry {
     }
 }
 
-/// [`super::gemm_strided`] on the calling thread: each head's products are
-/// small, and the heads themselves run in parallel.
-///
-/// SAFETY: as for [`super::gemm_strided`].
-unsafe fn gemm_strided(
-    dims: (usize, usize, usize),
-    dst: (*mut f32, isize, isize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-    alpha: f32,
-    beta: f32,
-) {
-    super::gemm_strided(dims, dst, lhs, rhs, alpha, beta, gemm::Parallelism::None)
-}
+/// Each head's products are small and the heads themselves run in
+/// parallel, so every [`gemm_strided`] here stays on the calling thread.
+const ON_THIS_THREAD: gemm::Parallelism = gemm::Parallelism::None;
 
 impl AttentionCore {
     fn geometry(&self, layout: &Layout) -> Result<Geometry> {
@@ -286,6 +274,7 @@ impl AttentionCore {
                 (k.as_ptr().add(g.kv_base(s, h)), kv_row, 1),
                 0.0,
                 g.scale(),
+                ON_THIS_THREAD,
             );
         }
         for (i, r) in probs.chunks_exact_mut(t).enumerate() {
@@ -357,6 +346,7 @@ impl CustomOp3 for AttentionCore {
                         (v.as_ptr().add(g.kv_base(s, h)), 1, kv_row),
                         0.0,
                         1.0,
+                        ON_THIS_THREAD,
                     );
                 }
             })
@@ -461,6 +451,7 @@ impl AttentionCore {
                 (go.as_ptr().add(base), 1, row),
                 kv_alpha,
                 1.0,
+                ON_THIS_THREAD,
             );
             // d(dropped_probs) = dout · vᵀ
             gemm_strided(
@@ -470,6 +461,7 @@ impl AttentionCore {
                 (v.as_ptr().add(kv_base), kv_row, 1),
                 0.0,
                 1.0,
+                ON_THIS_THREAD,
             );
         }
         // Through dropout, then the softmax: dscores = p ∘ (dp − Σ dp ∘ p),
@@ -491,6 +483,7 @@ impl AttentionCore {
                 (k.as_ptr().add(kv_base), 1, kv_row),
                 0.0,
                 1.0,
+                ON_THIS_THREAD,
             );
             // dk (+)= dscoresᵀ · q
             gemm_strided(
@@ -500,6 +493,7 @@ impl AttentionCore {
                 (q.as_ptr().add(base), 1, row),
                 kv_alpha,
                 1.0,
+                ON_THIS_THREAD,
             );
         }
     }
