@@ -325,7 +325,10 @@ impl CustomOp3 for AttentionCore {
         let (q, _) = f32_rows(s1, l1, self.name())?;
         let (k, _) = f32_rows(s2, l2, self.name())?;
         let (v, _) = f32_rows(s3, l3, self.name())?;
-        let mut out = vec![0f32; q.len()];
+        // Not zeroed: every (sequence, head) task below writes its head's
+        // columns of its sequence's rows with a gemm that does not
+        // accumulate, and together they cover the output.
+        let mut out = Vec::<f32>::with_capacity(q.len());
         let out_ptr = SharedOut(out.as_mut_ptr());
         let (row, kv_row) = (g.hidden() as isize, g.kv_hidden() as isize);
         (0..g.batch * g.heads).into_par_iter().for_each(|task| {
@@ -351,6 +354,8 @@ impl CustomOp3 for AttentionCore {
                 }
             })
         });
+        // SAFETY: the tasks wrote all q.len() values (see above).
+        unsafe { out.set_len(q.len()) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -365,7 +370,15 @@ impl CustomOp3 for AttentionCore {
         let g = self.geometry(q.layout())?;
         let grad = grad.contiguous()?;
         let (n, n_kv) = (q.elem_count(), k.elem_count());
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n_kv], vec![0f32; n_kv]);
+        // Not zeroed: each query head writes its columns of dq, and the
+        // first query head of each group writes its key-value head's
+        // columns of dk and dv, with gemms that do not accumulate; the
+        // group's later heads add onto them.
+        let (mut dq, mut dk, mut dv) = (
+            Vec::<f32>::with_capacity(n),
+            Vec::<f32>::with_capacity(n_kv),
+            Vec::<f32>::with_capacity(n_kv),
+        );
         let out = Grads {
             dq: SharedOut(dq.as_mut_ptr()),
             dk: SharedOut(dk.as_mut_ptr()),
@@ -391,6 +404,12 @@ impl CustomOp3 for AttentionCore {
                 })
             })
         })?;
+        // SAFETY: the tasks wrote every value of the three (see above).
+        unsafe {
+            dq.set_len(n);
+            dk.set_len(n_kv);
+            dv.set_len(n_kv);
+        }
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

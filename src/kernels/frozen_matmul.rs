@@ -11,7 +11,7 @@
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::{add_x_wt, f32_rows, with_cpu_f32};
+use super::{add_x_wt, f32_rows, with_cpu_f32, written_by};
 
 /// The op's arguments are the `(rows, d_in)` input and the `(d_out, d_in)`
 /// weight; it holds the frozen `(d_out)` bias.
@@ -72,21 +72,25 @@ pub(crate) fn frozen_linear(
     bias: Option<&Tensor>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<Vec<f32>> {
-    // Start from the bias (or zeros) and let the gemm add x·Wᵀ onto it.
-    let mut y = match bias {
-        Some(b) => with_cpu_f32(b, "bias", |b| {
-            if b.len() != n {
-                candle::bail!(
-                    "lora-mini-frozen-matmul: bias has {} entries, not {n}",
-                    b.len()
-                );
-            }
-            Ok(b.repeat(m))
-        })?,
-        None => vec![0f32; m * n],
-    };
-    add_x_wt(&mut y, x, w, (m, n, k))?;
-    Ok(y)
+    // Start from the bias and let the gemm add x·Wᵀ onto it; without a
+    // bias the gemm writes y alone.
+    match bias {
+        Some(b) => {
+            let mut y = with_cpu_f32(b, "bias", |b| {
+                if b.len() != n {
+                    candle::bail!(
+                        "lora-mini-frozen-matmul: bias has {} entries, not {n}",
+                        b.len()
+                    );
+                }
+                Ok(b.repeat(m))
+            })?;
+            add_x_wt(&mut y, x, w, (m, n, k), true)?;
+            Ok(y)
+        }
+        // SAFETY: a gemm that does not accumulate writes all m·n values.
+        None => unsafe { written_by(m * n, |y| add_x_wt(y, x, w, (m, n, k), false)) },
+    }
 }
 
 /// `x·Wᵀ + b` for a 2-D `x`: the op above when `W` and a frozen `b` are

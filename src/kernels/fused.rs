@@ -12,22 +12,33 @@
 use candle::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::f32_rows;
+use super::{f32_rows, written_by};
 
 /// Fills a new output the size of `x` block by block in parallel:
 /// `f(offset, x_block, out_block)`, with `offset` the block's start (for
 /// reading the matching block of a second input).
-fn map_blocks(
+///
+/// # Safety
+/// `f` writes every value of `out_block` and reads none it has not written
+/// (the output is not zeroed first; see [`written_by`]).
+unsafe fn map_blocks(
     x: &[f32],
     block: usize,
     shape: &Shape,
     f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
 ) -> (CpuStorage, Shape) {
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(block)
-        .zip(x.par_chunks(block))
-        .enumerate()
-        .for_each(|(i, (y, x))| vectorized(|| f(i * block, x, y)));
+    // SAFETY: the blocks of `out` pair up with those of `x`, so they cover
+    // it, and the caller's `f` writes each block whole.
+    let out = unsafe {
+        written_by(x.len(), |out| {
+            out.par_chunks_mut(block.max(1))
+                .zip(x.par_chunks(block.max(1)))
+                .enumerate()
+                .for_each(|(i, (y, x))| vectorized(|| f(i * block, x, y)));
+            Ok(())
+        })
+    }
+    .expect("the fill cannot fail");
     (CpuStorage::F32(out), shape.clone())
 }
 
@@ -148,10 +159,13 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = f32_rows(storage, layout, self.name())?;
-        Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
-            y.copy_from_slice(x);
-            softmax_in_place(y);
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, d, layout.shape(), |_, x, y| {
+                y.copy_from_slice(x);
+                softmax_in_place(y);
+            })
+        })
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -246,18 +260,23 @@ impl CustomOp2 for TargetNllGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, v) = f32_rows(s1, l1, self.name())?;
         let (g, _) = f32_rows(s2, l2, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(v)
-            .zip(x.par_chunks(v))
-            .zip(g.par_iter().zip(self.targets.par_iter()))
-            .for_each(|((y, row), (&g, &t))| {
-                vectorized(|| {
-                    y.copy_from_slice(row);
-                    softmax_in_place(y);
-                    y.iter_mut().for_each(|p| *p *= g);
-                });
-                y[t as usize] -= g;
-            });
+        // SAFETY: each row of the output is first a copy of its logits.
+        let out = unsafe {
+            written_by(x.len(), |out| {
+                out.par_chunks_mut(v)
+                    .zip(x.par_chunks(v))
+                    .zip(g.par_iter().zip(self.targets.par_iter()))
+                    .for_each(|((y, row), (&g, &t))| {
+                        vectorized(|| {
+                            y.copy_from_slice(row);
+                            softmax_in_place(y);
+                            y.iter_mut().for_each(|p| *p *= g);
+                        });
+                        y[t as usize] -= g;
+                    });
+                Ok(())
+            })?
+        };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -290,11 +309,14 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, _) = f32_rows(storage, layout, self.name())?;
-        Ok(map_blocks(x, CHUNK, layout.shape(), |_, x, y| {
-            for (y, &v) in y.iter_mut().zip(x) {
-                *y = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, CHUNK, layout.shape(), |_, x, y| {
+                for (y, &v) in y.iter_mut().zip(x) {
+                    *y = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            })
+        })
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -323,15 +345,18 @@ impl CustomOp2 for GeluErfGrad {
             candle::bail!("{}: gradient and input sizes differ", self.name());
         }
         let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
-        Ok(map_blocks(x, CHUNK, l1.shape(), |offset, x, dx| {
-            let g = &g[offset..offset + x.len()];
-            for i in 0..dx.len() {
-                let v = x[i];
-                let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = fast_exp(-0.5 * v * v) * inv_sqrt_2pi;
-                dx[i] = g[i] * (cdf + v * pdf);
-            }
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, CHUNK, l1.shape(), |offset, x, dx| {
+                let g = &g[offset..offset + x.len()];
+                for i in 0..dx.len() {
+                    let v = x[i];
+                    let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                    let pdf = fast_exp(-0.5 * v * v) * inv_sqrt_2pi;
+                    dx[i] = g[i] * (cdf + v * pdf);
+                }
+            })
+        })
     }
 }
 
@@ -406,12 +431,15 @@ impl CustomOp3 for LayerNormOp {
         if w.len() != d || b.len() != d {
             candle::bail!("{}: weight and bias must have {d} entries", self.name());
         }
-        Ok(map_blocks(x, d, l1.shape(), |_, x, y| {
-            let (mean, rstd) = moments(x, self.eps, Centering::Mean);
-            for i in 0..d {
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-            }
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, d, l1.shape(), |_, x, y| {
+                let (mean, rstd) = moments(x, self.eps, Centering::Mean);
+                for i in 0..d {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            })
+        })
     }
 
     fn bwd(
@@ -451,12 +479,15 @@ impl CustomOp2 for RmsNormOp {
         if w.len() != d {
             candle::bail!("{}: the weight must have {d} entries", self.name());
         }
-        Ok(map_blocks(x, d, l1.shape(), |_, x, y| {
-            let (_, rstd) = moments(x, self.eps, Centering::None);
-            for i in 0..d {
-                y[i] = x[i] * rstd * w[i];
-            }
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, d, l1.shape(), |_, x, y| {
+                let (_, rstd) = moments(x, self.eps, Centering::None);
+                for i in 0..d {
+                    y[i] = x[i] * rstd * w[i];
+                }
+            })
+        })
     }
 
     fn bwd(
@@ -484,12 +515,15 @@ impl CustomOp1 for Normalise {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, d) = f32_rows(storage, layout, self.name())?;
-        Ok(map_blocks(x, d, layout.shape(), |_, x, y| {
-            let (mean, rstd) = moments(x, self.eps, self.centering);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - mean) * rstd;
-            }
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, d, layout.shape(), |_, x, y| {
+                let (mean, rstd) = moments(x, self.eps, self.centering);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - mean) * rstd;
+                }
+            })
+        })
     }
 }
 
@@ -518,26 +552,29 @@ impl CustomOp3 for NormInputGrad {
         let (g, d) = f32_rows(s1, l1, self.name())?;
         let (x, _) = f32_rows(s2, l2, self.name())?;
         let (w, _) = f32_rows(s3, l3, self.name())?;
-        Ok(map_blocks(x, d, l1.shape(), |offset, x, dx| {
-            let g = &g[offset..offset + d];
-            let (mean, rstd) = moments(x, self.eps, self.centering);
-            let n = d as f32;
-            let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-            for i in 0..d {
-                let gw = g[i] * w[i];
-                sum_gw += gw;
-                sum_gw_xhat += gw * (x[i] - mean) * rstd;
-            }
-            let mean_gw = match self.centering {
-                Centering::Mean => sum_gw / n,
-                Centering::None => 0.0,
-            };
-            let mean_gw_xhat = sum_gw_xhat / n;
-            for i in 0..d {
-                let xhat = (x[i] - mean) * rstd;
-                dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-            }
-        }))
+        // SAFETY: the closure writes every value of its output block.
+        Ok(unsafe {
+            map_blocks(x, d, l1.shape(), |offset, x, dx| {
+                let g = &g[offset..offset + d];
+                let (mean, rstd) = moments(x, self.eps, self.centering);
+                let n = d as f32;
+                let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                for i in 0..d {
+                    let gw = g[i] * w[i];
+                    sum_gw += gw;
+                    sum_gw_xhat += gw * (x[i] - mean) * rstd;
+                }
+                let mean_gw = match self.centering {
+                    Centering::Mean => sum_gw / n,
+                    Centering::None => 0.0,
+                };
+                let mean_gw_xhat = sum_gw_xhat / n;
+                for i in 0..d {
+                    let xhat = (x[i] - mean) * rstd;
+                    dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+                }
+            })
+        })
     }
 }
 

@@ -11,8 +11,8 @@
 use candle::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::f32_rows;
 use super::fused::{fast_exp, vectorized};
+use super::{f32_rows, written_by};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -48,16 +48,21 @@ impl CustomOp2 for SiluMul {
                 l2.dims()
             );
         }
-        let mut out = vec![0f32; gate.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                vectorized(|| {
-                    for i in 0..y.len() {
-                        y[i] = g[i] * sigmoid(g[i]) * u[i];
-                    }
-                })
-            });
+        // SAFETY: the chunks cover the output and each is written whole.
+        let out = unsafe {
+            written_by(gate.len(), |out| {
+                out.par_chunks_mut(CHUNK)
+                    .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+                    .for_each(|(y, (g, u))| {
+                        vectorized(|| {
+                            for i in 0..y.len() {
+                                y[i] = g[i] * sigmoid(g[i]) * u[i];
+                            }
+                        })
+                    });
+                Ok(())
+            })?
+        };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -104,24 +109,30 @@ impl CustomOp3 for SiluMulGrad {
         if gate.len() != n || up.len() != n {
             candle::bail!("{}: gradient and input sizes differ", self.name());
         }
-        let mut out = vec![0f32; 2 * n];
-        let (d_gate, d_up) = out.split_at_mut(n);
-        d_gate
-            .par_chunks_mut(CHUNK)
-            .zip(d_up.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, (dg, du))| {
-                let at = c * CHUNK;
-                let (g, x, u) = (&grad[at..], &gate[at..], &up[at..]);
-                vectorized(|| {
-                    for i in 0..dg.len() {
-                        let s = sigmoid(x[i]);
-                        let silu = x[i] * s;
-                        dg[i] = g[i] * u[i] * (s + silu * (1.0 - s));
-                        du[i] = g[i] * silu;
-                    }
-                })
-            });
+        // SAFETY: the chunks of both halves cover the output, and each pair
+        // of chunks (of equal length) is written whole.
+        let out = unsafe {
+            written_by(2 * n, |out| {
+                let (d_gate, d_up) = out.split_at_mut(n);
+                d_gate
+                    .par_chunks_mut(CHUNK)
+                    .zip(d_up.par_chunks_mut(CHUNK))
+                    .enumerate()
+                    .for_each(|(c, (dg, du))| {
+                        let at = c * CHUNK;
+                        let (g, x, u) = (&grad[at..], &gate[at..], &up[at..]);
+                        vectorized(|| {
+                            for i in 0..dg.len() {
+                                let s = sigmoid(x[i]);
+                                let silu = x[i] * s;
+                                dg[i] = g[i] * u[i] * (s + silu * (1.0 - s));
+                                du[i] = g[i] * silu;
+                            }
+                        })
+                    });
+                Ok(())
+            })?
+        };
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
     }
 }

@@ -25,8 +25,8 @@ use rayon::prelude::*;
 
 use super::fused::{fast_exp, log_sum_exp, vectorized};
 use super::low_rank::{Base, FrozenWeight};
-use super::quantized_matmul::dequantize_rows;
-use super::{add_g_w, add_x_wt, f32_rows, with_cpu_f32};
+use super::quantized_matmul::dequantize_rows_parallel;
+use super::{add_g_w, add_x_wt, f32_rows, with_cpu_f32, written_by};
 
 /// About this many logits are alive at once (64 MB). Each chunk's two
 /// gemms pack all of `W` again, so chunks must be large: on SmolLM2 (341
@@ -73,29 +73,40 @@ impl LinearTargetNll {
         self.check(x, w, bias, (k, v))?;
         let rows = self.targets.len();
         let chunk = (CHUNK_VALUES / v.max(1)).clamp(1, rows.max(1));
-        let mut logits = vec![0f32; chunk * v];
+        // Every chunk's gemm overwrites its logits (or adds onto the bias
+        // copied in first), and the chunks' input gradients cover all rows,
+        // so neither buffer needs zeroing.
+        let mut logits = Vec::<f32>::with_capacity(chunk * v);
         let mut nlls = vec![0f32; rows];
-        let mut grad = with_grad.then(|| vec![0f32; rows * k]);
+        let mut grad = with_grad.then(|| Vec::<f32>::with_capacity(rows * k));
         for start in (0..rows).step_by(chunk) {
             let m = chunk.min(rows - start);
-            let z = &mut logits[..m * v];
+            // SAFETY: the capacity holds chunk·v ≥ m·v values, all written
+            // below (by the bias copy, or by the gemm that does not
+            // accumulate) before nll_and_softmax_grad reads them.
+            let z = unsafe { std::slice::from_raw_parts_mut(logits.as_mut_ptr(), m * v) };
+            let x_chunk = &x[start * k..(start + m) * k];
             match bias {
-                Some(b) => z.chunks_mut(v).for_each(|row| row.copy_from_slice(b)),
-                None => z.fill(0.0),
+                Some(b) => {
+                    z.chunks_mut(v).for_each(|row| row.copy_from_slice(b));
+                    add_x_wt(z, x_chunk, w, (m, v, k), true)?;
+                }
+                None => add_x_wt(z, x_chunk, w, (m, v, k), false)?,
             }
-            add_x_wt(z, &x[start * k..(start + m) * k], w, (m, v, k))?;
             let targets = &self.targets[start..start + m];
             nll_and_softmax_grad(z, v, targets, &mut nlls[start..start + m], with_grad);
             if let Some(grad) = grad.as_mut() {
-                add_g_w(
-                    &mut grad[start * k..(start + m) * k],
-                    z,
-                    v,
-                    w,
-                    (m, k, v),
-                    false,
-                )?;
+                // SAFETY: the capacity holds rows·k values; this chunk's
+                // rows are written by the gemm, which does not accumulate.
+                let rows_grad = unsafe {
+                    std::slice::from_raw_parts_mut(grad.as_mut_ptr().add(start * k), m * k)
+                };
+                add_g_w(rows_grad, z, v, w, (m, k, v), false)?;
             }
+        }
+        if let Some(grad) = grad.as_mut() {
+            // SAFETY: the chunks' gemms wrote all rows·k values.
+            unsafe { grad.set_len(rows * k) };
         }
         Ok((nlls, grad))
     }
@@ -146,15 +157,11 @@ fn nll_and_softmax_grad(
         });
 }
 
-/// All of a quantized `(n, k)` weight as f32, dequantized in parallel bands.
+/// All of a quantized `(n, k)` weight as f32, dequantized in parallel.
 fn dequantize_all(q: &QTensor) -> Result<Vec<f32>> {
     let (n, k) = q.shape().dims2()?;
-    let band = (n / (4 * rayon::current_num_threads()).max(1)).max(1);
-    let mut w = vec![0f32; n * k];
-    w.par_chunks_mut(band * k)
-        .enumerate()
-        .try_for_each(|(i, out)| dequantize_rows(q, i * band, out.len() / k.max(1), out))?;
-    Ok(w)
+    // SAFETY: dequantize_rows_parallel writes all n·k values.
+    unsafe { written_by(n * k, |w| dequantize_rows_parallel(q, 0, n, w)) }
 }
 
 impl CustomOp1 for LinearTargetNll {

@@ -130,7 +130,7 @@ impl CustomOp3 for LowRankOutput {
         }
         let m = x.len() / k.max(1);
         let mut y = self.base.forward(x, (m, n, k))?;
-        add_x_wt(&mut y, h, b, (m, n, r))?;
+        add_x_wt(&mut y, h, b, (m, n, r), true)?;
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(y), Shape::from(dims)))

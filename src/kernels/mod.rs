@@ -48,14 +48,40 @@ pub(crate) fn with_cpu_f32<R>(
     f(&v[a..b])
 }
 
-/// `y (m x n) += x (m x k) · Wᵀ` for row-major `x` and `W (n x k)`: a frozen
-/// linear layer onto its bias, or a low-rank update's last factor onto the
-/// base's output.
+/// A kernel's output of `len` values, allocated without the pass that
+/// `vec![0.0; len]` spends zeroing it: `fill` writes every value. The
+/// zeroing runs on the calling thread alone while the kernel after it runs
+/// on all of them, so in a training step, which allocates a few hundred
+/// such outputs, the other cores waited through each one.
+///
+/// # Safety
+/// `fill` must write all `len` values of its slice, and read none it has
+/// not written. The vector is only handed out when `fill` succeeds.
+pub(crate) unsafe fn written_by(
+    len: usize,
+    fill: impl FnOnce(&mut [f32]) -> Result<()>,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::<f32>::with_capacity(len);
+    // SAFETY: the allocation holds `len` values; the caller guarantees
+    // that `fill` writes each one before any is read, so after it returns
+    // Ok the first `len` values are initialised.
+    unsafe {
+        fill(std::slice::from_raw_parts_mut(out.as_mut_ptr(), len))?;
+        out.set_len(len);
+    }
+    Ok(out)
+}
+
+/// `y (m x n) (+)= x (m x k) · Wᵀ` for row-major `x` and `W (n x k)`: a
+/// frozen linear layer onto its bias, or a low-rank update's last factor
+/// onto the base's output; `accumulate` adds onto `y` instead of
+/// overwriting it (which never reads `y`).
 pub(crate) fn add_x_wt(
     y: &mut [f32],
     x: &[f32],
     w: &[f32],
     (m, n, k): (usize, usize, usize),
+    accumulate: bool,
 ) -> Result<()> {
     if y.len() != m * n || x.len() != m * k || w.len() != n * k {
         candle::bail!(
@@ -73,7 +99,7 @@ pub(crate) fn add_x_wt(
             (y.as_mut_ptr(), 1, n as isize),
             (x.as_ptr(), 1, k as isize),
             (w.as_ptr(), k as isize, 1),
-            1.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             gemm_parallelism(),
         )

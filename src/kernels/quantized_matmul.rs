@@ -21,7 +21,9 @@ use std::sync::Arc;
 use candle::quantized::{GgmlDType, QStorage, QTensor};
 use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::{add_g_w, f32_rows, gemm_parallelism, gemm_strided, with_cpu_f32};
+use rayon::prelude::*;
+
+use super::{add_g_w, f32_rows, gemm_parallelism, gemm_strided, with_cpu_f32, written_by};
 
 /// About this many f32 values are dequantized at once.
 const BAND_VALUES: usize = 1 << 20;
@@ -122,16 +124,54 @@ pub(crate) fn banded_grad(
     n: usize,
     k: usize,
 ) -> Result<Vec<f32>> {
-    let mut dx = vec![0f32; m * k];
     let band = (BAND_VALUES / k.max(1)).clamp(1, n.max(1));
-    let mut w = vec![0f32; band * k];
-    for (i, start) in (0..n).step_by(band).enumerate() {
-        let len = band.min(n - start);
-        dequantize_rows(q, start, len, &mut w)?;
-        // dx (m x k) += g[:, start..start+len] (row stride n) · w.
-        add_g_w(&mut dx, &g[start..], n, &w[..len * k], (m, k, len), i > 0)?;
+    let mut bands = Bands::new(q, band, k);
+    // SAFETY: the first band's gemm does not accumulate and writes all of
+    // dx; the later ones add onto it.
+    unsafe {
+        written_by(m * k, |dx| {
+            for (i, start) in (0..n).step_by(band).enumerate() {
+                let len = band.min(n - start);
+                let w = bands.rows(start, len)?;
+                // dx (m x k) (+)= g[:, start..start+len] (row stride n) · w.
+                add_g_w(dx, &g[start..], n, w, (m, k, len), i > 0)?;
+            }
+            Ok(())
+        })
     }
-    Ok(dx)
+}
+
+/// One allocation that a quantized weight's bands of rows are dequantized
+/// into in turn, each in parallel over its rows: dequantizing on one
+/// thread left the other cores idle before every banded gemm.
+struct Bands<'a> {
+    q: &'a QTensor,
+    k: usize,
+    /// Capacity for a band; only the current band's values are written.
+    values: Vec<f32>,
+}
+
+impl<'a> Bands<'a> {
+    fn new(q: &'a QTensor, band: usize, k: usize) -> Self {
+        Self {
+            q,
+            k,
+            values: Vec::with_capacity(band * k),
+        }
+    }
+
+    /// Rows `start..start + len` of the weight as f32 (`len·k` values).
+    fn rows(&mut self, start: usize, len: usize) -> Result<&[f32]> {
+        let n = len * self.k;
+        if n > self.values.capacity() {
+            candle::bail!("a band of {len} rows is larger than its buffer");
+        }
+        // SAFETY: the capacity holds n values; dequantize_rows_parallel
+        // writes all of them (or fails, and then nothing reads them).
+        let out = unsafe { std::slice::from_raw_parts_mut(self.values.as_mut_ptr(), n) };
+        dequantize_rows_parallel(self.q, start, len, out)?;
+        Ok(out)
+    }
 }
 
 /// `y = x·Wᵀ` (`m x n`, row-major) with `W` dequantized `BAND_VALUES` at a
@@ -143,18 +183,23 @@ pub(crate) fn banded_gemm(
     n: usize,
     k: usize,
 ) -> Result<Vec<f32>> {
-    let mut y = vec![0f32; m * n];
+    if x.len() != m * k {
+        candle::bail!("banded gemm: {} input values for {m}x{k}", x.len());
+    }
     let band = (BAND_VALUES / k.max(1)).clamp(1, n.max(1));
-    let mut w = vec![0f32; band * k];
-    for start in (0..n).step_by(band) {
-        let len = band.min(n - start);
-        dequantize_rows(q, start, len, &mut w)?;
-        {
-            // y[:, start..start+len] (row stride n) = x (m x k) · wᵀ, where
-            // wᵀ's element (i, j) is w[j][i]: row stride 1, column stride k.
-            // SAFETY: y covers m rows of stride n from column `start`, with
-            // start + len <= n; x holds m·k values and w len·k.
-            unsafe {
+    let mut bands = Bands::new(q, band, k);
+    // SAFETY (written_by): the bands' gemms, which do not accumulate, write
+    // columns start..start+len of every row, and the bands cover 0..n.
+    unsafe {
+        written_by(m * n, |y| {
+            for start in (0..n).step_by(band) {
+                let len = band.min(n - start);
+                let w = bands.rows(start, len)?;
+                // y[:, start..start+len] (row stride n) = x (m x k) · wᵀ,
+                // where wᵀ's element (i, j) is w[j][i]: row stride 1,
+                // column stride k.
+                // SAFETY: y covers m rows of stride n from column `start`,
+                // with start + len <= n; x holds m·k values and w len·k.
                 gemm_strided(
                     (m, len, k),
                     (y.as_mut_ptr().add(start), 1, n as isize),
@@ -165,9 +210,9 @@ pub(crate) fn banded_gemm(
                     gemm_parallelism(),
                 )
             }
-        }
+            Ok(())
+        })
     }
-    Ok(y)
 }
 
 /// Dequantizes rows `start..start + len` of a 2-D quantized CPU tensor into
@@ -225,6 +270,24 @@ pub(crate) fn dequantize_rows(
             Ok(())
         }
     }
+}
+
+/// [`dequantize_rows`] in parallel over pieces of the rows.
+pub(crate) fn dequantize_rows_parallel(
+    q: &QTensor,
+    start: usize,
+    len: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let (_, k) = q.shape().dims2()?;
+    if out.len() < len * k {
+        candle::bail!("{len} rows of {k} values do not fit {} outputs", out.len());
+    }
+    let piece = len.div_ceil(4 * rayon::current_num_threads()).max(1);
+    out[..len * k]
+        .par_chunks_mut(piece * k.max(1))
+        .enumerate()
+        .try_for_each(|(i, out)| dequantize_rows(q, start + i * piece, out.len() / k.max(1), out))
 }
 
 /// Rows `start..start + len` of a 2-D quantized tensor, as their own

@@ -11,7 +11,7 @@ use candle::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::vectorized;
-use super::{f32_rows, with_cpu_f32};
+use super::{f32_rows, with_cpu_f32, written_by};
 
 /// Rotates each row's pairs `(x[i], x[i + dim / 2])` by the angle whose
 /// cosine and sine the tables hold: `(seq, dim / 2)`, shared by the batch,
@@ -51,9 +51,37 @@ impl CustomOp1 for Rope {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, dim) = f32_rows(storage, layout, self.name())?;
         let (_, d1, d2, _) = layout.shape().dims4()?;
+        if dim % 2 != 0 {
+            candle::bail!("{}: the head dimension {dim} is odd", self.name());
+        }
+        // SAFETY: the rows cover the output, and each row's two halves
+        // (dim is even) are written whole.
+        let out = unsafe { written_by(x.len(), |out| self.rotate(x, out, (d1, d2), dim)) }?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+            seq_first: self.seq_first,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+impl Rope {
+    /// Rotates the `dim`-wide rows of `x` into `out`.
+    fn rotate(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        (d1, d2): (usize, usize),
+        dim: usize,
+    ) -> Result<()> {
         let half = dim / 2;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut out = vec![0f32; x.len()];
         with_cpu_f32(&self.cos, "rope cos table", |cos| {
             with_cpu_f32(&self.sin, "rope sin table", |sin| {
                 out.par_chunks_mut(dim)
@@ -75,17 +103,6 @@ impl CustomOp1 for Rope {
                     });
                 Ok(())
             })
-        })?;
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let inverse = Rope {
-            cos: self.cos.clone(),
-            sin: self.sin.clone(),
-            inverse: !self.inverse,
-            seq_first: self.seq_first,
-        };
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+        })
     }
 }
