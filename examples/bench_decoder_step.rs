@@ -96,6 +96,7 @@ fn adapter(method: &str) -> candle::Result<AdapterConfig> {
 fn main() -> candle::Result<()> {
     let args = parse_args();
     lora_mini::alloc::keep_freed_buffers();
+    lora_mini::threads::shorten_idle_spinning();
     let device = Device::Cpu;
     let factory =
         LinearFactory::new(adapter(&args.method)?)?.with_dequantized_base(args.dequantize);

@@ -85,6 +85,7 @@ fn main() {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     lora_mini::alloc::keep_freed_buffers();
+    lora_mini::threads::shorten_idle_spinning();
     let device = Device::Cpu;
     let task = task(&args.task)?;
     let mut examples = read_examples(task, &args.data.join("train.tsv"))?;

@@ -68,6 +68,7 @@ fn parse_args() -> Args {
 fn main() -> candle::Result<()> {
     let args = parse_args();
     lora_mini::alloc::keep_freed_buffers();
+    lora_mini::threads::shorten_idle_spinning();
     let device = Device::Cpu;
     let loaded = workload::load_lora_mini_bert(&args.model, Some(2), &device)?;
     let vars = loaded.registry.trainable();

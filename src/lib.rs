@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod rng;
+pub mod threads;
 pub mod train;
 
 pub use error::{Error, Result};
