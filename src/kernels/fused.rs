@@ -177,19 +177,23 @@ impl CustomOp1 for Softmax {
     }
 }
 
-/// `ln Σ e^x` of a row, without writing the exponentials.
+/// `ln Σ e^x` of a row, without writing the exponentials to the row. They
+/// go through a small buffer on the stack: added straight into lane
+/// accumulators, the loop did not vectorise, and a 49,152-value row took
+/// 6-12 ns a value against 1.7-2 ns this way (measured 2026-12-05).
 #[inline(always)]
 pub(crate) fn log_sum_exp(x: &[f32]) -> f32 {
+    const BLOCK: usize = 256;
     let max = max_of(x);
-    let mut acc = [0f32; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += fast_exp(c[l] - max);
+    let mut buffer = [0f32; BLOCK];
+    let mut sum = 0f32;
+    for block in x.chunks(BLOCK) {
+        let exps = &mut buffer[..block.len()];
+        for (e, &v) in exps.iter_mut().zip(block) {
+            *e = fast_exp(v - max);
         }
+        sum += sum_of(exps);
     }
-    let sum = acc.iter().sum::<f32>() + tail.iter().map(|&v| fast_exp(v - max)).sum::<f32>();
     max + sum.ln()
 }
 
