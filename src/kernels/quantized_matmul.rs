@@ -124,10 +124,14 @@ pub(crate) fn banded_grad(
     n: usize,
     k: usize,
 ) -> Result<Vec<f32>> {
-    let band = (BAND_VALUES / k.max(1)).clamp(1, n.max(1));
+    if n == 0 {
+        // No output columns: no band, so nothing would write dx.
+        return Ok(vec![0f32; m * k]);
+    }
+    let band = (BAND_VALUES / k.max(1)).clamp(1, n);
     let mut bands = Bands::new(q, band, k);
-    // SAFETY: the first band's gemm does not accumulate and writes all of
-    // dx; the later ones add onto it.
+    // SAFETY: n > 0, so there is a first band; its gemm does not
+    // accumulate and writes all of dx, and the later ones add onto it.
     unsafe {
         written_by(m * k, |dx| {
             for (i, start) in (0..n).step_by(band).enumerate() {
