@@ -126,22 +126,15 @@ fn max_of(x: &[f32]) -> f32 {
 /// The sum of a slice, in `LANES` independent lanes.
 #[inline(always)]
 fn sum_of(x: &[f32]) -> f32 {
-    sum_map(x, |v| v)
-}
-
-/// `Σ f(x_i)` in `LANES` independent lanes: `.sum()` adds one value at a
-/// time, in order, and so does not vectorise.
-#[inline(always)]
-fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = x.chunks_exact(LANES);
     let tail = chunks.remainder();
     for c in chunks {
         for l in 0..LANES {
-            acc[l] += f(c[l]);
+            acc[l] += c[l];
         }
     }
-    acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
 /// A row's softmax in place. Callers inside a parallel kernel wrap their
@@ -385,10 +378,10 @@ enum Centering {
 fn moments(x: &[f32], eps: f32, centering: Centering) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = match centering {
-        Centering::Mean => sum_of(x) / n,
+        Centering::Mean => x.iter().sum::<f32>() / n,
         Centering::None => 0.0,
     };
-    let var = sum_map(x, |v| (v - mean) * (v - mean)) / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -569,7 +562,12 @@ impl CustomOp3 for NormInputGrad {
                 let g = &g[offset..offset + d];
                 let (mean, rstd) = moments(x, self.eps, self.centering);
                 let n = d as f32;
-                let (sum_gw, sum_gw_xhat) = grad_sums(g, w, x, mean, rstd);
+                let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                for i in 0..d {
+                    let gw = g[i] * w[i];
+                    sum_gw += gw;
+                    sum_gw_xhat += gw * (x[i] - mean) * rstd;
+                }
                 let mean_gw = match self.centering {
                     Centering::Mean => sum_gw / n,
                     Centering::None => 0.0,
@@ -582,29 +580,6 @@ impl CustomOp3 for NormInputGrad {
             })
         })
     }
-}
-
-/// `(Σ g·w, Σ g·w·xhat)` over a row, with `xhat = (x - mean)·rstd`, in
-/// `LANES` independent lanes (see [`sum_map`]).
-#[inline(always)]
-fn grad_sums(g: &[f32], w: &[f32], x: &[f32], mean: f32, rstd: f32) -> (f32, f32) {
-    let (mut gw_acc, mut gwx_acc) = ([0f32; LANES], [0f32; LANES]);
-    let rows = g.chunks_exact(LANES).zip(w.chunks_exact(LANES));
-    for ((g, w), x) in rows.zip(x.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            let gw = g[l] * w[l];
-            gw_acc[l] += gw;
-            gwx_acc[l] += gw * (x[l] - mean);
-        }
-    }
-    let (mut sum_gw, mut sum_gwx) = (gw_acc.iter().sum::<f32>(), gwx_acc.iter().sum::<f32>());
-    let body = g.len() - g.len() % LANES;
-    for i in body..g.len() {
-        let gw = g[i] * w[i];
-        sum_gw += gw;
-        sum_gwx += gw * (x[i] - mean);
-    }
-    (sum_gw, sum_gwx * rstd)
 }
 
 #[cfg(test)]
