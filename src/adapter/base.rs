@@ -10,7 +10,7 @@ use candle_nn::Linear;
 
 use super::matmul::linear_fwd;
 use crate::kernels::linear_cross_entropy::linear_target_nlls;
-use crate::kernels::low_rank::{low_rank_output, FrozenWeight};
+use crate::kernels::low_rank::{low_rank_linear, low_rank_output, FrozenWeight};
 use crate::kernels::quantized_matmul::quantized_matmul;
 
 /// A frozen `(d_out, d_in)` weight.
@@ -109,18 +109,42 @@ impl BaseLinear {
     /// adds the update inside its own gemm (see `kernels::low_rank`), which
     /// saves the sum and its backward's copies.
     pub fn forward_with_update(&self, xs: &Tensor, h: &Tensor, b_eff: &Tensor) -> Result<Tensor> {
-        let fused = match (&self.weight, &self.bias) {
-            (BaseWeight::Quantized(q), None) => {
-                low_rank_output(xs, FrozenWeight::Quantized(q), h, b_eff)?
-            }
-            (BaseWeight::Quantized(_), Some(_)) => None,
-            (BaseWeight::Dense(w), bias) => {
-                low_rank_output(xs, FrozenWeight::Dense(w, bias.as_ref()), h, b_eff)?
-            }
+        let fused = match self.frozen() {
+            Some(frozen) => low_rank_output(xs, frozen, h, b_eff)?,
+            None => None,
         };
         match fused {
             Some(y) => Ok(y),
             None => self.forward(xs)? + linear_fwd(h, b_eff, None)?,
+        }
+    }
+
+    /// `forward(x) + (x·a_effᵀ)·b_effᵀ`: the adapted layer's output when
+    /// the update reads `x` itself (no dropout), from its factors `a_eff`
+    /// (`r x d_in`) and `b_eff` (`d_out x r`). On the CPU in f32 the whole
+    /// update is inside the base's op, which also saves the backward's
+    /// copies of `x`'s gradient that a separate `x·a_effᵀ` node makes.
+    pub fn forward_with_factors(
+        &self,
+        xs: &Tensor,
+        a_eff: &Tensor,
+        b_eff: &Tensor,
+    ) -> Result<Tensor> {
+        if let Some(frozen) = self.frozen() {
+            if let Some(y) = low_rank_linear(xs, frozen, a_eff, b_eff)? {
+                return Ok(y);
+            }
+        }
+        self.forward_with_update(xs, &linear_fwd(xs, a_eff, None)?, b_eff)
+    }
+
+    /// The weight and bias as the fused kernels take them; `None` for a
+    /// quantized weight with a bias, which they do not handle.
+    fn frozen(&self) -> Option<FrozenWeight<'_>> {
+        match (&self.weight, &self.bias) {
+            (BaseWeight::Quantized(q), None) => Some(FrozenWeight::Quantized(q)),
+            (BaseWeight::Quantized(_), Some(_)) => None,
+            (BaseWeight::Dense(w), bias) => Some(FrozenWeight::Dense(w, bias.as_ref())),
         }
     }
 
@@ -131,12 +155,7 @@ impl BaseLinear {
     /// `kernels::linear_cross_entropy`); `with_grad` (training) computes
     /// the input gradient in the same pass.
     pub fn target_nlls(&self, xs: &Tensor, targets: Vec<u32>, with_grad: bool) -> Result<Tensor> {
-        let frozen = match &self.weight {
-            BaseWeight::Quantized(q) if self.bias.is_none() => Some(FrozenWeight::Quantized(q)),
-            BaseWeight::Quantized(_) => None,
-            BaseWeight::Dense(w) => Some(FrozenWeight::Dense(w, self.bias.as_ref())),
-        };
-        if let Some(frozen) = frozen {
+        if let Some(frozen) = self.frozen() {
             if let Some(nlls) = linear_target_nlls(xs, frozen, targets.clone(), with_grad)? {
                 return Ok(nlls);
             }

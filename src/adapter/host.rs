@@ -101,6 +101,10 @@ impl AdapterHost {
             let delta = b_eff.matmul(&a_eff)?;
             return linear_fwd(xs, &merged_weight(weight, &delta)?, self.base.bias());
         }
+        if self.dropout.as_ref().is_none_or(|d| !train || d.p() == 0.0) {
+            // The update reads x itself: the fused op takes A_eff.
+            return self.base.forward_with_factors(xs, &a_eff, &b_eff);
+        }
         let h = linear_fwd(&self.adapter_input(xs, train)?, &a_eff, None)?;
         self.base.forward_with_update(xs, &h, &b_eff)
     }

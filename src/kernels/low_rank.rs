@@ -1,6 +1,8 @@
-//! A frozen base layer plus a low-rank update's last factor, `x·Wᵀ + b +
-//! h·Bᵀ` with `h = dropout(x)·A_effᵀ`, as one op: how every adapted layer
-//! computes its output in training on the CPU.
+//! A frozen base layer plus a low-rank update, `x·Wᵀ + b + h·Bᵀ` with
+//! `h = dropout(x)·A_effᵀ`, as one op: how every adapted layer computes its
+//! output in training on the CPU. Without dropout the op takes `A_eff`
+//! itself and computes `h` inside ([`low_rank_linear`]); with it, the
+//! caller computes `h` from the dropped input ([`low_rank_output`]).
 //!
 //! Composed, the update's output and the base's are two tensors and a sum,
 //! and the sum's backward copies the output gradient into a fresh zero
@@ -10,15 +12,20 @@
 //! base's output, and the backward hands the one output gradient to all
 //! three inputs. The base is dense (with its bias) or quantized (GGUF
 //! blocks, dequantized a band at a time as in `quantized_matmul`).
+//!
+//! Taking `A_eff` saves more of the same: `h`'s own matmul node is gone,
+//! and with it the reshape and matmul nodes whose backward each added a
+//! `rows x d_in` gradient into a fresh zero tensor and then into `x`'s.
+//! The op's backward writes `dX = dY·W + (dY·B)·A` into one buffer.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle::quantized::QTensor;
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::frozen_matmul::frozen_linear;
-use super::quantized_matmul::{banded_gemm, QuantizedMatmul, GEMM_MIN_ROWS};
-use super::{add_x_wt, f32_rows, with_cpu_f32};
+use super::quantized_matmul::{banded_gemm, banded_grad, QuantizedMatmul, GEMM_MIN_ROWS};
+use super::{add_g_w, add_x_wt, f32_rows, gt_x, with_cpu_f32, written_by};
 
 /// The frozen weight of a base layer, as the caller holds it.
 #[derive(Clone, Copy)]
@@ -77,6 +84,17 @@ impl Base {
         }
     }
 
+    /// `dX = dY·W` (`m x k` values) from `m` rows of `dY`.
+    fn input_grad_values(&self, g: &[f32], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+        match self {
+            Self::Dense { weight, .. } => with_cpu_f32(weight, "frozen weight", |w| {
+                // SAFETY: a gemm that does not accumulate writes all of dx.
+                unsafe { written_by(m * k, |dx| add_g_w(dx, g, n, w, (m, k, n), false)) }
+            }),
+            Self::Quantized(q) => banded_grad(q, g, m, n, k),
+        }
+    }
+
     /// `dX = dY·W`, shaped like `x`.
     fn input_grad(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Tensor> {
         match self {
@@ -99,9 +117,24 @@ impl Base {
     }
 }
 
-/// The op: arguments `(x, h, B)`, state the frozen base.
+/// What the op's second argument is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UpdateInput {
+    /// `h` (`rows x r`), computed by the caller from the dropped input.
+    Hidden,
+    /// `A_eff` (`r x d_in`): `h = x·A_effᵀ` is computed in the op and
+    /// kept for its backward.
+    Factor,
+}
+
+/// The op: arguments `(x, h or A_eff, B)`, state the frozen base.
 struct LowRankOutput {
     base: Base,
+    input: UpdateInput,
+    /// `h` as the forward pass computed it from `A_eff` (`rows x r`, a
+    /// few KB): recomputing it in the backward would read all of `x`
+    /// again.
+    hidden: OnceLock<Vec<f32>>,
 }
 
 impl CustomOp3 for LowRankOutput {
@@ -120,6 +153,7 @@ impl CustomOp3 for LowRankOutput {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, k) = self.base.dims2()?;
         let (x, width) = f32_rows(s1, l1, self.name())?;
+        // `h`'s width is r; `A_eff`'s is d_in (its r is found below).
         let (h, r) = f32_rows(s2, l2, self.name())?;
         let (b, _) = f32_rows(s3, l3, self.name())?;
         if width != k {
@@ -130,7 +164,20 @@ impl CustomOp3 for LowRankOutput {
         }
         let m = x.len() / k.max(1);
         let mut y = self.base.forward(x, (m, n, k))?;
-        add_x_wt(&mut y, h, b, (m, n, r), true)?;
+        match self.input {
+            UpdateInput::Hidden => add_x_wt(&mut y, h, b, (m, n, r), true)?,
+            UpdateInput::Factor => {
+                if r != k {
+                    candle::bail!("{}: A has {r} columns, the weight {k}", self.name());
+                }
+                let r = h.len() / k.max(1);
+                let hidden = hidden(x, h, (m, r, k))?;
+                add_x_wt(&mut y, &hidden, b, (m, n, r), true)?;
+                // A second forward of the same op (none is made) would
+                // compute the same h.
+                let _ = self.hidden.set(hidden);
+            }
+        }
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -144,10 +191,69 @@ impl CustomOp3 for LowRankOutput {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.input == UpdateInput::Factor {
+            let (dx, da, db) = factor_grads(&self.base, x, h, b, grad, self.hidden.get())?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         let dx = self.base.input_grad(x, y, grad)?;
         let (dh, db) = low_rank_grads(grad, h, b)?;
         Ok((Some(dx), Some(dh), Some(db)))
     }
+}
+
+/// `h = x·A_effᵀ` (`m x r`) for `m` rows of `x` and `A_eff (r x k)`.
+fn hidden(x: &[f32], a: &[f32], (m, r, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+    // SAFETY: a gemm that does not accumulate writes all of h.
+    unsafe { written_by(m * r, |h| add_x_wt(h, x, a, (m, r, k), false)) }
+}
+
+/// The gradients of `(x, A_eff, B)` through `y = x·Wᵀ + b + (x·A_effᵀ)·Bᵀ`
+/// from `y`'s gradient `g`: `dX = g·W + (g·B)·A_eff` in one buffer,
+/// `dA_eff = (g·B)ᵀ·x` and `dB = gᵀ·h`; `kept` is the forward's `h`, if
+/// it was kept.
+fn factor_grads(
+    base: &Base,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+    kept: Option<&Vec<f32>>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let ((n, k), (r, _)) = (base.dims2()?, a.dims2()?);
+    let m = x.elem_count() / k.max(1);
+    let grad = grad.contiguous()?;
+    let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+    let (dx, da, db) = with_cpu_f32(&grad, "gradient", |g| {
+        with_cpu_f32(&x, "input", |xv| {
+            with_cpu_f32(&a, "factor A", |av| {
+                with_cpu_f32(&b, "factor B", |bv| {
+                    let recomputed;
+                    let h = match kept {
+                        Some(h) => h,
+                        None => {
+                            recomputed = hidden(xv, av, (m, r, k))?;
+                            &recomputed
+                        }
+                    };
+                    // SAFETY (each written_by): a gemm that does not
+                    // accumulate writes all of its output.
+                    let dh =
+                        unsafe { written_by(m * r, |dh| add_g_w(dh, g, n, bv, (m, r, n), false))? };
+                    let mut dx = base.input_grad_values(g, (m, n, k))?;
+                    add_g_w(&mut dx, &dh, r, av, (m, k, r), true)?;
+                    let da = unsafe { written_by(r * k, |da| gt_x(da, &dh, xv, (r, k, m)))? };
+                    let db = unsafe { written_by(n * r, |db| gt_x(db, g, h, (n, r, m)))? };
+                    Ok((dx, da, db))
+                })
+            })
+        })
+    })?;
+    let dev = grad.device();
+    Ok((
+        Tensor::from_vec(dx, x.dims(), dev)?,
+        Tensor::from_vec(da, a.dims(), dev)?,
+        Tensor::from_vec(db, b.dims(), dev)?,
+    ))
 }
 
 /// `x·Wᵀ + b + h·Bᵀ` for a frozen base (see the module docs); `None`
@@ -159,6 +265,28 @@ pub(crate) fn low_rank_output(
     frozen: FrozenWeight,
     h: &Tensor,
     b: &Tensor,
+) -> Result<Option<Tensor>> {
+    fused(x, frozen, h, b, UpdateInput::Hidden)
+}
+
+/// `x·Wᵀ + b + (x·A_effᵀ)·Bᵀ` for a frozen base and an update without
+/// dropout, `a` being `A_eff (r x d_in)`; `None` where the fused op does
+/// not apply, as for [`low_rank_output`].
+pub(crate) fn low_rank_linear(
+    x: &Tensor,
+    frozen: FrozenWeight,
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<Option<Tensor>> {
+    fused(x, frozen, a, b, UpdateInput::Factor)
+}
+
+fn fused(
+    x: &Tensor,
+    frozen: FrozenWeight,
+    h: &Tensor,
+    b: &Tensor,
+    input: UpdateInput,
 ) -> Result<Option<Tensor>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(f32_cpu(x) && f32_cpu(h) && f32_cpu(b)) {
@@ -174,9 +302,15 @@ pub(crate) fn low_rank_output(
     let Some(base) = Base::frozen(frozen) else {
         return Ok(None);
     };
-    let y =
-        x.contiguous()?
-            .apply_op3(&h.contiguous()?, &b.contiguous()?, LowRankOutput { base })?;
+    let y = x.contiguous()?.apply_op3(
+        &h.contiguous()?,
+        &b.contiguous()?,
+        LowRankOutput {
+            base,
+            input,
+            hidden: OnceLock::new(),
+        },
+    )?;
     Ok(Some(y))
 }
 
@@ -235,6 +369,51 @@ mod tests {
             &b
         )?
         .is_none());
+        Ok(())
+    }
+
+    /// The op that takes `A_eff` itself against its composition, on a
+    /// dense base with a bias and on a quantized one: values and the
+    /// gradients of the input and both factors.
+    #[test]
+    fn factor_input_matches_its_composition() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, r) = (96, 64, 4);
+        let w = Tensor::randn(0f32, 0.2, (n, k), &dev)?;
+        let bias = Tensor::randn(0f32, 0.2, n, &dev)?;
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1)?);
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
+        let (x, a, b) = (var(&[2, 40, k])?, var(&[r, k])?, var(&[n, r])?);
+        let probe = Tensor::randn(0f32, 1.0, (2, 40, n), &dev)?;
+        let update = x
+            .reshape((80, k))?
+            .matmul(&a.t()?)?
+            .matmul(&b.t()?)?
+            .reshape((2, 40, n))?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let dense_base = x.reshape((80, k))?.matmul(&w.t()?)?.broadcast_add(&bias)?;
+        let cases = [
+            (
+                FrozenWeight::Dense(&w, Some(&bias)),
+                dense_base.reshape((2, 40, n))?,
+            ),
+            (FrozenWeight::Quantized(&q), quantized_matmul(&x, &q)?),
+        ];
+        for (frozen, base) in cases {
+            let fused = low_rank_linear(&x, frozen, &a, &b)?.expect("a frozen f32 base");
+            let composed = (base + &update)?;
+            assert!(max_diff(&fused, &composed)? < 1e-4);
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gc = (composed * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &a, &b] {
+                let (f, c) = (gf.get(v).unwrap(), gc.get(v).unwrap());
+                assert!(max_diff(f, c)? < 1e-3, "{:?}", v.dims());
+                assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+                assert!(!f.track_op(), "a leaf's gradient holds no graph");
+            }
+        }
         Ok(())
     }
 

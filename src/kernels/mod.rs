@@ -144,6 +144,39 @@ pub(crate) fn add_g_w(
     Ok(())
 }
 
+/// `dw (p x q) = gᵀ · x`: a factor's weight gradient, for row-major `g`
+/// (`m x p`, the output gradient) and `x` (`m x q`, the input), summed
+/// over the `m` rows.
+pub(crate) fn gt_x(
+    dw: &mut [f32],
+    g: &[f32],
+    x: &[f32],
+    (p, q, m): (usize, usize, usize),
+) -> Result<()> {
+    if dw.len() != p * q || g.len() != m * p || x.len() != m * q {
+        candle::bail!(
+            "dW = gᵀ·x: {} outputs, {} gradient and {} input values do not fit {p}x{q} over {m}",
+            dw.len(),
+            g.len(),
+            x.len()
+        );
+    }
+    // gᵀ's element (i, l) is g[l][i]: row stride 1, column stride p.
+    // SAFETY: dw holds p·q values, g m·p and x m·q (checked above).
+    unsafe {
+        gemm_strided(
+            (p, q, m),
+            (dw.as_mut_ptr(), 1, q as isize),
+            (g.as_ptr(), p as isize, 1),
+            (x.as_ptr(), 1, q as isize),
+            0.0,
+            1.0,
+            gemm_parallelism(),
+        )
+    }
+    Ok(())
+}
+
 /// `dst (m × n) = alpha·dst + beta·lhs·rhs`, each operand given by its
 /// pointer, column stride and row stride; `alpha = 0` never reads `dst`.
 /// The one place the `gemm` crate is called.
