@@ -25,8 +25,17 @@ const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 /// at its first parallel op; a value already set wins. This sets the
 /// variable, so call it at the start of `main`, before other threads
 /// start. The `lora-mini` binary does.
+///
+/// With the `mkl` feature it also sets `KMP_BLOCKTIME=0` (unless set), so
+/// that the OpenMP threads of Candle's own MKL calls sleep at once instead
+/// of spinning for 200 ms; this crate's kernels call MKL on one thread
+/// per rayon worker and start none.
 pub fn shorten_idle_spinning() {
     if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
         std::env::set_var(SPIN_LIMIT_VAR, CANDLE_SPIN_LIMIT.to_string());
+    }
+    #[cfg(feature = "mkl")]
+    if std::env::var_os("KMP_BLOCKTIME").is_none() {
+        std::env::set_var("KMP_BLOCKTIME", "0");
     }
 }

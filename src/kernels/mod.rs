@@ -10,6 +10,8 @@ pub(crate) mod fused;
 pub(crate) mod gated;
 pub(crate) mod linear_cross_entropy;
 pub(crate) mod low_rank;
+#[cfg(feature = "mkl")]
+mod mkl;
 pub(crate) mod quantized_matmul;
 pub(crate) mod rope;
 
@@ -179,7 +181,8 @@ pub(crate) fn gt_x(
 
 /// `dst (m × n) = alpha·dst + beta·lhs·rhs`, each operand given by its
 /// pointer, column stride and row stride; `alpha = 0` never reads `dst`.
-/// The one place the `gemm` crate is called.
+/// The one place the `gemm` crate is called, or MKL in a build with the
+/// `mkl` feature (see `kernels::mkl`).
 ///
 /// SAFETY: the caller guarantees each pointer covers the elements its
 /// strides reach and that `dst` does not alias the operands.
@@ -192,6 +195,11 @@ pub(crate) unsafe fn gemm_strided(
     beta: f32,
     parallelism: gemm::Parallelism,
 ) {
+    #[cfg(feature = "mkl")]
+    // SAFETY: the caller's guarantees are the ones `mkl::sgemm` needs.
+    if unsafe { mkl::sgemm_on_rayon((m, n, k), dst, lhs, rhs, alpha, beta) } {
+        return;
+    }
     gemm::gemm(
         m,
         n,
