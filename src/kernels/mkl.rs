@@ -58,55 +58,102 @@ fn blas_operand((cs, rs): (isize, isize), rows: usize, cols: usize) -> Option<(u
     Some((trans, c_int::try_from(ld).ok()?))
 }
 
+/// How a product's operands go to `sgemm_`: transpose flags and leading
+/// dimensions, found once per product. A block of its rows or columns has
+/// the same strides and needs no longer leading dimensions, so the
+/// blocks of a split product share it.
+#[derive(Clone, Copy)]
+struct BlasLayout {
+    trans_a: c_char,
+    lda: c_int,
+    trans_b: c_char,
+    ldb: c_int,
+    ldc: c_int,
+}
+
+impl BlasLayout {
+    /// `None` for strides or sizes BLAS cannot express. Row-major
+    /// `C = lhs·rhs` is column-major `Cᵀ = rhsᵀ·lhsᵀ`, and each row-major
+    /// operand is the column-major storage of its transpose.
+    fn of(
+        (m, n, k): (usize, usize, usize),
+        dst: (isize, isize),
+        lhs: (isize, isize),
+        rhs: (isize, isize),
+    ) -> Option<Self> {
+        let (trans_a, lda) = blas_operand(rhs, k, n)?;
+        let (trans_b, ldb) = blas_operand(lhs, m, k)?;
+        let (b'N', ldc) = blas_operand(dst, m, n)? else {
+            return None;
+        };
+        let fits = |v: usize| c_int::try_from(v).is_ok();
+        (fits(m) && fits(n) && fits(k)).then_some(Self {
+            trans_a: trans_a as c_char,
+            lda,
+            trans_b: trans_b as c_char,
+            ldb,
+            ldc,
+        })
+    }
+
+    /// `dst (m × n) = alpha·dst + beta·lhs·rhs` through `sgemm_`, on the
+    /// calling thread alone.
+    ///
+    /// SAFETY: as for [`super::gemm_strided`], with `(m, n, k)` no larger
+    /// than the product this layout was found for. BLAS does not read
+    /// `dst` when `alpha` (its `beta`) is 0.
+    unsafe fn multiply(
+        self,
+        (m, n, k): (usize, usize, usize),
+        dst: *mut f32,
+        lhs: *const f32,
+        rhs: *const f32,
+        alpha: f32,
+        beta: f32,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        // The sizes fit (checked in `of`, and these are no larger).
+        let (bm, bn, bk) = (n as c_int, m as c_int, k as c_int);
+        on_one_mkl_thread(|| {
+            // SAFETY: the caller guarantees the pointers cover what the
+            // strides reach; the leading dimensions were checked in `of`.
+            unsafe {
+                sgemm_(
+                    &self.trans_a,
+                    &self.trans_b,
+                    &bm,
+                    &bn,
+                    &bk,
+                    &beta,
+                    rhs,
+                    &self.lda,
+                    lhs,
+                    &self.ldb,
+                    &alpha,
+                    dst,
+                    &self.ldc,
+                )
+            }
+        })
+    }
+}
+
 /// `dst (m × n) = alpha·dst + beta·lhs·rhs` as [`super::gemm_strided`]
 /// defines it, through MKL; `false` (nothing done) for strides or sizes
 /// BLAS cannot express, which the caller hands to the `gemm` crate.
+/// Products of at least 2^21 multiply-adds are split over the rayon
+/// threads, each piece a block of `dst`'s rows or columns (whichever
+/// dimension is longer) on one MKL thread: MKL's own OpenMP threads would
+/// be a third pool, beside rayon's and Candle's, spinning on the same
+/// cores between calls. In a SmolLM2 training step (2 cores, 2026-12-05,
+/// steps alternating in one process, 12 each way) MKL's OpenMP threads
+/// made the step 7% slower than the `gemm` crate with their default
+/// 200 ms spin, and 7% faster with `KMP_BLOCKTIME=0`; this split made it
+/// 8% faster.
 ///
-/// SAFETY: as for [`super::gemm_strided`]. BLAS does not read `dst` when
-/// `alpha` (its `beta`) is 0.
-unsafe fn sgemm(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut f32, isize, isize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-    alpha: f32,
-    beta: f32,
-) -> bool {
-    // Row-major C = lhs·rhs is column-major Cᵀ = rhsᵀ·lhsᵀ, and each
-    // row-major operand is the column-major storage of its transpose.
-    let (Some((ta, lda)), Some((tb, ldb)), Some((b'N', ldc))) = (
-        blas_operand((rhs.1, rhs.2), k, n),
-        blas_operand((lhs.1, lhs.2), m, k),
-        blas_operand((dst.1, dst.2), m, n),
-    ) else {
-        return false;
-    };
-    let (Ok(bm), Ok(bn), Ok(bk)) = (c_int::try_from(n), c_int::try_from(m), c_int::try_from(k))
-    else {
-        return false;
-    };
-    if m == 0 || n == 0 {
-        return true;
-    }
-    let (ta, tb) = (ta as c_char, tb as c_char);
-    // SAFETY: the caller guarantees the pointers cover what the strides
-    // reach, and the leading dimensions were checked above.
-    unsafe {
-        sgemm_(
-            &ta, &tb, &bm, &bn, &bk, &beta, rhs.0, &lda, lhs.0, &ldb, &alpha, dst.0, &ldc,
-        )
-    };
-    true
-}
-
-/// [`sgemm`] split over the rayon threads, each piece a block of `dst`'s
-/// rows or columns (whichever dimension is longer) on one MKL thread: MKL's
-/// own OpenMP threads would be a third pool, beside rayon's and Candle's,
-/// spinning on the same cores between calls. In a SmolLM2 training step
-/// (2 cores, 2026-12-05, steps alternating in one process, 12 each way)
-/// MKL's OpenMP threads made the step 7% slower than the `gemm` crate
-/// with their default 200 ms spin, and 7% faster with `KMP_BLOCKTIME=0`;
-/// this split made it 8% faster.
+/// SAFETY: as for [`super::gemm_strided`].
 pub(super) unsafe fn sgemm_on_rayon(
     (m, n, k): (usize, usize, usize),
     dst: (*mut f32, isize, isize),
@@ -115,29 +162,18 @@ pub(super) unsafe fn sgemm_on_rayon(
     alpha: f32,
     beta: f32,
 ) -> bool {
+    let strides = ((dst.1, dst.2), (lhs.1, lhs.2), (rhs.1, rhs.2));
+    let Some(layout) = BlasLayout::of((m, n, k), strides.0, strides.1, strides.2) else {
+        return false;
+    };
     let threads = rayon::current_num_threads();
     if threads < 2 || m * n * k < 1 << 21 {
-        // SAFETY: the caller's guarantees.
-        return on_one_mkl_thread(|| unsafe { sgemm((m, n, k), dst, lhs, rhs, alpha, beta) });
-    }
-    // A block's strides are the whole product's and its leading
-    // dimensions no longer, so if the whole passes, every block does.
-    let fits = |v: usize| c_int::try_from(v).is_ok();
-    let expressible = blas_operand((rhs.1, rhs.2), k, n).is_some()
-        && blas_operand((lhs.1, lhs.2), m, k).is_some()
-        && matches!(blas_operand((dst.1, dst.2), m, n), Some((b'N', _)))
-        && fits(m)
-        && fits(n)
-        && fits(k);
-    if !expressible {
-        return false;
+        // SAFETY: the caller's guarantees, for the product itself.
+        unsafe { layout.multiply((m, n, k), dst.0, lhs.0, rhs.0, alpha, beta) };
+        return true;
     }
     #[derive(Clone, Copy)]
-    struct Ptrs(
-        (*mut f32, isize, isize),
-        (*const f32, isize, isize),
-        (*const f32, isize, isize),
-    );
+    struct Ptrs(*mut f32, *const f32, *const f32);
     // SAFETY: the pieces write disjoint blocks of dst and only read the
     // operands, for the duration of the scope below.
     unsafe impl Send for Ptrs {}
@@ -149,7 +185,7 @@ pub(super) unsafe fn sgemm_on_rayon(
             self
         }
     }
-    let ptrs = Ptrs(dst, lhs, rhs);
+    let ptrs = Ptrs(dst.0, lhs.0, rhs.0);
     let along_rows = m >= n;
     let total = if along_rows { m } else { n };
     let piece = total.div_ceil(threads).next_multiple_of(16);
@@ -159,17 +195,16 @@ pub(super) unsafe fn sgemm_on_rayon(
             s.spawn(move |_| {
                 let Ptrs(mut d, mut l, mut r) = ptrs.get();
                 let shape = if along_rows {
-                    d.0 = d.0.wrapping_offset(start as isize * d.2);
-                    l.0 = l.0.wrapping_offset(start as isize * l.2);
+                    d = d.wrapping_offset(start as isize * dst.2);
+                    l = l.wrapping_offset(start as isize * lhs.2);
                     (len, n, k)
                 } else {
-                    d.0 = d.0.wrapping_offset(start as isize * d.1);
-                    r.0 = r.0.wrapping_offset(start as isize * r.1);
+                    d = d.wrapping_offset(start as isize * dst.1);
+                    r = r.wrapping_offset(start as isize * rhs.1);
                     (m, len, k)
                 };
                 // SAFETY: a block of the caller's operands, inside them.
-                let done = on_one_mkl_thread(|| unsafe { sgemm(shape, d, l, r, alpha, beta) });
-                debug_assert!(done, "a block of an expressible product");
+                unsafe { layout.multiply(shape, d, l, r, alpha, beta) };
             });
         }
     });
@@ -226,7 +261,7 @@ mod tests {
                     let mut dst = vec![0.5f32; m * n];
                     let alpha = if accumulate { 1.0 } else { 0.0 };
                     let done = unsafe {
-                        sgemm(
+                        sgemm_on_rayon(
                             (m, n, k),
                             (dst.as_mut_ptr(), 1, n as isize),
                             (lhs.as_ptr(), lhs_s.0, lhs_s.1),
