@@ -140,7 +140,7 @@ impl BaseLinear {
 
     /// The weight and bias as the fused kernels take them; `None` for a
     /// quantized weight with a bias, which they do not handle.
-    fn frozen(&self) -> Option<FrozenWeight<'_>> {
+    pub(crate) fn frozen(&self) -> Option<FrozenWeight<'_>> {
         match (&self.weight, &self.bias) {
             (BaseWeight::Quantized(q), None) => Some(FrozenWeight::Quantized(q)),
             (BaseWeight::Quantized(_), Some(_)) => None,

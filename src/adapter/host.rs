@@ -109,6 +109,22 @@ impl AdapterHost {
         self.base.forward_with_update(xs, &h, &b_eff)
     }
 
+    /// `(A_eff, B_eff)` when this layer's output in `forward_t` is
+    /// `base(x) + (x·A_effᵀ)·B_effᵀ` with nothing in between (not merged,
+    /// no dropout in this mode), so that a fused block of layers may
+    /// compute it; `None` otherwise.
+    pub(crate) fn plain_factors(
+        &self,
+        train: bool,
+        factors: impl FnOnce() -> Result<(Tensor, Tensor)>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let no_dropout = self.dropout.as_ref().is_none_or(|d| !train || d.p() == 0.0);
+        if self.merged.is_some() || !no_dropout {
+            return Ok(None);
+        }
+        factors().map(Some)
+    }
+
     /// The base layer as a plain candle-nn layer (dequantized if it was
     /// quantized).
     pub(crate) fn as_plain(&self) -> Result<Linear> {

@@ -9,6 +9,7 @@ use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
 use super::low_rank::{LowRankLayer, LowRankUpdate};
 use super::matmul::{linear_fwd, merged_weight};
+use crate::kernels::gated_mlp::{low_rank_silu_mlp, MlpLayer};
 
 /// Full fine-tuning of one layer: the weight and bias are trainable `Var`s.
 #[derive(Clone, Debug)]
@@ -303,6 +304,44 @@ impl AdaptedLinear {
             Self::Lora(l) => l.forward_t(xs, train),
             Self::LoraMini(l) => l.forward_t(xs, train),
         }
+    }
+
+    /// `down(silu(gate(x)) · up(x))`, a SiLU-gated MLP (Llama's) over
+    /// three adapted layers, as one op when training on the CPU in f32 with
+    /// a low-rank update on each layer and no dropout (see
+    /// `kernels::gated_mlp`); `None` where that does not apply, for the
+    /// caller to compose from the layers' own `forward_t`.
+    pub fn fused_silu_mlp(
+        xs: &Tensor,
+        [gate, up, down]: [&Self; 3],
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        if !train {
+            return Ok(None);
+        }
+        let (Some(g), Some(u), Some(d)) = (
+            gate.fusable_update(train)?,
+            up.fusable_update(train)?,
+            down.fusable_update(train)?,
+        ) else {
+            return Ok(None);
+        };
+        low_rank_silu_mlp(xs, [g, u, d])
+    }
+
+    /// The frozen base and the update's factors when this is a low-rank
+    /// layer whose output is `base(x) + (x·A_effᵀ)·B_effᵀ` in this mode,
+    /// with a base the fused kernels take.
+    fn fusable_update(&self, train: bool) -> Result<Option<MlpLayer<'_>>> {
+        let Some(low_rank) = self.as_low_rank() else {
+            return Ok(None);
+        };
+        let host = low_rank.host();
+        let Some(frozen) = host.base.frozen() else {
+            return Ok(None);
+        };
+        let factors = host.plain_factors(train, || low_rank.effective_factors())?;
+        Ok(factors.map(|(a, b)| MlpLayer { frozen, a, b }))
     }
 
     /// The negative log-likelihood `(rows)` of each row's target class

@@ -48,18 +48,10 @@ impl CustomOp2 for SiluMul {
                 l2.dims()
             );
         }
-        // SAFETY: the chunks cover the output and each is written whole.
+        // SAFETY: silu_mul_into writes every value of its output.
         let out = unsafe {
             written_by(gate.len(), |out| {
-                out.par_chunks_mut(CHUNK)
-                    .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-                    .for_each(|(y, (g, u))| {
-                        vectorized(|| {
-                            for i in 0..y.len() {
-                                y[i] = g[i] * sigmoid(g[i]) * u[i];
-                            }
-                        })
-                    });
+                silu_mul_into(gate, up, out);
                 Ok(())
             })?
         };
@@ -83,9 +75,8 @@ impl CustomOp2 for SiluMul {
     }
 }
 
-/// From `(grad, gate, up)`, the `(2, n)` stack of `d gate = grad · up ·
-/// silu'(gate)` and `d up = grad · silu(gate)`, with `silu'(x) = σ(x) · (1 +
-/// x · (1 - σ(x)))`.
+/// From `(grad, gate, up)`, the `(2, n)` stack of `d gate` and `d up`
+/// ([`silu_mul_grad_into`]).
 struct SiluMulGrad;
 
 impl CustomOp3 for SiluMulGrad {
@@ -109,30 +100,54 @@ impl CustomOp3 for SiluMulGrad {
         if gate.len() != n || up.len() != n {
             candle::bail!("{}: gradient and input sizes differ", self.name());
         }
-        // SAFETY: the chunks of both halves cover the output, and each pair
-        // of chunks (of equal length) is written whole.
+        // SAFETY: silu_mul_grad_into writes every value of both halves.
         let out = unsafe {
             written_by(2 * n, |out| {
                 let (d_gate, d_up) = out.split_at_mut(n);
-                d_gate
-                    .par_chunks_mut(CHUNK)
-                    .zip(d_up.par_chunks_mut(CHUNK))
-                    .enumerate()
-                    .for_each(|(c, (dg, du))| {
-                        let at = c * CHUNK;
-                        let (g, x, u) = (&grad[at..], &gate[at..], &up[at..]);
-                        vectorized(|| {
-                            for i in 0..dg.len() {
-                                let s = sigmoid(x[i]);
-                                let silu = x[i] * s;
-                                dg[i] = g[i] * u[i] * (s + silu * (1.0 - s));
-                                du[i] = g[i] * silu;
-                            }
-                        })
-                    });
+                silu_mul_grad_into(grad, gate, up, d_gate, d_up);
                 Ok(())
             })?
         };
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
     }
+}
+
+/// `out = silu(gate) · up`, over slices of one length, in parallel chunks.
+pub(crate) fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| {
+            vectorized(|| {
+                for i in 0..y.len() {
+                    y[i] = g[i] * sigmoid(g[i]) * u[i];
+                }
+            })
+        });
+}
+
+/// `d_gate = grad · up · silu'(gate)` and `d_up = grad · silu(gate)`, with
+/// `silu'(x) = σ(x) · (1 + x · (1 - σ(x)))`, over slices of one length.
+pub(crate) fn silu_mul_grad_into(
+    grad: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+) {
+    d_gate
+        .par_chunks_mut(CHUNK)
+        .zip(d_up.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dg, du))| {
+            let at = c * CHUNK;
+            let (g, x, u) = (&grad[at..], &gate[at..], &up[at..]);
+            vectorized(|| {
+                for i in 0..dg.len() {
+                    let s = sigmoid(x[i]);
+                    let silu = x[i] * s;
+                    dg[i] = g[i] * u[i] * (s + silu * (1.0 - s));
+                    du[i] = g[i] * silu;
+                }
+            })
+        });
 }

@@ -24,7 +24,7 @@ use candle::quantized::QTensor;
 use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::frozen_matmul::frozen_linear;
-use super::quantized_matmul::{banded_gemm, banded_grad, QuantizedMatmul, GEMM_MIN_ROWS};
+use super::quantized_matmul::{add_banded_grad, banded_gemm, QuantizedMatmul, GEMM_MIN_ROWS};
 use super::{add_g_w, add_x_wt, f32_rows, gt_x, with_cpu_f32, written_by};
 
 /// The frozen weight of a base layer, as the caller holds it.
@@ -75,7 +75,7 @@ impl Base {
     }
 
     /// `x·Wᵀ + b` for `m` rows of `x`.
-    fn forward(&self, x: &[f32], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+    pub(crate) fn forward(&self, x: &[f32], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
         match self {
             Self::Dense { weight, bias } => with_cpu_f32(weight, "frozen weight", |w| {
                 frozen_linear(x, w, bias.as_ref(), (m, n, k))
@@ -85,13 +85,33 @@ impl Base {
     }
 
     /// `dX = dY·W` (`m x k` values) from `m` rows of `dY`.
-    fn input_grad_values(&self, g: &[f32], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+    pub(crate) fn input_grad_values(
+        &self,
+        g: &[f32],
+        dims: (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        // SAFETY: without accumulating, add_input_grad writes all of dx.
+        unsafe {
+            written_by(dims.0 * dims.2, |dx| {
+                self.add_input_grad(dx, g, dims, false)
+            })
+        }
+    }
+
+    /// `dX (+)= dY·W` into `m x k` values from `m` rows of `dY`;
+    /// `accumulate` adds onto `dx` instead of overwriting it.
+    pub(crate) fn add_input_grad(
+        &self,
+        dx: &mut [f32],
+        g: &[f32],
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
         match self {
             Self::Dense { weight, .. } => with_cpu_f32(weight, "frozen weight", |w| {
-                // SAFETY: a gemm that does not accumulate writes all of dx.
-                unsafe { written_by(m * k, |dx| add_g_w(dx, g, n, w, (m, k, n), false)) }
+                add_g_w(dx, g, n, w, (m, k, n), accumulate)
             }),
-            Self::Quantized(q) => banded_grad(q, g, m, n, k),
+            Self::Quantized(q) => add_banded_grad(dx, q, g, (m, n, k), accumulate),
         }
     }
 
@@ -202,7 +222,7 @@ impl CustomOp3 for LowRankOutput {
 }
 
 /// `h = x·A_effᵀ` (`m x r`) for `m` rows of `x` and `A_eff (r x k)`.
-fn hidden(x: &[f32], a: &[f32], (m, r, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+pub(crate) fn hidden(x: &[f32], a: &[f32], (m, r, k): (usize, usize, usize)) -> Result<Vec<f32>> {
     // SAFETY: a gemm that does not accumulate writes all of h.
     unsafe { written_by(m * r, |h| add_x_wt(h, x, a, (m, r, k), false)) }
 }

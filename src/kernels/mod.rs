@@ -8,6 +8,7 @@ pub(crate) mod composed;
 pub(crate) mod frozen_matmul;
 pub(crate) mod fused;
 pub(crate) mod gated;
+pub(crate) mod gated_mlp;
 pub(crate) mod linear_cross_entropy;
 pub(crate) mod low_rank;
 #[cfg(feature = "mkl")]

@@ -128,21 +128,37 @@ pub(crate) fn banded_grad(
         // No output columns: no band, so nothing would write dx.
         return Ok(vec![0f32; m * k]);
     }
+    // SAFETY: n > 0, so there is a first band; without accumulating, its
+    // gemm writes all of dx.
+    unsafe { written_by(m * k, |dx| add_banded_grad(dx, q, g, (m, n, k), false)) }
+}
+
+/// `dx (m x k) (+)= g · W` for `g (m x n)` and the quantized `W (n x k)`,
+/// a band of `W`'s rows at a time; `accumulate` adds onto `dx` (with no
+/// columns, `n == 0`, it then leaves `dx` as it is).
+pub(crate) fn add_banded_grad(
+    dx: &mut [f32],
+    q: &QTensor,
+    g: &[f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    if n == 0 {
+        if !accumulate {
+            dx.fill(0.0);
+        }
+        return Ok(());
+    }
     let band = (BAND_VALUES / k.max(1)).clamp(1, n);
     let mut bands = Bands::new(q, band, k);
-    // SAFETY: n > 0, so there is a first band; its gemm does not
-    // accumulate and writes all of dx, and the later ones add onto it.
-    unsafe {
-        written_by(m * k, |dx| {
-            for (i, start) in (0..n).step_by(band).enumerate() {
-                let len = band.min(n - start);
-                let w = bands.rows(start, len)?;
-                // dx (m x k) (+)= g[:, start..start+len] (row stride n) · w.
-                add_g_w(dx, &g[start..], n, w, (m, k, len), i > 0)?;
-            }
-            Ok(())
-        })
+    for (i, start) in (0..n).step_by(band).enumerate() {
+        let len = band.min(n - start);
+        let w = bands.rows(start, len)?;
+        // dx (m x k) (+)= g[:, start..start+len] (row stride n) · w; the
+        // first band overwrites dx unless accumulating, the later ones add.
+        add_g_w(dx, &g[start..], n, w, (m, k, len), accumulate || i > 0)?;
     }
+    Ok(())
 }
 
 /// One allocation that a quantized weight's bands of rows are dequantized

@@ -437,6 +437,12 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if self.act == Activation::Silu {
+            let layers = [&self.gate_proj, &self.up_proj, &self.down_proj];
+            if let Some(ys) = AdaptedLinear::fused_silu_mlp(xs, layers, train)? {
+                return Ok(ys);
+            }
+        }
         let gate = self.gate_proj.forward_t(xs, train)?;
         let hidden = self.act.gated(&gate, &self.up_proj.forward_t(xs, train)?)?;
         self.down_proj.forward_t(&hidden, train)
