@@ -2,7 +2,7 @@
 //! quantized one (a GGUF base, QLoRA-style) that stays in its block format
 //! in memory and is multiplied by Candle's quantized matmul.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle::quantized::QTensor;
 use candle::{DType, Device, Result, Tensor};
@@ -11,7 +11,7 @@ use candle_nn::Linear;
 use super::matmul::linear_fwd;
 use crate::kernels::linear_cross_entropy::linear_target_nlls;
 use crate::kernels::low_rank::{low_rank_linear, low_rank_output, FrozenWeight};
-use crate::kernels::quantized_matmul::quantized_matmul;
+use crate::kernels::quantized_matmul::{dequantize_all, quantized_matmul};
 
 /// A frozen `(d_out, d_in)` weight.
 #[derive(Clone, Debug)]
@@ -75,11 +75,23 @@ impl BaseWeight {
 pub struct BaseLinear {
     weight: BaseWeight,
     bias: Option<Tensor>,
+    /// A quantized weight as f32, dequantized by the first
+    /// [`Self::target_nlls`] call and kept (shared by clones): that op
+    /// reads all of the weight twice per call, so on SmolLM2's `lm_head`
+    /// (49,152 x 576) a fresh copy per training step cost its
+    /// dequantization and the kernel's zeroing of 113 MB of new pages, for
+    /// the same peak memory, since the copy was alive at the step's peak.
+    /// QLoRA, too, keeps the output layer unquantized.
+    dense_head: Arc<OnceLock<Tensor>>,
 }
 
 impl BaseLinear {
     pub fn new(weight: BaseWeight, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            dense_head: Arc::default(),
+        }
     }
 
     pub fn weight(&self) -> &BaseWeight {
@@ -155,12 +167,27 @@ impl BaseLinear {
     /// `kernels::linear_cross_entropy`); `with_grad` (training) computes
     /// the input gradient in the same pass.
     pub fn target_nlls(&self, xs: &Tensor, targets: Vec<u32>, with_grad: bool) -> Result<Tensor> {
-        if let Some(frozen) = self.frozen() {
+        let frozen = match (&self.weight, &self.bias) {
+            (BaseWeight::Quantized(q), None) if q.device().is_cpu() => {
+                Some(FrozenWeight::Dense(self.dense_head(q)?, None))
+            }
+            _ => self.frozen(),
+        };
+        if let Some(frozen) = frozen {
             if let Some(nlls) = linear_target_nlls(xs, frozen, targets.clone(), with_grad)? {
                 return Ok(nlls);
             }
         }
         crate::nn::ops::target_nlls(&self.forward(xs)?, targets)
+    }
+
+    /// The kept f32 copy of the quantized weight `q` (see `dense_head`).
+    fn dense_head(&self, q: &QTensor) -> Result<&Tensor> {
+        if let Some(w) = self.dense_head.get() {
+            return Ok(w);
+        }
+        let w = Tensor::from_vec(dequantize_all(q)?, q.shape().dims2()?, &q.device())?;
+        Ok(self.dense_head.get_or_init(|| w))
     }
 
     /// A plain candle-nn layer with the weight dense (dequantized if it
@@ -191,5 +218,43 @@ impl From<&Linear> for BaseLinear {
 impl From<&BaseLinear> for BaseLinear {
     fn from(layer: &BaseLinear) -> Self {
         layer.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle::quantized::GgmlDType;
+    use candle::Var;
+
+    /// A quantized layer's `target_nlls` keeps one f32 copy of its weight
+    /// across calls (clones share it) and matches the nlls and input
+    /// gradient of its composed forward pass.
+    #[test]
+    fn quantized_target_nlls_keep_one_dense_copy() -> Result<()> {
+        let dev = Device::Cpu;
+        let (v, k, rows) = (96, 64, 70);
+        let w = Tensor::randn(0f32, 0.3, (v, k), &dev)?;
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?);
+        let layer = BaseLinear::new(BaseWeight::Quantized(q), None);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, k), &dev)?)?;
+        let targets: Vec<u32> = (0..rows as u32).map(|i| i * 7 % v as u32).collect();
+        let fused = layer.target_nlls(&x, targets.clone(), true)?;
+        assert!(layer.dense_head.get().is_some(), "the first call keeps the copy");
+        let clone = layer.clone();
+        assert!(Arc::ptr_eq(&layer.dense_head, &clone.dense_head));
+        let again = clone.target_nlls(&x, targets.clone(), true)?;
+        let composed = crate::nn::ops::target_nlls(&layer.forward(&x)?, targets)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max_diff(&fused, &composed)? < 1e-4);
+        assert_eq!(max_diff(&fused, &again)?, 0.0);
+        let gf = fused.sum_all()?.backward()?;
+        let gc = composed.sum_all()?.backward()?;
+        let (f, c) = (gf.get(&x).unwrap(), gc.get(&x).unwrap());
+        assert!(max_diff(f, c)? < 1e-4);
+        assert!(c.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
     }
 }

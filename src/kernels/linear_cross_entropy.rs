@@ -15,18 +15,18 @@
 //! same gemms run as composed; nothing is recomputed.
 //!
 //! A quantized `W` is dequantized once per call (one f32 copy of this one
-//! matrix, in parallel bands), since every chunk reads all of it twice.
+//! matrix, in parallel bands), since every chunk reads all of it twice;
+//! `BaseLinear::target_nlls` goes further and keeps that copy across calls.
 
 use std::sync::{Arc, Mutex};
 
-use candle::quantized::QTensor;
 use candle::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::fused::{fast_exp, log_sum_exp, vectorized};
 use super::low_rank::{Base, FrozenWeight};
-use super::quantized_matmul::dequantize_rows_parallel;
-use super::{add_g_w, add_x_wt, f32_rows, with_cpu_f32, written_by};
+use super::quantized_matmul::dequantize_all;
+use super::{add_g_w, add_x_wt, f32_rows, with_cpu_f32};
 
 /// About this many logits are alive at once (64 MB). Each chunk's two
 /// gemms pack all of `W` again, so chunks must be large: on SmolLM2 (341
@@ -157,13 +157,6 @@ fn nll_and_softmax_grad(
         });
 }
 
-/// All of a quantized `(n, k)` weight as f32, dequantized in parallel.
-fn dequantize_all(q: &QTensor) -> Result<Vec<f32>> {
-    let (n, k) = q.shape().dims2()?;
-    // SAFETY: dequantize_rows_parallel writes all n·k values.
-    unsafe { written_by(n * k, |w| dequantize_rows_parallel(q, 0, n, w)) }
-}
-
 impl CustomOp1 for LinearTargetNll {
     fn name(&self) -> &'static str {
         "lora-mini-linear-target-nll"
@@ -233,7 +226,7 @@ pub(crate) fn linear_target_nlls(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle::quantized::GgmlDType;
+    use candle::quantized::{GgmlDType, QTensor};
     use candle::{Device, Var};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

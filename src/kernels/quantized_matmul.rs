@@ -292,6 +292,13 @@ pub(crate) fn dequantize_rows(
     }
 }
 
+/// All of a quantized `(n, k)` weight as f32, dequantized in parallel.
+pub(crate) fn dequantize_all(q: &QTensor) -> Result<Vec<f32>> {
+    let (n, k) = q.shape().dims2()?;
+    // SAFETY: dequantize_rows_parallel writes all n·k values.
+    unsafe { written_by(n * k, |w| dequantize_rows_parallel(q, 0, n, w)) }
+}
+
 /// [`dequantize_rows`] in parallel over pieces of the rows.
 pub(crate) fn dequantize_rows_parallel(
     q: &QTensor,
