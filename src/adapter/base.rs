@@ -240,7 +240,10 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, k), &dev)?)?;
         let targets: Vec<u32> = (0..rows as u32).map(|i| i * 7 % v as u32).collect();
         let fused = layer.target_nlls(&x, targets.clone(), true)?;
-        assert!(layer.dense_head.get().is_some(), "the first call keeps the copy");
+        assert!(
+            layer.dense_head.get().is_some(),
+            "the first call keeps the copy"
+        );
         let clone = layer.clone();
         assert!(Arc::ptr_eq(&layer.dense_head, &clone.dense_head));
         let again = clone.target_nlls(&x, targets.clone(), true)?;

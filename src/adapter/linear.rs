@@ -9,7 +9,8 @@ use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
 use super::low_rank::{LowRankLayer, LowRankUpdate};
 use super::matmul::{linear_fwd, merged_weight};
-use crate::kernels::gated_mlp::{low_rank_silu_mlp, MlpLayer};
+use crate::kernels::gated_mlp::low_rank_silu_mlp;
+use crate::kernels::low_rank_block::BlockLayer;
 
 /// Full fine-tuning of one layer: the weight and bias are trainable `Var`s.
 #[derive(Clone, Debug)]
@@ -332,7 +333,7 @@ impl AdaptedLinear {
     /// The frozen base and the update's factors when this is a low-rank
     /// layer whose output is `base(x) + (x·A_effᵀ)·B_effᵀ` in this mode,
     /// with a base the fused kernels take.
-    fn fusable_update(&self, train: bool) -> Result<Option<MlpLayer<'_>>> {
+    fn fusable_update(&self, train: bool) -> Result<Option<BlockLayer<'_>>> {
         let Some(low_rank) = self.as_low_rank() else {
             return Ok(None);
         };
@@ -341,7 +342,7 @@ impl AdaptedLinear {
             return Ok(None);
         };
         let factors = host.plain_factors(train, || low_rank.effective_factors())?;
-        Ok(factors.map(|(a, b)| MlpLayer { frozen, a, b }))
+        Ok(factors.map(|(a, b)| BlockLayer { frozen, a, b }))
     }
 
     /// The negative log-likelihood `(rows)` of each row's target class

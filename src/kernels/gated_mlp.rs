@@ -16,21 +16,11 @@
 
 use std::sync::OnceLock;
 
-use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::gated::{silu_mul_grad_into, silu_mul_into};
-use super::low_rank::{hidden, Base, FrozenWeight};
-use super::quantized_matmul::GEMM_MIN_ROWS;
-use super::{add_g_w, add_x_wt, f32_rows, gt_x, with_cpu_f32, written_by};
-
-/// One layer of the MLP as the caller holds it: the frozen base and the
-/// update's factors `A_eff (r x d_in)` and `B_eff (d_out x r)`, scaling
-/// folded into `B_eff`.
-pub(crate) struct MlpLayer<'a> {
-    pub frozen: FrozenWeight<'a>,
-    pub a: Tensor,
-    pub b: Tensor,
-}
+use super::low_rank_block::{BlockLayer, LowRankLayers};
+use super::{f32_rows, with_cpu_f32, written_by};
 
 /// The index of each layer in the op's arrays.
 const GATE: usize = 0;
@@ -47,83 +37,20 @@ struct Saved {
     hidden: [Vec<f32>; 3],
 }
 
-/// The op: arguments `(x, packed factors)`, state the three frozen bases.
+/// The op: arguments `(x, packed factors)`, state the three layers.
 struct SiluMlp {
-    bases: [Base; 3],
-    ranks: [usize; 3],
+    layers: LowRankLayers,
     saved: OnceLock<Saved>,
 }
 
 impl SiluMlp {
-    /// The `(A_eff, B_eff)` values of each layer within the packed vector.
-    fn factors<'p>(&self, packed: &'p [f32]) -> Result<[(&'p [f32], &'p [f32]); 3]> {
-        let mut rest = packed;
-        let mut take = |len: usize| -> Result<&'p [f32]> {
-            if rest.len() < len {
-                candle::bail!("{}: the packed factors are too short", self.name());
-            }
-            let (head, tail) = rest.split_at(len);
-            rest = tail;
-            Ok(head)
-        };
-        let mut out = [(&[][..], &[][..]); 3];
-        for (i, slot) in out.iter_mut().enumerate() {
-            let (n, k) = self.bases[i].dims2()?;
-            *slot = (take(self.ranks[i] * k)?, take(n * self.ranks[i])?);
-        }
-        if !rest.is_empty() {
-            candle::bail!("{}: the packed factors are too long", self.name());
-        }
-        Ok(out)
-    }
-
-    /// Layer `i`'s output for `m` rows of `x`, and its `h`.
-    fn layer(
-        &self,
-        i: usize,
-        x: &[f32],
-        m: usize,
-        (a, b): (&[f32], &[f32]),
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let ((n, k), r) = (self.bases[i].dims2()?, self.ranks[i]);
-        let mut y = self.bases[i].forward(x, (m, n, k))?;
-        let h = hidden(x, a, (m, r, k))?;
-        add_x_wt(&mut y, &h, b, (m, n, r), true)?;
-        Ok((y, h))
-    }
-
-    /// From layer `i`'s output gradient `g`, its input gradient into
-    /// `dx` (added when `accumulate`) and its factors' `(dA_eff, dB_eff)`.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_grads(
-        &self,
-        i: usize,
-        g: &[f32],
-        (x, h): (&[f32], &[f32]),
-        (a, b): (&[f32], &[f32]),
-        dx: &mut [f32],
-        accumulate: bool,
-        m: usize,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let ((n, k), r) = (self.bases[i].dims2()?, self.ranks[i]);
-        // SAFETY (each written_by): a gemm that does not accumulate writes
-        // all of its output.
-        let dh = unsafe { written_by(m * r, |dh| add_g_w(dh, g, n, b, (m, r, n), false))? };
-        self.bases[i].add_input_grad(dx, g, (m, n, k), accumulate)?;
-        add_g_w(dx, &dh, r, a, (m, k, r), true)?;
-        let da = unsafe { written_by(r * k, |da| gt_x(da, &dh, x, (r, k, m)))? };
-        let db = unsafe { written_by(n * r, |db| gt_x(db, g, h, (n, r, m)))? };
-        Ok((da, db))
-    }
-
     /// `(dX, packed factor gradients)` from the output gradient `g`.
     fn grads(&self, x: &[f32], packed: &[f32], g: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let Some(s) = self.saved.get() else {
             candle::bail!("{}: backward before forward", self.name());
         };
-        let f = self.factors(packed)?;
-        let (k, wide) = (self.bases[GATE].dims2()?.1, s.gate.len());
-        let m = x.len() / k.max(1);
+        let (f, l) = (self.layers.factors(packed)?, &self.layers);
+        let wide = s.gate.len();
         // SAFETY (each written_by): a layer's input gradient that does not
         // accumulate writes all of its buffer, and silu_mul_grad_into writes
         // all of both of its outputs.
@@ -131,7 +58,7 @@ impl SiluMlp {
         let d_product = unsafe {
             written_by(wide, |dp| {
                 let input = (&s.product[..], &s.hidden[DOWN][..]);
-                down = Some(self.layer_grads(DOWN, g, input, f[DOWN], dp, false, m)?);
+                down = Some(l.grads(DOWN, g, input, f[DOWN], (dp, false))?);
                 Ok(())
             })?
         };
@@ -150,9 +77,9 @@ impl SiluMlp {
         let dx = unsafe {
             written_by(x.len(), |dx| {
                 let input = (x, &s.hidden[GATE][..]);
-                gate = Some(self.layer_grads(GATE, &d_gate, input, f[GATE], dx, false, m)?);
+                gate = Some(l.grads(GATE, &d_gate, input, f[GATE], (&mut *dx, false))?);
                 let input = (x, &s.hidden[UP][..]);
-                up = Some(self.layer_grads(UP, &d_up, input, f[UP], dx, true, m)?);
+                up = Some(l.grads(UP, &d_up, input, f[UP], (dx, true))?);
                 Ok(())
             })?
         };
@@ -181,10 +108,10 @@ impl CustomOp2 for SiluMlp {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, width) = f32_rows(s1, l1, self.name())?;
         let (packed, _) = f32_rows(s2, l2, self.name())?;
-        let f = self.factors(packed)?;
+        let (f, l) = (self.layers.factors(packed)?, &self.layers);
         let m = x.len() / width;
-        let (gate, h_gate) = self.layer(GATE, x, m, f[GATE])?;
-        let (up, h_up) = self.layer(UP, x, m, f[UP])?;
+        let (gate, h_gate) = l.forward(GATE, x, m, f[GATE])?;
+        let (up, h_up) = l.forward(UP, x, m, f[UP])?;
         // SAFETY: silu_mul_into writes every value of its output.
         let product = unsafe {
             written_by(gate.len(), |out| {
@@ -192,7 +119,7 @@ impl CustomOp2 for SiluMlp {
                 Ok(())
             })?
         };
-        let (y, h_down) = self.layer(DOWN, &product, m, f[DOWN])?;
+        let (y, h_down) = l.forward(DOWN, &product, m, f[DOWN])?;
         let saved = Saved {
             gate,
             up,
@@ -203,7 +130,7 @@ impl CustomOp2 for SiluMlp {
         // same values.
         let _ = self.saved.set(saved);
         let mut dims = l1.shape().dims().to_vec();
-        *dims.last_mut().expect("rank >= 1") = self.bases[DOWN].dims2()?.0;
+        *dims.last_mut().expect("rank >= 1") = l.dims2(DOWN)?.0;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
@@ -233,63 +160,23 @@ impl CustomOp2 for SiluMlp {
 /// needs); `None` where the fused op does not apply (other devices or
 /// dtypes, a base the low-rank kernels do not take, few rows on a
 /// quantized base, shapes that do not chain), for the caller to compose.
-pub(crate) fn low_rank_silu_mlp(x: &Tensor, layers: [MlpLayer; 3]) -> Result<Option<Tensor>> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !f32_cpu(x) || !layers.iter().all(|l| f32_cpu(&l.a) && f32_cpu(&l.b)) {
-        return Ok(None);
-    }
-    let (Some(g), Some(u), Some(d)) = (
-        Base::frozen(layers[GATE].frozen),
-        Base::frozen(layers[UP].frozen),
-        Base::frozen(layers[DOWN].frozen),
-    ) else {
+pub(crate) fn low_rank_silu_mlp(x: &Tensor, layers: [BlockLayer; 3]) -> Result<Option<Tensor>> {
+    let width = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / width.max(1);
+    let Some((layers, packed)) = LowRankLayers::pack(&layers, rows)? else {
         return Ok(None);
     };
-    let bases = [g, u, d];
-    let Some(ranks) = chained_ranks(x, &bases, &layers)? else {
+    let [(gi, gk), (ui, uk), (dn, dk)] =
+        [layers.dims2(GATE)?, layers.dims2(UP)?, layers.dims2(DOWN)?];
+    let f32_cpu = x.device().is_cpu() && x.dtype() == candle::DType::F32;
+    if !(f32_cpu && gk == width && uk == width && gi == ui && dk == gi && dn > 0) {
         return Ok(None);
-    };
-    let mut parts = Vec::with_capacity(6);
-    for l in &layers {
-        parts.push(l.a.flatten_all()?);
-        parts.push(l.b.flatten_all()?);
     }
-    let packed = Tensor::cat(&parts, 0)?;
     let op = SiluMlp {
-        bases,
-        ranks,
+        layers,
         saved: OnceLock::new(),
     };
     Ok(Some(x.contiguous()?.apply_op2(&packed, op)?))
-}
-
-/// Each layer's rank when the shapes chain (`x`'s width into gate and up,
-/// their width into down, factors that fit their bases) and a quantized
-/// base has enough rows for its banded gemm; `None` otherwise.
-fn chained_ranks(
-    x: &Tensor,
-    bases: &[Base; 3],
-    layers: &[MlpLayer; 3],
-) -> Result<Option<[usize; 3]>> {
-    let width = x.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / width.max(1);
-    let [(gi, gk), (ui, uk), (dn, dk)] = [bases[0].dims2()?, bases[1].dims2()?, bases[2].dims2()?];
-    if !(gk == width && uk == width && gi == ui && dk == gi && dn > 0) {
-        return Ok(None);
-    }
-    let quantized = |b: &Base| matches!(b, Base::Quantized(_));
-    if rows < GEMM_MIN_ROWS && bases.iter().any(quantized) {
-        return Ok(None);
-    }
-    let mut ranks = [0; 3];
-    for (i, l) in layers.iter().enumerate() {
-        let ((n, k), (r, ka), (nb, rb)) = (bases[i].dims2()?, l.a.dims2()?, l.b.dims2()?);
-        if ka != k || nb != n || rb != r || r == 0 {
-            return Ok(None);
-        }
-        ranks[i] = r;
-    }
-    Ok(Some(ranks))
 }
 
 #[cfg(test)]
@@ -297,7 +184,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::kernels::low_rank::low_rank_linear;
+    use crate::kernels::low_rank::{low_rank_linear, FrozenWeight};
     use candle::quantized::{GgmlDType, QTensor};
     use candle::{Device, Var};
 
@@ -307,8 +194,8 @@ mod tests {
 
     /// The composed MLP: each layer through the one-layer fused op, and
     /// SiLU from Candle's elementwise ops.
-    fn composed(x: &Tensor, layers: &[MlpLayer; 3]) -> Result<Tensor> {
-        let layer = |x: &Tensor, l: &MlpLayer| -> Result<Tensor> {
+    fn composed(x: &Tensor, layers: &[BlockLayer; 3]) -> Result<Tensor> {
+        let layer = |x: &Tensor, l: &BlockLayer| -> Result<Tensor> {
             Ok(low_rank_linear(x, l.frozen, &l.a, &l.b)?.expect("a frozen f32 base"))
         };
         let gate = layer(x, &layers[GATE])?;
@@ -352,8 +239,8 @@ mod tests {
             ],
         ];
         for frozen in cases {
-            let layers = || -> [MlpLayer; 3] {
-                std::array::from_fn(|j| MlpLayer {
+            let layers = || -> [BlockLayer; 3] {
+                std::array::from_fn(|j| BlockLayer {
                     frozen: frozen[j],
                     a: factors[j].0.as_tensor().clone(),
                     b: factors[j].1.as_tensor().clone(),
@@ -383,8 +270,8 @@ mod tests {
         let w = |n: usize, k: usize| Tensor::randn(0f32, 0.2, (n, k), &dev);
         let (wg, wu, wd, wrong) = (w(i, h)?, w(i, h)?, w(h, i)?, w(h, h)?);
         let q = Arc::new(QTensor::quantize(&wd, GgmlDType::Q4_1)?);
-        let layer = |frozen, n: usize, k: usize| -> Result<MlpLayer> {
-            Ok(MlpLayer {
+        let layer = |frozen, n: usize, k: usize| -> Result<BlockLayer> {
+            Ok(BlockLayer {
                 frozen,
                 a: Tensor::randn(0f32, 0.5, (r, k), &dev)?,
                 b: Tensor::randn(0f32, 0.5, (n, r), &dev)?,

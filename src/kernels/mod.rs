@@ -11,6 +11,7 @@ pub(crate) mod gated;
 pub(crate) mod gated_mlp;
 pub(crate) mod linear_cross_entropy;
 pub(crate) mod low_rank;
+pub(crate) mod low_rank_block;
 #[cfg(feature = "mkl")]
 mod mkl;
 pub(crate) mod quantized_matmul;
