@@ -9,7 +9,6 @@ use super::lora::LoraLinear;
 use super::lora_mini::LoraMiniLinear;
 use super::low_rank::{LowRankLayer, LowRankUpdate};
 use super::matmul::{linear_fwd, merged_weight};
-use crate::kernels::gated_mlp::low_rank_silu_mlp;
 use crate::kernels::low_rank_block::BlockLayer;
 
 /// Full fine-tuning of one layer: the weight and bias are trainable `Var`s.
@@ -307,33 +306,12 @@ impl AdaptedLinear {
         }
     }
 
-    /// `down(silu(gate(x)) · up(x))`, a SiLU-gated MLP (Llama's) over
-    /// three adapted layers, as one op when training on the CPU in f32 with
-    /// a low-rank update on each layer and no dropout (see
-    /// `kernels::gated_mlp`); `None` where that does not apply, for the
-    /// caller to compose from the layers' own `forward_t`.
-    pub fn fused_silu_mlp(
-        xs: &Tensor,
-        [gate, up, down]: [&Self; 3],
-        train: bool,
-    ) -> Result<Option<Tensor>> {
-        if !train {
-            return Ok(None);
-        }
-        let (Some(g), Some(u), Some(d)) = (
-            gate.fusable_update(train)?,
-            up.fusable_update(train)?,
-            down.fusable_update(train)?,
-        ) else {
-            return Ok(None);
-        };
-        low_rank_silu_mlp(xs, [g, u, d])
-    }
-
-    /// The frozen base and the update's factors when this is a low-rank
-    /// layer whose output is `base(x) + (x·A_effᵀ)·B_effᵀ` in this mode,
-    /// with a base the fused kernels take.
-    fn fusable_update(&self, train: bool) -> Result<Option<BlockLayer<'_>>> {
+    /// The frozen base and the update's factors, for a fused block of
+    /// layers (`kernels::gated_mlp`, `kernels::qkv`), when this is a
+    /// low-rank layer whose output in this mode is `base(x) +
+    /// (x·A_effᵀ)·B_effᵀ` (not merged, no dropout in the way) on a base
+    /// the fused kernels take; `None` otherwise.
+    pub(crate) fn block_layer(&self, train: bool) -> Result<Option<BlockLayer<'_>>> {
         let Some(low_rank) = self.as_low_rank() else {
             return Ok(None);
         };

@@ -17,7 +17,7 @@
 //! It runs for contiguous f32 CPU tensors; elsewhere (CUDA, Metal, other
 //! dtypes) [`attention`] composes the same computation from Candle ops.
 
-use candle::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::dropout::SeededDropout;
@@ -110,20 +110,125 @@ pub(crate) fn grouped_attention(
             "attention: {heads} query heads are not a multiple of {kv_heads} key-value heads"
         );
     }
-    let pairs = mask
-        .broadcast_as((b, 1, t, t))?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let op = AttentionCore {
-        heads,
-        kv_heads,
-        mask: AttentionMask::Pairs(pairs),
-        dropout: None,
-    };
+    let op = AttentionCore::grouped(mask, (b, t), heads, kv_heads)?;
     let out = q
         .contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
     Ok(Some(out))
+}
+
+/// [`grouped_attention`] over one planar f32 CPU buffer `[q | k | v]`
+/// (q's `batch·t·heads·d` values, then k's and v's `batch·t·kv_heads·d`,
+/// each row-major `(batch, t, width)`), as `kernels::qkv` writes it; its
+/// gradient comes back in the same layout. Returns `(batch, t, heads ·
+/// d)`.
+pub(crate) fn packed_grouped_attention(
+    qkv: &Tensor,
+    mask: &Tensor,
+    (batch, t): (usize, usize),
+    (heads, kv_heads, d): (usize, usize, usize),
+) -> Result<Tensor> {
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        candle::bail!(
+            "attention: {heads} query heads are not a multiple of {kv_heads} key-value heads"
+        );
+    }
+    let core = AttentionCore::grouped(mask, (batch, t), heads, kv_heads)?;
+    let g = Geometry {
+        batch,
+        t,
+        heads,
+        kv_heads,
+        d,
+    };
+    qkv.contiguous()?.apply_op1(PackedAttention { core, g })
+}
+
+impl AttentionCore {
+    /// The decoder's core: no dropout, and the additive `mask`
+    /// (broadcastable to `(batch, 1, t, t)`) as one value per pair.
+    fn grouped(
+        mask: &Tensor,
+        (b, t): (usize, usize),
+        heads: usize,
+        kv_heads: usize,
+    ) -> Result<Self> {
+        let pairs = mask
+            .broadcast_as((b, 1, t, t))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            heads,
+            kv_heads,
+            mask: AttentionMask::Pairs(pairs),
+            dropout: None,
+        })
+    }
+}
+
+/// The op behind [`packed_grouped_attention`]: argument the planar
+/// `[q | k | v]`, state the core and its geometry.
+struct PackedAttention {
+    core: AttentionCore,
+    g: Geometry,
+}
+
+impl PackedAttention {
+    /// The lengths of q and of each of k and v in the planar buffer.
+    fn split(&self, len: usize) -> Result<(usize, usize)> {
+        let g = self.g;
+        let (nq, nkv) = (g.batch * g.t * g.hidden(), g.batch * g.t * g.kv_hidden());
+        if len != nq + 2 * nkv {
+            candle::bail!(
+                "attention: {len} packed q, k, v values, not {}",
+                nq + 2 * nkv
+            );
+        }
+        Ok((nq, nkv))
+    }
+}
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "lora-mini-packed-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (qkv, _) = f32_rows(storage, layout, self.name())?;
+        let (nq, nkv) = self.split(qkv.len())?;
+        let (q, kv) = qkv.split_at(nq);
+        let (k, v) = kv.split_at(nkv);
+        let g = self.g;
+        let shape = Shape::from((g.batch, g.t, g.hidden()));
+        Ok((CpuStorage::F32(self.core.context(g, q, k, v)), shape))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (nq, nkv) = self.split(qkv.elem_count())?;
+        // Not zeroed: write_grads writes every value of dq, dk and dv.
+        let mut d = Vec::<f32>::with_capacity(nq + 2 * nkv);
+        let base = d.as_mut_ptr();
+        // SAFETY: the three offsets stay within the allocation.
+        let out = unsafe {
+            Grads {
+                dq: SharedOut(base),
+                dk: SharedOut(base.add(nq)),
+                dv: SharedOut(base.add(nq + nkv)),
+            }
+        };
+        with_cpu_f32(qkv, "packed q, k, v", |qkv| {
+            with_cpu_f32(&grad, "gradient", |go| {
+                let (q, kv) = qkv.split_at(nq);
+                let (k, v) = kv.split_at(nkv);
+                self.core.write_grads(self.g, (q, k, v, go), out);
+                Ok(())
+            })
+        })?;
+        // SAFETY: write_grads wrote all of dq, dk and dv (see above).
+        unsafe { d.set_len(nq + 2 * nkv) };
+        Ok(Some(Tensor::from_vec(d, qkv.shape(), qkv.device())?))
+    }
 }
 
 /// [`attention`] from Candle ops (any device and dtype).
@@ -325,38 +430,10 @@ impl CustomOp3 for AttentionCore {
         let (q, _) = f32_rows(s1, l1, self.name())?;
         let (k, _) = f32_rows(s2, l2, self.name())?;
         let (v, _) = f32_rows(s3, l3, self.name())?;
-        // Not zeroed: every (sequence, head) task below writes its head's
-        // columns of its sequence's rows with a gemm that does not
-        // accumulate, and together they cover the output.
-        let mut out = Vec::<f32>::with_capacity(q.len());
-        let out_ptr = SharedOut(out.as_mut_ptr());
-        let (row, kv_row) = (g.hidden() as isize, g.kv_hidden() as isize);
-        (0..g.batch * g.heads).into_par_iter().for_each(|task| {
-            vectorized(|| {
-                let (s, h) = (task / g.heads, task % g.heads);
-                let mut probs = vec![0f32; g.t * g.t];
-                self.probabilities(g, s, h, q, k, &mut probs);
-                self.apply_dropout(g, s, h, &mut probs);
-                let out = out_ptr;
-                // SAFETY: this task writes only head h's d columns of sequence
-                // s's t rows; probs is t × t, v's head spans t rows of stride
-                // `kv_hidden`.
-                unsafe {
-                    gemm_strided(
-                        (g.t, g.d, g.t),
-                        (out.0.add(g.base(s, h)), 1, row),
-                        (probs.as_ptr(), 1, g.t as isize),
-                        (v.as_ptr().add(g.kv_base(s, h)), 1, kv_row),
-                        0.0,
-                        1.0,
-                        ON_THIS_THREAD,
-                    );
-                }
-            })
-        });
-        // SAFETY: the tasks wrote all q.len() values (see above).
-        unsafe { out.set_len(q.len()) };
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.context(g, q, k, v)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -388,17 +465,7 @@ impl CustomOp3 for AttentionCore {
             with_cpu_f32(k, "k", |k| {
                 with_cpu_f32(v, "v", |v| {
                     with_cpu_f32(&grad, "gradient", |go| {
-                        // One task per (sequence, key-value head): the query
-                        // heads it serves add into the same dk and dv, so
-                        // they run in turn.
-                        (0..g.batch * g.kv_heads).into_par_iter().for_each(|task| {
-                            let (s, kv_head) = (task / g.kv_heads, task % g.kv_heads);
-                            let group = g.heads / g.kv_heads;
-                            for (j, h) in (kv_head * group..(kv_head + 1) * group).enumerate() {
-                                let inputs = (q, k, v, go);
-                                vectorized(|| self.head_grads(g, s, h, j > 0, inputs, out));
-                            }
-                        });
+                        self.write_grads(g, (q, k, v, go), out);
                         Ok(())
                     })
                 })
@@ -428,6 +495,57 @@ struct Grads {
 }
 
 impl AttentionCore {
+    /// The context (`batch·t·hidden` values) from q, k and v of geometry
+    /// `g`.
+    fn context(&self, g: Geometry, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        // Not zeroed: every (sequence, head) task below writes its head's
+        // columns of its sequence's rows with a gemm that does not
+        // accumulate, and together they cover the output.
+        let mut out = Vec::<f32>::with_capacity(q.len());
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        let (row, kv_row) = (g.hidden() as isize, g.kv_hidden() as isize);
+        (0..g.batch * g.heads).into_par_iter().for_each(|task| {
+            vectorized(|| {
+                let (s, h) = (task / g.heads, task % g.heads);
+                let mut probs = vec![0f32; g.t * g.t];
+                self.probabilities(g, s, h, q, k, &mut probs);
+                self.apply_dropout(g, s, h, &mut probs);
+                let out = out_ptr;
+                // SAFETY: this task writes only head h's d columns of sequence
+                // s's t rows; probs is t × t, v's head spans t rows of stride
+                // `kv_hidden`.
+                unsafe {
+                    gemm_strided(
+                        (g.t, g.d, g.t),
+                        (out.0.add(g.base(s, h)), 1, row),
+                        (probs.as_ptr(), 1, g.t as isize),
+                        (v.as_ptr().add(g.kv_base(s, h)), 1, kv_row),
+                        0.0,
+                        1.0,
+                        ON_THIS_THREAD,
+                    );
+                }
+            })
+        });
+        // SAFETY: the tasks wrote all q.len() values (see above).
+        unsafe { out.set_len(q.len()) };
+        out
+    }
+
+    /// Writes all of dq, dk and dv through `out` from q, k, v and the
+    /// output gradient.
+    fn write_grads(&self, g: Geometry, inputs: (&[f32], &[f32], &[f32], &[f32]), out: Grads) {
+        // One task per (sequence, key-value head): the query heads it
+        // serves add into the same dk and dv, so they run in turn.
+        (0..g.batch * g.kv_heads).into_par_iter().for_each(|task| {
+            let (s, kv_head) = (task / g.kv_heads, task % g.kv_heads);
+            let group = g.heads / g.kv_heads;
+            for (j, h) in (kv_head * group..(kv_head + 1) * group).enumerate() {
+                vectorized(|| self.head_grads(g, s, h, j > 0, inputs, out));
+            }
+        });
+    }
+
     /// The gradients from query head `h` of sequence `s`: its own dq, and
     /// its share of its key-value head's dk and dv, added to what the
     /// group's earlier heads wrote when `accumulate`.

@@ -14,6 +14,7 @@ pub(crate) mod low_rank;
 pub(crate) mod low_rank_block;
 #[cfg(feature = "mkl")]
 mod mkl;
+pub(crate) mod qkv;
 pub(crate) mod quantized_matmul;
 pub(crate) mod rope;
 

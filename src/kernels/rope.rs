@@ -73,7 +73,7 @@ impl CustomOp1 for Rope {
 
 impl Rope {
     /// Rotates the `dim`-wide rows of `x` into `out`.
-    fn rotate(
+    pub(crate) fn rotate(
         &self,
         x: &[f32],
         out: &mut [f32],

@@ -9,7 +9,9 @@ use candle::{DType, Device, IndexOp, Module, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::AdaptedLinear;
-use crate::kernels::attention::grouped_attention;
+use crate::kernels::attention::{grouped_attention, packed_grouped_attention};
+use crate::kernels::gated_mlp::low_rank_silu_mlp;
+use crate::kernels::qkv::low_rank_qkv_rope;
 use crate::nn::checkpoint::{checkpointed_backward, Layers};
 use crate::nn::ops::fusable;
 use crate::nn::ops::sdpa;
@@ -386,6 +388,32 @@ impl Attention {
         grouped_attention(&q, &k, &v, mask, self.heads, self.kv_heads)
     }
 
+    /// The projections, rotation and core as two ops (`kernels::qkv` and
+    /// the packed attention core) when training with a low-rank update on
+    /// each of q, k and v; `None` otherwise.
+    fn fused_block(&self, xs: &Tensor, step: &Step) -> Result<Option<Tensor>> {
+        let Some(mask) = step.mask.as_ref().filter(|m| m.dtype() == DType::F32) else {
+            return Ok(None);
+        };
+        if !step.train {
+            return Ok(None);
+        }
+        let (Some(q), Some(k), Some(v)) = (
+            self.q_proj.block_layer(true)?,
+            self.k_proj.block_layer(true)?,
+            self.v_proj.block_layer(true)?,
+        ) else {
+            return Ok(None);
+        };
+        let tables = (&step.cos, &step.sin);
+        let Some(qkv) = low_rank_qkv_rope(xs, [q, k, v], tables, self.head_dim)? else {
+            return Ok(None);
+        };
+        let (b, t, _) = xs.dims3()?;
+        let heads = (self.heads, self.kv_heads, self.head_dim);
+        packed_grouped_attention(&qkv, mask, (b, t), heads).map(Some)
+    }
+
     fn forward(
         &self,
         xs: &Tensor,
@@ -394,6 +422,9 @@ impl Attention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         if cache.is_none() {
+            if let Some(ys) = self.fused_block(xs, step)? {
+                return self.o_proj.forward_t(&ys, step.train);
+            }
             if let Some(ys) = self.fused_core(xs, step)? {
                 return self.o_proj.forward_t(&ys, step.train);
             }
@@ -426,6 +457,22 @@ struct Mlp {
 }
 
 impl Mlp {
+    /// The whole MLP as one op (`kernels::gated_mlp`) when training a
+    /// SiLU MLP with a low-rank update on each layer; `None` otherwise.
+    fn fused(&self, xs: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        if !(train && self.act == Activation::Silu) {
+            return Ok(None);
+        }
+        let (Some(gate), Some(up), Some(down)) = (
+            self.gate_proj.block_layer(train)?,
+            self.up_proj.block_layer(train)?,
+            self.down_proj.block_layer(train)?,
+        ) else {
+            return Ok(None);
+        };
+        low_rank_silu_mlp(xs, [gate, up, down])
+    }
+
     fn new(vb: VarBuilder, c: &LlamaConfig) -> Result<Self> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Self {
@@ -437,11 +484,8 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if self.act == Activation::Silu {
-            let layers = [&self.gate_proj, &self.up_proj, &self.down_proj];
-            if let Some(ys) = AdaptedLinear::fused_silu_mlp(xs, layers, train)? {
-                return Ok(ys);
-            }
+        if let Some(ys) = self.fused(xs, train)? {
+            return Ok(ys);
         }
         let gate = self.gate_proj.forward_t(xs, train)?;
         let hidden = self.act.gated(&gate, &self.up_proj.forward_t(xs, train)?)?;
