@@ -19,8 +19,8 @@ use std::sync::OnceLock;
 use candle::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::gated::{silu_mul_grad_into, silu_mul_into};
-use super::low_rank_block::{BlockLayer, LowRankLayers};
-use super::{f32_rows, with_cpu_f32, written_by};
+use super::low_rank_block::{block_grads, BlockLayer, LowRankLayers};
+use super::{f32_rows, written_by};
 
 /// The index of each layer in the op's arrays.
 const GATE: usize = 0;
@@ -141,17 +141,7 @@ impl CustomOp2 for SiluMlp {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dx, dp) = with_cpu_f32(&grad, "gradient", |g| {
-            with_cpu_f32(x, "input", |xv| {
-                with_cpu_f32(packed, "packed factors", |pv| self.grads(xv, pv, g))
-            })
-        })?;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.dims(), dev)?),
-            Some(Tensor::from_vec(dp, packed.dims(), dev)?),
-        ))
+        block_grads(x, packed, grad, |x, packed, g| self.grads(x, packed, g))
     }
 }
 

@@ -8,7 +8,7 @@ use candle::{DType, Result, Tensor};
 
 use super::low_rank::{hidden, Base, FrozenWeight};
 use super::quantized_matmul::GEMM_MIN_ROWS;
-use super::{add_g_w, add_x_wt, gt_x, written_by};
+use super::{add_g_w, add_x_wt, gt_x, with_cpu_f32, written_by};
 
 /// One adapted layer as the caller holds it: the frozen base and the
 /// update's factors `A_eff (r x d_in)` and `B_eff (d_out x r)`, scaling
@@ -122,4 +122,27 @@ impl LowRankLayers {
         let db = unsafe { written_by(n * r, |db| gt_x(db, g, h, (n, r, m)))? };
         Ok((da, db))
     }
+}
+
+/// A block op's backward: `grads` takes the values of the input `x`, the
+/// packed factors and the output gradient, and returns those of `dX` and
+/// of the packed factors' gradient, which come back shaped as `x` and
+/// `packed`.
+pub(crate) fn block_grads(
+    x: &Tensor,
+    packed: &Tensor,
+    grad: &Tensor,
+    grads: impl FnOnce(&[f32], &[f32], &[f32]) -> Result<(Vec<f32>, Vec<f32>)>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (dx, dp) = with_cpu_f32(&grad, "gradient", |g| {
+        with_cpu_f32(x, "input", |xv| {
+            with_cpu_f32(packed, "packed factors", |pv| grads(xv, pv, g))
+        })
+    })?;
+    let dev = x.device();
+    Ok((
+        Some(Tensor::from_vec(dx, x.dims(), dev)?),
+        Some(Tensor::from_vec(dp, packed.dims(), dev)?),
+    ))
 }

@@ -16,9 +16,9 @@ use std::sync::OnceLock;
 
 use candle::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
-use super::low_rank_block::{BlockLayer, LowRankLayers};
+use super::low_rank_block::{block_grads, BlockLayer, LowRankLayers};
 use super::rope::Rope;
-use super::{f32_rows, with_cpu_f32, written_by};
+use super::{f32_rows, written_by};
 
 const Q: usize = 0;
 const K: usize = 1;
@@ -55,8 +55,8 @@ impl QkvRope {
             candle::bail!("{}: backward before forward", self.name());
         };
         let (f, l) = (self.layers.factors(packed)?, &self.layers);
-        let k = l.dims2(Q)?.1;
-        let m = x.len() / k.max(1);
+        let width = l.dims2(Q)?.1;
+        let m = x.len() / width.max(1);
         let (nq, nk) = (m * l.dims2(Q)?.0, m * l.dims2(K)?.0);
         let (gq, rest) = g.split_at(nq);
         let (gk, gv) = rest.split_at(nk);
@@ -128,17 +128,7 @@ impl CustomOp2 for QkvRope {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (dx, dp) = with_cpu_f32(&grad, "gradient", |g| {
-            with_cpu_f32(x, "input", |xv| {
-                with_cpu_f32(packed, "packed factors", |pv| self.grads(xv, pv, g))
-            })
-        })?;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, x.dims(), dev)?),
-            Some(Tensor::from_vec(dp, packed.dims(), dev)?),
-        ))
+        block_grads(x, packed, grad, |x, packed, g| self.grads(x, packed, g))
     }
 }
 
