@@ -234,3 +234,14 @@ pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
         threads => gemm::Parallelism::Rayon(threads),
     }
 }
+
+/// The largest difference between `a` and `b`, relative to `b`'s largest
+/// magnitude (at least 1), for tests of fused ops against their
+/// composition: the fused op sums in another order, and the random inputs
+/// (Candle's RNG cannot be seeded) give outputs of any size.
+#[cfg(test)]
+pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(diff / scale.max(1.0))
+}
