@@ -101,7 +101,7 @@ impl AdapterHost {
             let delta = b_eff.matmul(&a_eff)?;
             return linear_fwd(xs, &merged_weight(weight, &delta)?, self.base.bias());
         }
-        if self.dropout.as_ref().is_none_or(|d| !train || d.p() == 0.0) {
+        if self.update_reads_input(train) {
             // The update reads x itself: the fused op takes A_eff.
             return self.base.forward_with_factors(xs, &a_eff, &b_eff);
         }
@@ -118,11 +118,16 @@ impl AdapterHost {
         train: bool,
         factors: impl FnOnce() -> Result<(Tensor, Tensor)>,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        let no_dropout = self.dropout.as_ref().is_none_or(|d| !train || d.p() == 0.0);
-        if self.merged.is_some() || !no_dropout {
+        if self.merged.is_some() || !self.update_reads_input(train) {
             return Ok(None);
         }
         factors().map(Some)
+    }
+
+    /// Whether the update reads `x` itself in this mode: no dropout, or
+    /// dropout that is off (not training, or `p = 0`).
+    fn update_reads_input(&self, train: bool) -> bool {
+        self.dropout.as_ref().is_none_or(|d| !train || d.p() == 0.0)
     }
 
     /// The base layer as a plain candle-nn layer (dequantized if it was

@@ -57,13 +57,14 @@ impl QkvRope {
         let (f, l) = (self.layers.factors(packed)?, &self.layers);
         let width = l.dims2(Q)?.1;
         let m = x.len() / width.max(1);
-        let (nq, nk) = (m * l.dims2(Q)?.0, m * l.dims2(K)?.0);
+        let (wq, wk) = (l.dims2(Q)?.0, l.dims2(K)?.0);
+        let (nq, nk) = (m * wq, m * wk);
         let (gq, rest) = g.split_at(nq);
         let (gk, gv) = rest.split_at(nk);
         // SAFETY (each written_by): a rotation writes every value of its
         // output, and the first layer gradient into dx does not accumulate.
-        let dq = unsafe { written_by(nq, |d| self.rotate(gq, d, nq / m, true))? };
-        let dk = unsafe { written_by(nk, |d| self.rotate(gk, d, nk / m, true))? };
+        let dq = unsafe { written_by(nq, |d| self.rotate(gq, d, wq, true))? };
+        let dk = unsafe { written_by(nk, |d| self.rotate(gk, d, wk, true))? };
         let mut parts = Vec::with_capacity(6);
         let dx = unsafe {
             written_by(x.len(), |dx| {
