@@ -573,7 +573,7 @@ impl AttentionCore {
         let out_ptr = SharedOut(out.as_mut_ptr());
         let (row, kv_row) = (g.hidden() as isize, g.kv_hidden() as isize);
         (0..g.batch * g.heads).into_par_iter().for_each(|task| {
-            vectorized(|| {
+            vectorized!({
                 let (s, h) = (task / g.heads, task % g.heads);
                 let mut probs = vec![0f32; g.t * g.t];
                 for block in self.mask.query_blocks(s, g.t) {
@@ -611,7 +611,7 @@ impl AttentionCore {
             let (s, kv_head) = (task / g.kv_heads, task % g.kv_heads);
             let group = g.heads / g.kv_heads;
             for (j, h) in (kv_head * group..(kv_head + 1) * group).enumerate() {
-                vectorized(|| self.head_grads(g, s, h, j > 0, inputs, out));
+                vectorized!(self.head_grads(g, s, h, j > 0, inputs, out));
             }
         });
     }

@@ -16,7 +16,8 @@ use super::{f32_rows, written_by};
 
 /// Fills a new output the size of `x` block by block in parallel:
 /// `f(offset, x_block, out_block)`, with `offset` the block's start (for
-/// reading the matching block of a second input).
+/// reading the matching block of a second input). `f` wraps its body in
+/// `vectorized!` (here it would have several call sites; see there).
 ///
 /// # Safety
 /// `f` writes every value of `out_block` and reads none it has not written
@@ -34,7 +35,7 @@ unsafe fn map_blocks(
             out.par_chunks_mut(block.max(1))
                 .zip(x.par_chunks(block.max(1)))
                 .enumerate()
-                .for_each(|(i, (y, x))| vectorized(|| f(i * block, x, y)));
+                .for_each(|(i, (y, x))| f(i * block, x, y));
             Ok(())
         })
     }
@@ -42,16 +43,24 @@ unsafe fn map_blocks(
     (CpuStorage::F32(out), shape.clone())
 }
 
-/// Runs `f` compiled for the widest vector extension the CPU has
+/// Evaluates `$body` (an expression with no `return` or `?`: on the wide
+/// paths it runs in a closure) compiled for the widest vector extension the CPU has
 /// (AVX-512, else AVX2 + FMA, else the baseline), chosen at run time. The
-/// crate is built for baseline x86-64, so the loops in the kernels below
-/// would otherwise vectorise with 4-lane SSE at best; inlined into these
-/// wrappers they use 16 or 8 lanes. `f` must be small enough to inline
-/// (each kernel's per-block closure is).
-#[inline(always)]
-pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
+/// crate is built for baseline x86-64, so the loops in the kernels would
+/// otherwise vectorise with 4-lane SSE at best; inlined into the
+/// `#[target_feature]` functions here they use 16 or 8 lanes.
+///
+/// A macro rather than a function taking a closure: a function calls its
+/// closure on each of its three paths, and LLVM inlines a closure with
+/// three call sites only while it is small. Larger kernel bodies (the
+/// attention core's, the SiLU gradient's) and bodies that call
+/// `#[inline(always)]` helpers (`log_sum_exp`) stayed separate functions
+/// compiled for the baseline; a profile of the decoder step found them with
+/// no AVX register in use. Here each path builds its own closure, called
+/// once, which LLVM inlines into its path whatever its size.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vectorized {
+    ($body:expr) => {{
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
         unsafe fn v4<R>(f: impl FnOnce() -> R) -> R {
             f()
@@ -63,17 +72,35 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
         {
+            let f = || $body;
+            // Callers' own unsafe blocks may enclose this one.
+            #[allow(unused_unsafe)]
             // SAFETY: the CPU has the features v4 is compiled for.
-            return unsafe { v4(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            let out = unsafe { v4(f) };
+            out
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
         {
+            let f = || $body;
+            #[allow(unused_unsafe)]
             // SAFETY: as above, for v3.
-            return unsafe { v3(f) };
+            let out = unsafe { v3(f) };
+            out
+        } else {
+            $body
         }
-    }
-    f()
+    }};
 }
+
+/// Elsewhere than x86-64, the body as it is.
+#[cfg(not(target_arch = "x86_64"))]
+macro_rules! vectorized {
+    ($body:expr) => {
+        $body
+    };
+}
+
+pub(crate) use vectorized;
 
 /// Lanes of the manual reductions below: enough independent accumulators
 /// for the compiler to keep them in one vector register.
@@ -138,7 +165,7 @@ fn sum_of(x: &[f32]) -> f32 {
 }
 
 /// A row's softmax in place. Callers inside a parallel kernel wrap their
-/// block in [`vectorized`]; this is inlined there.
+/// block in `vectorized!`; this is inlined there.
 #[inline(always)]
 pub(crate) fn softmax_in_place(row: &mut [f32]) {
     let max = max_of(row);
@@ -162,8 +189,10 @@ impl CustomOp1 for Softmax {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, d, layout.shape(), |_, x, y| {
-                y.copy_from_slice(x);
-                softmax_in_place(y);
+                vectorized!({
+                    y.copy_from_slice(x);
+                    softmax_in_place(y);
+                })
             })
         })
     }
@@ -231,7 +260,7 @@ impl CustomOp1 for TargetNll {
         let nll: Vec<f32> = x
             .par_chunks(v)
             .zip(self.targets.par_iter())
-            .map(|(row, &t)| vectorized(|| log_sum_exp(row)) - row[t as usize])
+            .map(|(row, &t)| vectorized!(log_sum_exp(row)) - row[t as usize])
             .collect();
         Ok((CpuStorage::F32(nll), Shape::from(self.targets.len())))
     }
@@ -271,7 +300,7 @@ impl CustomOp2 for TargetNllGrad {
                     .zip(x.par_chunks(v))
                     .zip(g.par_iter().zip(self.targets.par_iter()))
                     .for_each(|((y, row), (&g, &t))| {
-                        vectorized(|| {
+                        vectorized!({
                             y.copy_from_slice(row);
                             softmax_in_place(y);
                             y.iter_mut().for_each(|p| *p *= g);
@@ -316,9 +345,11 @@ impl CustomOp1 for GeluErf {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, CHUNK, layout.shape(), |_, x, y| {
-                for (y, &v) in y.iter_mut().zip(x) {
-                    *y = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
+                vectorized!({
+                    for (y, &v) in y.iter_mut().zip(x) {
+                        *y = 0.5 * v * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                    }
+                })
             })
         })
     }
@@ -352,13 +383,15 @@ impl CustomOp2 for GeluErfGrad {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, CHUNK, l1.shape(), |offset, x, dx| {
-                let g = &g[offset..offset + x.len()];
-                for i in 0..dx.len() {
-                    let v = x[i];
-                    let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                    let pdf = fast_exp(-0.5 * v * v) * inv_sqrt_2pi;
-                    dx[i] = g[i] * (cdf + v * pdf);
-                }
+                vectorized!({
+                    let g = &g[offset..offset + x.len()];
+                    for i in 0..dx.len() {
+                        let v = x[i];
+                        let cdf = 0.5 * (1.0 + fast_erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                        let pdf = fast_exp(-0.5 * v * v) * inv_sqrt_2pi;
+                        dx[i] = g[i] * (cdf + v * pdf);
+                    }
+                })
             })
         })
     }
@@ -438,10 +471,12 @@ impl CustomOp3 for LayerNormOp {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, d, l1.shape(), |_, x, y| {
-                let (mean, rstd) = moments(x, self.eps, Centering::Mean);
-                for i in 0..d {
-                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                }
+                vectorized!({
+                    let (mean, rstd) = moments(x, self.eps, Centering::Mean);
+                    for i in 0..d {
+                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    }
+                })
             })
         })
     }
@@ -486,10 +521,12 @@ impl CustomOp2 for RmsNormOp {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, d, l1.shape(), |_, x, y| {
-                let (_, rstd) = moments(x, self.eps, Centering::None);
-                for i in 0..d {
-                    y[i] = x[i] * rstd * w[i];
-                }
+                vectorized!({
+                    let (_, rstd) = moments(x, self.eps, Centering::None);
+                    for i in 0..d {
+                        y[i] = x[i] * rstd * w[i];
+                    }
+                })
             })
         })
     }
@@ -522,10 +559,12 @@ impl CustomOp1 for Normalise {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, d, layout.shape(), |_, x, y| {
-                let (mean, rstd) = moments(x, self.eps, self.centering);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - mean) * rstd;
-                }
+                vectorized!({
+                    let (mean, rstd) = moments(x, self.eps, self.centering);
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - mean) * rstd;
+                    }
+                })
             })
         })
     }
@@ -559,24 +598,26 @@ impl CustomOp3 for NormInputGrad {
         // SAFETY: the closure writes every value of its output block.
         Ok(unsafe {
             map_blocks(x, d, l1.shape(), |offset, x, dx| {
-                let g = &g[offset..offset + d];
-                let (mean, rstd) = moments(x, self.eps, self.centering);
-                let n = d as f32;
-                let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-                for i in 0..d {
-                    let gw = g[i] * w[i];
-                    sum_gw += gw;
-                    sum_gw_xhat += gw * (x[i] - mean) * rstd;
-                }
-                let mean_gw = match self.centering {
-                    Centering::Mean => sum_gw / n,
-                    Centering::None => 0.0,
-                };
-                let mean_gw_xhat = sum_gw_xhat / n;
-                for i in 0..d {
-                    let xhat = (x[i] - mean) * rstd;
-                    dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
-                }
+                vectorized!({
+                    let g = &g[offset..offset + d];
+                    let (mean, rstd) = moments(x, self.eps, self.centering);
+                    let n = d as f32;
+                    let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                    for i in 0..d {
+                        let gw = g[i] * w[i];
+                        sum_gw += gw;
+                        sum_gw_xhat += gw * (x[i] - mean) * rstd;
+                    }
+                    let mean_gw = match self.centering {
+                        Centering::Mean => sum_gw / n,
+                        Centering::None => 0.0,
+                    };
+                    let mean_gw_xhat = sum_gw_xhat / n;
+                    for i in 0..d {
+                        let xhat = (x[i] - mean) * rstd;
+                        dx[i] = rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat);
+                    }
+                })
             })
         })
     }

@@ -117,7 +117,7 @@ pub(crate) fn silu_mul_into(gate: &[f32], up: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(y, (g, u))| {
-            vectorized(|| {
+            vectorized!({
                 for i in 0..y.len() {
                     y[i] = g[i] * sigmoid(g[i]) * u[i];
                 }
@@ -141,7 +141,7 @@ pub(crate) fn silu_mul_grad_into(
         .for_each(|(c, (dg, du))| {
             let at = c * CHUNK;
             let (g, x, u) = (&grad[at..], &gate[at..], &up[at..]);
-            vectorized(|| {
+            vectorized!({
                 for i in 0..dg.len() {
                     let s = sigmoid(x[i]);
                     let silu = x[i] * s;

@@ -148,10 +148,10 @@ fn nll_and_softmax_grad(
         .zip(nlls.par_iter_mut())
         .zip(targets.par_iter())
         .for_each(|((row, nll), &t)| {
-            let lse = vectorized(|| log_sum_exp(row));
+            let lse = vectorized!(log_sum_exp(row));
             *nll = lse - row[t as usize];
             if with_grad {
-                vectorized(|| row.iter_mut().for_each(|z| *z = fast_exp(*z - lse)));
+                vectorized!(row.iter_mut().for_each(|z| *z = fast_exp(*z - lse)));
                 row[t as usize] -= 1.0;
             }
         });

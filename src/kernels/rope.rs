@@ -26,6 +26,10 @@ pub(crate) struct Rope {
     pub(crate) seq_first: bool,
 }
 
+/// Rows per parallel task: each task enters the wide-vector code once, and
+/// a row (one head's 64 values) is too short to pay for that alone.
+const ROWS_PER_TASK: usize = 64;
+
 impl Rope {
     /// The table row for flat row `row` of the input, whose dimensions 1
     /// and 2 are `(d1, d2)`.
@@ -84,20 +88,24 @@ impl Rope {
         let sign = if self.inverse { -1.0 } else { 1.0 };
         with_cpu_f32(&self.cos, "rope cos table", |cos| {
             with_cpu_f32(&self.sin, "rope sin table", |sin| {
-                out.par_chunks_mut(dim)
-                    .zip(x.par_chunks(dim))
+                let chunk = dim.max(1) * ROWS_PER_TASK;
+                out.par_chunks_mut(chunk)
+                    .zip(x.par_chunks(chunk))
                     .enumerate()
-                    .with_min_len(64)
-                    .for_each(|(row, (y, x))| {
-                        let at = self.table_row(row, (d1, d2)) * half;
-                        let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
-                        let (x1, x2) = x.split_at(half);
-                        let (y1, y2) = y.split_at_mut(half);
-                        vectorized(|| {
-                            for i in 0..half {
-                                let s = sign * s[i];
-                                y1[i] = x1[i] * c[i] - x2[i] * s;
-                                y2[i] = x2[i] * c[i] + x1[i] * s;
+                    .for_each(|(task, (y, x))| {
+                        vectorized!({
+                            let rows = y.chunks_exact_mut(dim).zip(x.chunks_exact(dim));
+                            for (r, (y, x)) in rows.enumerate() {
+                                let row = task * ROWS_PER_TASK + r;
+                                let at = self.table_row(row, (d1, d2)) * half;
+                                let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+                                let (x1, x2) = x.split_at(half);
+                                let (y1, y2) = y.split_at_mut(half);
+                                for i in 0..half {
+                                    let s = sign * s[i];
+                                    y1[i] = x1[i] * c[i] - x2[i] * s;
+                                    y2[i] = x2[i] * c[i] + x1[i] * s;
+                                }
                             }
                         })
                     });
