@@ -112,7 +112,7 @@ pub(crate) fn grouped_attention(
     if !(fusable(q) && fusable(k) && fusable(v) && fusable(mask)) {
         return Ok(None);
     }
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle::bail!(
             "attention: {heads} query heads are not a multiple of {kv_heads} key-value heads"
         );

@@ -17,6 +17,7 @@ mod mkl;
 pub(crate) mod qkv;
 pub(crate) mod quantized_matmul;
 pub(crate) mod rope;
+pub(crate) mod thin;
 
 use candle::{CpuStorage, Layout, Result, Tensor};
 
@@ -96,6 +97,9 @@ pub(crate) fn add_x_wt(
             w.len()
         );
     }
+    if thin::x_wt(y, x, k, w, (m, n, k), accumulate) {
+        return Ok(());
+    }
     // Wᵀ's element (i, j) is W[j][i]: row stride 1, column stride k.
     // SAFETY: y holds m·n values, x m·k and W n·k (checked above).
     unsafe {
@@ -133,6 +137,15 @@ pub(crate) fn add_g_w(
             w.len()
         );
     }
+    if k <= thin::MAX_THIN {
+        // Thin W (len × k), as a factor B: the kernel reads it transposed.
+        let wt: Vec<f32> = (0..k)
+            .flat_map(|j| (0..len).map(move |l| w[l * k + j]))
+            .collect();
+        if thin::x_wt(dx, g, g_stride, &wt, (m, k, len), accumulate) {
+            return Ok(());
+        }
+    }
     // SAFETY: dx holds m·k values, g m rows of stride g_stride covering len
     // columns, and W len·k values (checked above).
     unsafe {
@@ -165,6 +178,21 @@ pub(crate) fn gt_x(
             g.len(),
             x.len()
         );
+    }
+    if thin::st_y(dw, g, x, (p, q, m)) {
+        return Ok(());
+    }
+    if q <= thin::MAX_THIN {
+        // Thin x, as a factor's hidden h: dwᵀ = xᵀ·g, then transposed.
+        let mut dwt = vec![0f32; q * p];
+        if thin::st_y(&mut dwt, x, g, (q, p, m)) {
+            for (i, row) in dw.chunks_exact_mut(q).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = dwt[j * p + i];
+                }
+            }
+            return Ok(());
+        }
     }
     // gᵀ's element (i, l) is g[l][i]: row stride 1, column stride p.
     // SAFETY: dw holds p·q values, g m·p and x m·q (checked above).

@@ -149,7 +149,8 @@ pub(crate) fn low_rank_qkv_rope(
 ) -> Result<Option<Tensor>> {
     let (b, t, width) = x.dims3()?;
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(f32_cpu(x) && f32_cpu(cos) && f32_cpu(sin)) || head_dim == 0 || head_dim % 2 != 0 {
+    if !(f32_cpu(x) && f32_cpu(cos) && f32_cpu(sin)) || head_dim == 0 || !head_dim.is_multiple_of(2)
+    {
         return Ok(None);
     }
     let half = head_dim / 2;

@@ -247,7 +247,9 @@ pub(crate) fn dequantize_rows(
     use candle::quantized::k_quants::*;
     fn blocks<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
         let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 || bytes.as_ptr() as usize % std::mem::align_of::<T>() != 0 {
+        if !bytes.len().is_multiple_of(size)
+            || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+        {
             candle::bail!("quantized rows are not whole, aligned blocks");
         }
         // SAFETY: the bytes are a whole number of `T` blocks, aligned for

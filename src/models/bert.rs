@@ -66,7 +66,9 @@ impl BertConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             candle::bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size,

@@ -296,7 +296,7 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         candle::bail!("cannot unpermute {rows} rows into {heads} heads");
     }
     let rest: usize = dims[1..].iter().product();

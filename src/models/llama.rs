@@ -136,19 +136,19 @@ impl LlamaConfig {
             }
         }
         let heads = self.num_attention_heads;
-        if heads == 0 || heads % self.num_kv_heads() != 0 {
+        if heads == 0 || !heads.is_multiple_of(self.num_kv_heads()) {
             candle::bail!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {}",
                 self.num_kv_heads()
             );
         }
-        if self.head_dim.is_none() && self.hidden_size % heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(heads) {
             candle::bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {heads}",
                 self.hidden_size
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             candle::bail!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim()

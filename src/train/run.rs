@@ -326,7 +326,8 @@ impl<'a> Run<'a> {
         };
         self.bar.inc(1);
         let step = self.state.step;
-        if step % self.config.run.log_every.max(1) as u64 == 0 || step == self.steps.total {
+        if step.is_multiple_of(self.config.run.log_every.max(1) as u64) || step == self.steps.total
+        {
             self.log_training(epoch, lr, norm)?;
         }
         Ok(())
@@ -362,14 +363,14 @@ impl<'a> Run<'a> {
             .as_ref()
             .is_some_and(|s| s.load(Ordering::SeqCst));
         let eval_due = if run.eval_every > 0 {
-            step % run.eval_every as u64 == 0
+            step.is_multiple_of(run.eval_every as u64)
         } else {
             epoch_end
         };
         if eval_due || finished || out_of_time {
             self.evaluate()?;
         }
-        let save_due = run.save_every > 0 && step % run.save_every as u64 == 0;
+        let save_due = run.save_every > 0 && step.is_multiple_of(run.save_every as u64);
         if save_due || eval_due || finished || out_of_time || stop_requested {
             self.checkpoint()?;
         }
