@@ -22,6 +22,7 @@
 //! It runs for contiguous f32 CPU tensors; elsewhere (CUDA, Metal, other
 //! dtypes) [`attention`] composes the same computation from Candle ops.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use candle::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -164,18 +165,13 @@ impl AttentionCore {
             .broadcast_as((b, 1, t, t))?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let extents = values
-            .chunks_exact(t.max(1))
-            .map(|row| {
-                row.iter()
-                    .rposition(|&m| m != f32::NEG_INFINITY)
-                    .map_or(1, |last| last + 1)
-            })
+        let blocks = (0..b)
+            .map(|s| QueryBlock::cover(&values[s * t * t..(s + 1) * t * t], t))
             .collect();
         Ok(Self {
             heads,
             kv_heads,
-            mask: AttentionMask::Pairs { values, extents },
+            mask: AttentionMask::Pairs { values, blocks },
             dropout: None,
         })
     }
@@ -281,16 +277,15 @@ enum AttentionMask {
     /// padding).
     Keys(Vec<f32>),
     /// `(batch, t, t)`: one value per (query, key) (a decoder's causal and
-    /// padding or document mask), and per query the number of leading keys
-    /// up to its last one whose mask is not `-inf`: past it the
-    /// probabilities are exactly 0 (`e^-inf`), so no product needs them.
+    /// padding or document mask), and each sequence's query blocks, found
+    /// once here rather than by every head.
     Pairs {
         values: Vec<f32>,
-        extents: Vec<usize>,
+        blocks: Vec<Vec<QueryBlock>>,
     },
 }
 
-/// Query rows per block of [`AttentionMask::query_blocks`]: under a causal
+/// Query rows per block of [`QueryBlock::cover`]: under a causal
 /// mask a block of `n` rows reads at most its own end's keys, so 32-row
 /// blocks of 128 queries compute 5/8 of the scores; smaller blocks skip
 /// more but make the gemms too small to run at speed.
@@ -298,9 +293,36 @@ const QUERY_BLOCK: usize = 32;
 
 /// Consecutive query rows of one sequence, and the keys `0..keys` that any
 /// of them sees.
+#[derive(Clone)]
 struct QueryBlock {
     rows: Range<usize>,
     keys: usize,
+}
+
+impl QueryBlock {
+    /// The blocks of [`QUERY_BLOCK`] queries over one sequence's `t × t`
+    /// additive mask, each reading up to the last key one of its rows sees:
+    /// past a query's last key whose mask is not `-inf` its probabilities
+    /// are exactly 0 (`e^-inf`), so no product needs those keys.
+    fn cover(mask: &[f32], t: usize) -> Vec<Self> {
+        let extent = |row: &[f32]| {
+            row.iter()
+                .rposition(|&m| m != f32::NEG_INFINITY)
+                .map_or(1, |last| last + 1)
+        };
+        (0..t)
+            .step_by(QUERY_BLOCK)
+            .map(|start| {
+                let rows = start..(start + QUERY_BLOCK).min(t);
+                let keys = rows
+                    .clone()
+                    .map(|i| extent(&mask[i * t..(i + 1) * t]))
+                    .max()
+                    .unwrap_or(t);
+                Self { rows, keys }
+            })
+            .collect()
+    }
 }
 
 impl AttentionMask {
@@ -313,24 +335,15 @@ impl AttentionMask {
     }
 
     /// The query blocks of sequence `s`: one block of all keys for a
-    /// per-key mask, else [`QUERY_BLOCK`] rows at a time, each reading up to
-    /// the furthest key one of its rows sees.
-    fn query_blocks(&self, s: usize, t: usize) -> Vec<QueryBlock> {
-        let Self::Pairs { extents, .. } = self else {
-            return vec![QueryBlock {
+    /// per-key mask, else those [`QueryBlock::cover`] found.
+    fn query_blocks(&self, s: usize, t: usize) -> Cow<'_, [QueryBlock]> {
+        match self {
+            Self::Keys(_) => Cow::Owned(vec![QueryBlock {
                 rows: 0..t,
                 keys: t,
-            }];
-        };
-        (0..t)
-            .step_by(QUERY_BLOCK)
-            .map(|start| {
-                let rows = start..(start + QUERY_BLOCK).min(t);
-                let seen = &extents[s * t + rows.start..s * t + rows.end];
-                let keys = seen.iter().copied().max().unwrap_or(t);
-                QueryBlock { rows, keys }
-            })
-            .collect()
+            }]),
+            Self::Pairs { blocks, .. } => Cow::Borrowed(&blocks[s]),
+        }
     }
 }
 
@@ -576,9 +589,9 @@ impl AttentionCore {
             vectorized!({
                 let (s, h) = (task / g.heads, task % g.heads);
                 let mut probs = vec![0f32; g.t * g.t];
-                for block in self.mask.query_blocks(s, g.t) {
-                    self.probabilities(g, (s, h), &block, q, k, &mut probs);
-                    self.apply_dropout(g, (s, h), &block, &mut probs);
+                for block in self.mask.query_blocks(s, g.t).iter() {
+                    self.probabilities(g, (s, h), block, q, k, &mut probs);
+                    self.apply_dropout(g, (s, h), block, &mut probs);
                     let (out, start) = (out_ptr, block.rows.start);
                     // SAFETY: this task writes only head h's d columns of
                     // sequence s's rows, the block's rows here; probs is
@@ -648,8 +661,8 @@ impl AttentionCore {
             dprobs: vec![0f32; tt],
             dropped: self.dropout.as_ref().map(|_| vec![0f32; tt]),
         };
-        for block in self.mask.query_blocks(s, g.t) {
-            self.block_grads(g, (s, h), &block, inputs, out, &mut scratch);
+        for block in self.mask.query_blocks(s, g.t).iter() {
+            self.block_grads(g, (s, h), block, inputs, out, &mut scratch);
         }
     }
 

@@ -137,7 +137,7 @@ pub(crate) fn add_g_w(
             w.len()
         );
     }
-    if k <= thin::MAX_THIN {
+    if k <= thin::MAX_THIN && thin::available() {
         // Thin W (len × k), as a factor B: the kernel reads it transposed.
         let wt: Vec<f32> = (0..k)
             .flat_map(|j| (0..len).map(move |l| w[l * k + j]))
@@ -179,20 +179,11 @@ pub(crate) fn gt_x(
             x.len()
         );
     }
-    if thin::st_y(dw, g, x, (p, q, m)) {
+    // Thin g as dhᵀ·x; thin x, as a factor's hidden h, as (xᵀ·g)ᵀ.
+    if thin::st_y(dw, g, x, (p, q, m), thin::Out::AsIs)
+        || thin::st_y(dw, x, g, (q, p, m), thin::Out::Transposed)
+    {
         return Ok(());
-    }
-    if q <= thin::MAX_THIN {
-        // Thin x, as a factor's hidden h: dwᵀ = xᵀ·g, then transposed.
-        let mut dwt = vec![0f32; q * p];
-        if thin::st_y(&mut dwt, x, g, (q, p, m)) {
-            for (i, row) in dw.chunks_exact_mut(q).enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = dwt[j * p + i];
-                }
-            }
-            return Ok(());
-        }
     }
     // gᵀ's element (i, l) is g[l][i]: row stride 1, column stride p.
     // SAFETY: dw holds p·q values, g m·p and x m·q (checked above).

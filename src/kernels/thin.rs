@@ -35,8 +35,9 @@ const WIDTH: usize = 2 * LANES;
 const ROWS_PER_TASK: usize = 64;
 
 /// Whether the kernels run: on x86-64 with AVX-512, and not in a build with
-/// MKL, whose own products were the ones measured there.
-fn has_avx512() -> bool {
+/// MKL, whose own products were the ones measured there. Callers that must
+/// prepare an operand for a kernel ask first.
+pub(crate) fn available() -> bool {
     if cfg!(feature = "mkl") {
         return false;
     }
@@ -65,7 +66,7 @@ pub(crate) fn x_wt(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) -> bool {
-    if n == 0 || n > MAX_THIN || k == 0 || !has_avx512() {
+    if n == 0 || n > MAX_THIN || k == 0 || !available() {
         return false;
     }
     let x_needed = if m == 0 { 0 } else { (m - 1) * x_stride + k };
@@ -95,9 +96,18 @@ pub(crate) fn x_wt(
     true
 }
 
-/// `out (p × q) = sᵀ · y` over `m` rows, for row-major `s (m × p)` and
-/// `y (m × q)`, when `p ≤ MAX_THIN`. Returns `false`, having done nothing,
-/// where it does not apply.
+/// How [`st_y`] lays out its `p × q` result.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Out {
+    /// Row-major `p × q`.
+    AsIs,
+    /// Row-major `q × p`, the transpose: `yᵀ·s` for a thin `y`.
+    Transposed,
+}
+
+/// `out = sᵀ · y` (`p × q`, laid out as `layout` says) over `m` rows, for
+/// row-major `s (m × p)` and `y (m × q)`, when `p ≤ MAX_THIN`. Returns
+/// `false`, having done nothing, where it does not apply.
 ///
 /// # Panics
 /// If the slices do not hold the values the shapes say.
@@ -106,13 +116,14 @@ pub(crate) fn st_y(
     s: &[f32],
     y: &[f32],
     (p, q, m): (usize, usize, usize),
+    layout: Out,
 ) -> bool {
-    if p == 0 || p > MAX_THIN || q == 0 || !has_avx512() {
+    if p == 0 || p > MAX_THIN || q == 0 || !available() {
         return false;
     }
     assert!(out.len() == p * q && s.len() == m * p && y.len() == m * q);
     // Each task sums one block of WIDTH columns for all p rows; the blocks
-    // are copied into the row-major output afterwards.
+    // are copied into the output afterwards.
     let blocks: Vec<Vec<f32>> = (0..q.div_ceil(WIDTH))
         .into_par_iter()
         .map(|b| {
@@ -138,8 +149,16 @@ pub(crate) fn st_y(
         .collect();
     for (b, block) in blocks.iter().enumerate() {
         let cols = (q - b * WIDTH).min(WIDTH);
-        for (row, sums) in out.chunks_exact_mut(q).zip(block.chunks_exact(WIDTH)) {
-            row[b * WIDTH..b * WIDTH + cols].copy_from_slice(&sums[..cols]);
+        for (j, sums) in block.chunks_exact(WIDTH).enumerate() {
+            let sums = &sums[..cols];
+            match layout {
+                Out::AsIs => out[j * q + b * WIDTH..][..cols].copy_from_slice(sums),
+                Out::Transposed => {
+                    for (l, &v) in sums.iter().enumerate() {
+                        out[(b * WIDTH + l) * p + j] = v;
+                    }
+                }
+            }
         }
     }
     true
@@ -309,7 +328,7 @@ mod avx512 {
         _: (*mut f32, usize),
         _: bool,
     ) {
-        unreachable!("has_avx512 is false off x86-64")
+        unreachable!("available() is false off x86-64")
     }
     pub(super) unsafe fn sums(
         _: usize,
@@ -317,7 +336,7 @@ mod avx512 {
         _: (*const f32, usize, usize),
         _: *mut f32,
     ) {
-        unreachable!("has_avx512 is false off x86-64")
+        unreachable!("available() is false off x86-64")
     }
 }
 
@@ -359,7 +378,7 @@ mod tests {
     /// `x`, writing and accumulating.
     #[test]
     fn x_wt_matches_the_triple_loop() {
-        if !has_avx512() {
+        if !available() {
             return;
         }
         for (m, k, pad) in [(1, 5, 0), (7, 16, 3), (131, 83, 0), (64, 576, 8)] {
@@ -398,7 +417,7 @@ mod tests {
     /// against the triple loop on the transposed operands.
     #[test]
     fn st_y_matches_the_triple_loop() {
-        if !has_avx512() {
+        if !available() {
             return;
         }
         for (m, q) in [(1, 3), (9, 32), (130, 77), (1024, 192)] {
@@ -412,7 +431,7 @@ mod tests {
                 // sᵀ·y is x·Wᵀ with x = sᵀ (p × m) and W = yᵀ (q × m).
                 let want = reference_x_wt(&transpose(&s, p), m, &transpose(&y, q), (p, q, m));
                 let mut out = vec![f32::NAN; p * q];
-                assert!(st_y(&mut out, &s, &y, (p, q, m)));
+                assert!(st_y(&mut out, &s, &y, (p, q, m), Out::AsIs));
                 assert!(
                     max_diff(&out, &want) < 1e-3,
                     "m {m} p {p} q {q}: {}",
@@ -434,7 +453,7 @@ mod tests {
     /// `(hᵀ·g)ᵀ`), and give what the triple loop gives.
     #[test]
     fn factor_products_through_the_helpers() -> candle::Result<()> {
-        if !has_avx512() {
+        if !available() {
             return Ok(());
         }
         let (m, r, d) = (70, 8, 40);
